@@ -1,0 +1,33 @@
+"""Single-device linear attention: references, chunked kernels and feature maps.
+
+Nothing here touches torch.distributed. Tensors are [B, T, H, D] (batch, tokens, heads, dim).
+"""
+from .checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_KINDS, DECAY_NONE, DECAY_TOKEN
+from .chunk import chunk_linear_attn
+from .feature_maps import (
+    FEATURE_MAPS,
+    elu_plus_one_feature_map,
+    identity_feature_map,
+    rebased_feature_map,
+    relu_feature_map,
+    silu_feature_map,
+    taylor_feature_map,
+)
+from .naive import naive_recurrent_linear_attn
+
+__all__ = [
+    "DECAY_CHANNEL",
+    "DECAY_HEAD",
+    "DECAY_KINDS",
+    "DECAY_NONE",
+    "DECAY_TOKEN",
+    "FEATURE_MAPS",
+    "chunk_linear_attn",
+    "elu_plus_one_feature_map",
+    "identity_feature_map",
+    "naive_recurrent_linear_attn",
+    "rebased_feature_map",
+    "relu_feature_map",
+    "silu_feature_map",
+    "taylor_feature_map",
+]

@@ -1,0 +1,98 @@
+"""Process-group helpers shared by the sequence-parallel methods.
+
+Conventions: `group=None` means *no* sequence parallelism (one device, no communication), not
+the default world group; pass `dist.group.WORLD` explicitly for that. A rank's place in the
+sequence is `dist.get_rank(group)`; peers are addressed by `dist.get_global_rank(group, r)`.
+Every call goes through the `torch.distributed` module attribute so it can be counted.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..ops.checks import DECAY_KINDS
+
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+_KNOWN_STRINGS = DECAY_KINDS + ("contiguous", "zigzag")
+
+
+def group_rank_size(group) -> tuple[int, int]:
+    """(this rank's index in the group, group size); (0, 1) for group=None."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def all_gather_async(flat: torch.Tensor, group):
+    """Starts an all-gather of a 1-D tensor; returns (output [W * n], work). Call work.wait()."""
+    world = dist.get_world_size(group)
+    out = flat.new_empty(world * flat.numel())
+    work = dist.all_gather_into_tensor(out, flat.contiguous(), group=group, async_op=True)
+    return out, work
+
+
+def send_to(tensor: torch.Tensor, group, group_rank: int) -> None:
+    """Blocking send to the rank with index `group_rank` in `group`."""
+    dist.send(tensor.contiguous(), dst=dist.get_global_rank(group, group_rank), group=group)
+
+
+def recv_from(like: torch.Tensor, group, group_rank: int) -> torch.Tensor:
+    """Blocking receive of a tensor shaped like `like` from index `group_rank` in `group`."""
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    dist.recv(out, src=dist.get_global_rank(group, group_rank), group=group)
+    return out
+
+
+def checked_across_group(fn: str, group, check: Callable[[], object], fields: Sequence[str], describe: Callable):
+    """Runs the local input check, then compares the inputs' description across the group with
+    one small all-gather, so that every rank raises the same error instead of some hanging.
+
+    `check()` returns the checked shape or raises TypeError/ValueError; `describe(shape)` returns
+    one value per name in `fields` (int, float, bool, str or torch.dtype), all of which must
+    agree between ranks. A rank whose own check failed re-raises its error; the others raise a
+    ValueError naming it.
+    """
+    try:
+        shape, error = check(), None
+    except (TypeError, ValueError) as exc:
+        shape, error = None, exc
+    row = [0.0] * (1 + len(fields))
+    if shape is not None:
+        row = [1.0] + [_encode(value) for value in describe(shape)]
+    gathered, work = all_gather_async(torch.tensor(row, dtype=torch.float64), group)
+    work.wait()
+    rows = gathered.view(-1, len(row)).tolist()
+    if error is not None:
+        raise error
+    bad = [r for r, values in enumerate(rows) if values[0] == 0.0]
+    if bad:
+        raise ValueError(f"{fn}: rank(s) {bad} of the group rejected their inputs (see the error raised there)")
+    mine = describe(shape)
+    for i, name in enumerate(fields):
+        codes = [values[i + 1] for values in rows]
+        if len(set(codes)) > 1:
+            shown = ", ".join(f"rank {r}: {_decode(code, mine[i])}" for r, code in enumerate(codes))
+            raise ValueError(f"{fn}: {name} differs between ranks of the group ({shown}); every rank must pass the same {name}")
+    return shape
+
+
+def _encode(value) -> float:
+    if isinstance(value, torch.dtype):
+        return float(_DTYPE_CODES[value])
+    if isinstance(value, str):
+        return float(zlib.crc32(value.encode()))
+    return float(value)
+
+
+def _decode(code: float, example):
+    """Readable form of another rank's code, using this rank's value to know its type."""
+    if isinstance(example, torch.dtype):
+        return next((str(d) for d, c in _DTYPE_CODES.items() if c == code), code)
+    if isinstance(example, str):
+        return next((kind for kind in _KNOWN_STRINGS if zlib.crc32(kind.encode()) == code), f"<code {int(code)}>")
+    if isinstance(example, bool):
+        return bool(code)
+    return int(code) if float(code).is_integer() else code

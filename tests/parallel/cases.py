@@ -1,0 +1,69 @@
+"""Jobs run on the distributed test ranks (module level, so they can be sent to workers)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from lasp2.ops import chunk_linear_attn
+from lasp2.parallel import count_collectives, lasp1_linear_attn, lasp2_linear_attn
+from tests.helpers import leaf
+
+METHODS = {"lasp2": lasp2_linear_attn, "lasp1": lasp1_linear_attn}
+
+
+def even_bounds(T: int, world: int) -> list[tuple[int, int]]:
+    return [(r * T // world, (r + 1) * T // world) for r in range(world)]
+
+
+def shard_inputs(inputs: dict, lo: int, hi: int) -> dict:
+    """This rank's leaves: a [H] decay is shared by every rank, the rest is sliced."""
+    out = {}
+    for name, t in inputs.items():
+        if t is None:
+            out[name] = None
+        elif name == "g" and t.dim() == 1:
+            out[name] = leaf(t)
+        else:
+            out[name] = leaf(t[:, lo:hi])
+    return out
+
+
+def run_shard(group, method, inputs, do, bounds, causal=True, scale=0.9, chunk_size=16, validate=False):
+    """Forward and backward of this rank's shard; returns its output and gradients."""
+    lo, hi = bounds[dist.get_rank(group)]
+    x = shard_inputs(inputs, lo, hi)
+    o = METHODS[method](x["q"], x["k"], x["v"], x["g"], scale=scale, causal=causal, group=group,
+                        chunk_size=chunk_size, validate=validate)
+    o.backward(do[:, lo:hi])
+    grads = {f"d{n}": None if t is None else t.grad for n, t in x.items()}
+    return {"o": o.detach(), **grads}
+
+
+def single_device(inputs, do, causal=True, scale=0.9):
+    """The reference: one device, fp64, the whole sequence. A [H] decay is expanded to
+    [B, T, H] so that each rank's share of its gradient can be read off its slice."""
+    x = {n: None if t is None else t.double() for n, t in inputs.items()}
+    if x["g"] is not None and x["g"].dim() == 1:
+        B, T = x["q"].shape[:2]
+        x["g"] = x["g"].expand(B, T, -1)
+    x = {n: leaf(t) for n, t in x.items()}
+    o, _ = chunk_linear_attn(x["q"], x["k"], x["v"], x["g"], scale=scale, causal=causal)
+    o.backward(do.double())
+    return {"o": o.detach(), **{f"d{n}": None if t is None else t.grad for n, t in x.items()}}
+
+
+def reference_slice(ref: dict, name: str, lo: int, hi: int, head_decay: bool):
+    t = ref[name][:, lo:hi]
+    return t.sum(dim=(0, 1)) if name == "dg" and head_decay else t
+
+
+def count_passes(group, method, inputs, bounds, causal=True, validate=False):
+    """The collectives this rank issues in the forward and in the backward."""
+    lo, hi = bounds[dist.get_rank(group)]
+    x = shard_inputs(inputs, lo, hi)
+    with count_collectives() as forward:
+        o = METHODS[method](x["q"], x["k"], x["v"], x["g"], causal=causal, group=group, validate=validate)
+    with count_collectives() as backward:
+        o.sum().backward()
+    as_rows = lambda log: [(c.name, c.bytes_sent, c.group_size, c.async_op) for c in log.calls]  # noqa: E731
+    return {"forward": as_rows(forward), "backward": as_rows(backward)}
