@@ -15,6 +15,9 @@ import torch.distributed as dist
 
 from ..ops.checks import DECAY_KINDS
 
+# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
+ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _KNOWN_STRINGS = DECAY_KINDS + ("contiguous", "zigzag")
 
@@ -30,7 +33,7 @@ def all_gather_async(flat: torch.Tensor, group):
     """Starts an all-gather of a 1-D tensor; returns (output [W * n], work). Call work.wait()."""
     world = dist.get_world_size(group)
     out = flat.new_empty(world * flat.numel())
-    work = dist.all_gather_into_tensor(out, flat.contiguous(), group=group, async_op=True)
+    work = getattr(dist, ALL_GATHER)(out, flat.contiguous(), group=group, async_op=True)
     return out, work
 
 

@@ -2,7 +2,7 @@
 
     with count_collectives() as log:
         out = lasp2_linear_attn(q, k, v, group=g)
-    log.count("all_gather_into_tensor"), log.bytes_sent()
+    log.count("all_gather_single"), log.bytes_sent()
 
 Only calls made through the `torch.distributed` module attributes are seen (every method in
 this package calls them that way). Not thread safe; meant for tests and benchmarks.
@@ -18,6 +18,8 @@ import torch.distributed as dist
 # function name -> (position, keyword) of the tensor this rank sends; None: nothing sent.
 _SENT_TENSOR = {
     "all_gather_into_tensor": (1, "input_tensor"),
+    "all_gather_single": (1, "input_tensor"),
+    "reduce_scatter_single": (1, "input"),
     "all_gather": (1, "tensor"),
     "all_reduce": (0, "tensor"),
     "reduce_scatter_tensor": (1, "input"),
@@ -69,7 +71,7 @@ def _group_size(kwargs) -> int:
 def count_collectives():
     """Within the block, record every torch.distributed communication call into the log."""
     log = CollectiveLog()
-    originals = {name: getattr(dist, name) for name in _SENT_TENSOR}
+    originals = {name: getattr(dist, name) for name in _SENT_TENSOR if hasattr(dist, name)}
 
     def wrap(name, fn):
         def counted(*args, **kwargs):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import torch
+
+from lasp2.parallel.comm import ALL_GATHER
 import torch.distributed as dist
 
 from lasp2.ops import chunk_linear_attn
@@ -67,3 +69,58 @@ def count_passes(group, method, inputs, bounds, causal=True, validate=False):
         o.sum().backward()
     as_rows = lambda log: [(c.name, c.bytes_sent, c.group_size, c.async_op) for c in log.calls]  # noqa: E731
     return {"forward": as_rows(forward), "backward": as_rows(backward)}
+
+
+class _RecordedWork:
+    def __init__(self, work, events):
+        self._work, self._events = work, events
+
+    def wait(self):
+        self._events.append("wait")
+        return self._work.wait()
+
+
+def overlap_order(group, inputs, bounds):
+    """The order of: gather issued, local compute, gather waited, in each LASP-2 pass."""
+    import lasp2.parallel.lasp2 as module
+
+    lo, hi = bounds[dist.get_rank(group)]
+    x = shard_inputs(inputs, lo, hi)
+    events = []
+    real_gather, real_output, real_grad = getattr(dist, ALL_GATHER), module.output_pass, module.grad_pass
+
+    def gather(*args, **kwargs):
+        events.append("gather async" if kwargs.get("async_op") else "gather blocking")
+        return _RecordedWork(real_gather(*args, **kwargs), events)
+
+    def traced(name, fn):
+        def run(*args, **kwargs):
+            events.append(name)
+            return fn(*args, **kwargs)
+        return run
+
+    setattr(dist, ALL_GATHER, gather)
+    module.output_pass, module.grad_pass = traced("output_pass", real_output), traced("grad_pass", real_grad)
+    try:
+        o = lasp2_linear_attn(x["q"], x["k"], x["v"], x["g"], group=group)
+        forward = list(events)
+        events.clear()
+        o.sum().backward()
+        return {"forward": forward, "backward": list(events)}
+    finally:
+        setattr(dist, ALL_GATHER, real_gather)
+        module.output_pass, module.grad_pass = real_output, real_grad
+
+
+def call_and_catch(group, method, per_rank_inputs, validate, causal_per_rank=None):
+    """Calls the method with this rank's own inputs; returns (error type, message, collectives
+    issued) instead of raising, so the pool stays usable."""
+    rank = dist.get_rank(group)
+    x = per_rank_inputs[rank]
+    causal = True if causal_per_rank is None else causal_per_rank[rank]
+    with count_collectives() as log:
+        try:
+            METHODS[method](x["q"], x["k"], x["v"], x.get("g"), causal=causal, group=group, validate=validate)
+        except (TypeError, ValueError) as exc:
+            return type(exc).__name__, str(exc), log.count()
+    return None, None, log.count()

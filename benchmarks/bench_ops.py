@@ -1,0 +1,139 @@
+"""Speed of chunk_linear_attn next to an ideal matmul-bound implementation ("% of roofline").
+
+    python benchmarks/bench_ops.py                    # B=1, H=8, K=V=64, T in {2K, 8K, 32K}, fp32
+    python benchmarks/bench_ops.py --T 8192 --forms none --repeats 9
+
+The ideal time is FLOPs / (fp32 matmul throughput measured in the same run on a large square
+matmul). FLOPs are those of the chunked algorithm at chunk 64, counted as matmuls only: per
+token and head 2*64*(K+V) (intra-chunk QK^T and AV) + 4*K*V (state update and readout) in the
+forward, and twice that in the backward (fwd+bwd = 3x forward). Times are medians of --repeats
+runs after --warmup runs. Prints a table and writes a CSV under benchmarks/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lasp2.ops import chunk_linear_attn
+
+FORMS = ("none", "head", "token", "channel")
+REFERENCE_CHUNK = 64
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, warmup, repeats) -> tuple[float, float, float]:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), min(times), max(times)
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_flops_per_s(device, warmup, repeats) -> float:
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    t, _, _ = median_time(lambda: a @ b, device, warmup, repeats)
+    return 2 * n**3 / t
+
+
+def forward_flops(B, T, H, K, V) -> float:
+    return B * H * T * (2 * REFERENCE_CHUNK * (K + V) + 4 * K * V)
+
+
+def make_inputs(form, B, T, H, K, V, device):
+    q, k, v = (torch.randn(B, T, H, d, device=device, requires_grad=True) for d in (K, K, V))
+    shape = {"none": None, "head": (H,), "token": (B, T, H), "channel": (B, T, H, K)}[form]
+    g = None if shape is None else F.logsigmoid(torch.randn(*shape, device=device) + 3).requires_grad_()
+    return q, k, v, g
+
+
+def bench(form, B, T, H, K, V, device, warmup, repeats):
+    q, k, v, g = make_inputs(form, B, T, H, K, V, device)
+    do = torch.randn(B, T, H, V, device=device)
+    with torch.no_grad():
+        fwd = median_time(lambda: chunk_linear_attn(q, k, v, g), device, warmup, repeats)
+
+    def fwd_bwd():
+        for t in (q, k, v, g):
+            if t is not None:
+                t.grad = None
+        o, _ = chunk_linear_attn(q, k, v, g)
+        o.backward(do)
+
+    return fwd, median_time(fwd_bwd, device, warmup, repeats)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768], help="sequence lengths")
+    parser.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS, help="log-decay forms")
+    parser.add_argument("--B", type=int, default=1)
+    parser.add_argument("--H", type=int, default=8)
+    parser.add_argument("--K", type=int, default=64)
+    parser.add_argument("--V", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/ops-<date>-<device>.csv)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    peak = matmul_flops_per_s(device, args.warmup, args.repeats)
+    name = device_name(device)
+    print(f"device {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"fp32 matmul {peak / 1e9:.1f} GFLOP/s (median, measured now)")
+    header = f"{'decay':8s} {'T':>6s} {'fwd ms':>9s} {'fwd %roof':>9s} {'fwd+bwd ms':>11s} {'f+b %roof':>9s}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for form in args.forms:
+        for T in args.T:
+            (f_med, f_min, f_max), (fb_med, fb_min, fb_max) = bench(
+                form, args.B, T, args.H, args.K, args.V, device, args.warmup, args.repeats)
+            flops = forward_flops(args.B, T, args.H, args.K, args.V)
+            f_roof, fb_roof = flops / peak / f_med, 3 * flops / peak / fb_med
+            print(f"{form:8s} {T:6d} {f_med * 1e3:9.1f} {100 * f_roof:8.0f}% {fb_med * 1e3:11.1f} {100 * fb_roof:8.0f}%")
+            rows.append(dict(decay=form, T=T, B=args.B, H=args.H, K=args.K, V=args.V, device=name,
+                             fwd_ms_median=f_med * 1e3, fwd_ms_min=f_min * 1e3, fwd_ms_max=f_max * 1e3,
+                             fwd_bwd_ms_median=fb_med * 1e3, fwd_bwd_ms_min=fb_min * 1e3, fwd_bwd_ms_max=fb_max * 1e3,
+                             fwd_roofline=f_roof, fwd_bwd_roofline=fb_roof, matmul_gflops=peak / 1e9))
+    out = args.out or Path(__file__).parent / "results" / f"ops-{datetime.date.today()}-{device.type}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The collectives each method issues per pass: kind, count, bytes, and LASP-2's overlap."""
+import pytest
+import torch
+
+from lasp2.parallel.comm import ALL_GATHER
+
+from tests.helpers import make_inputs
+from tests.parallel.cases import count_passes, even_bounds, overlap_order
+
+B, T, H, K, V = 2, 48, 3, 6, 5
+STATE_BYTES = B * H * K * V * 4  # fp32
+DECAY_BYTES = {"none": 0, "head": B * H * 4, "token": B * H * 4, "channel": B * H * K * 4}
+
+
+def _counts(dist_workers, method, world, kind, causal=True, validate=False):
+    inputs = make_inputs(kind, B=B, T=T, H=H, K=K, V=V, dtype=torch.float32)
+    return dist_workers.run(count_passes, tuple(range(world)), method, inputs, even_bounds(T, world), causal, validate)
+
+
+@pytest.mark.parametrize("kind", ["none", "head", "token", "channel", "bidirectional"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_lasp2_one_all_gather_per_pass(dist_workers, world, kind):
+    causal = kind != "bidirectional"
+    kind = "none" if not causal else kind
+    results = _counts(dist_workers, "lasp2", world, kind, causal)
+    for rank in range(world):
+        forward, backward = results[rank]["forward"], results[rank]["backward"]
+        assert forward == [(ALL_GATHER, STATE_BYTES + DECAY_BYTES[kind], world, True)], (rank, forward)
+        assert backward == [(ALL_GATHER, STATE_BYTES, world, True)], (rank, backward)
+
+
+@pytest.mark.parametrize("kind", ["none", "token", "channel"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_lasp1_relays_state_point_to_point(dist_workers, world, kind):
+    results = _counts(dist_workers, "lasp1", world, kind)
+    for rank in range(world):
+        forward, backward = results[rank]["forward"], results[rank]["backward"]
+        want_fwd = ([("recv", 0, world, False)] if rank > 0 else []) + (
+            [("send", STATE_BYTES, world, False)] if rank < world - 1 else [])
+        want_bwd = ([("recv", 0, world, False)] if rank < world - 1 else []) + (
+            [("send", STATE_BYTES, world, False)] if rank > 0 else [])
+        assert forward == want_fwd, (rank, forward)
+        assert backward == want_bwd, (rank, backward)
+    for which in ("forward", "backward"):
+        sends = sum(name == "send" for r in range(world) for name, *_ in results[r][which])
+        assert sends == world - 1
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_lasp1_bidirectional_sends_two_chains(dist_workers, world):
+    results = _counts(dist_workers, "lasp1", world, "none", causal=False)
+    for which in ("forward", "backward"):
+        calls = [name for r in range(world) for name, *_ in results[r][which]]
+        assert calls.count("send") == 2 * (world - 1) and calls.count("recv") == 2 * (world - 1)
+        assert not any("gather" in name for name in calls)
+
+
+@pytest.mark.parametrize("method", ["lasp2", "lasp1"])
+def test_validate_adds_one_small_all_gather(dist_workers, method):
+    plain = _counts(dist_workers, method, 2, "token")
+    checked = _counts(dist_workers, method, 2, "token", validate=True)
+    for rank in range(2):
+        assert checked[rank]["forward"][0] == (ALL_GATHER, 9 * 8, 2, True)
+        assert checked[rank]["forward"][1:] == plain[rank]["forward"]
+        assert checked[rank]["backward"] == plain[rank]["backward"]
+
+
+@pytest.mark.parametrize("kind", ["none", "channel"])
+def test_lasp2_overlaps_gather_with_local_compute(dist_workers, kind):
+    inputs = make_inputs(kind, B=B, T=T, H=H, K=K, V=V, dtype=torch.float32)
+    results = dist_workers.run(overlap_order, (0, 1, 2), inputs, even_bounds(T, 3))
+    for rank in range(3):
+        assert results[rank]["forward"] == ["gather async", "output_pass", "wait"]
+        assert results[rank]["backward"] == ["gather async", "grad_pass", "wait"]
