@@ -9,15 +9,12 @@ from .checks import DECAY_CHANNEL, check_linear_attn_inputs, compute_dtype
 from .chunk_kernels import grad_pass, grad_state_pass, output_pass, state_pass
 from .chunk_layout import ChunkedSeq, log_decay_grad_from_chunks
 
-# Per-channel (GLA) gates form the intra-chunk term element-wise ([c, c, K] per chunk) to stay
-# exact under strong decay, so their chunks are kept short.
-MAX_CHANNEL_DECAY_CHUNK = 16
-
-
 def effective_chunk_size(chunk_size, kind: str, fn: str) -> int:
+    """The chunk length used: `chunk_size`, except that per-channel (GLA) decay, whose
+    intra-chunk term is built by binary splitting, rounds it down to a power of two."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
-    return min(chunk_size, MAX_CHANNEL_DECAY_CHUNK) if kind == DECAY_CHANNEL else chunk_size
+    return 1 << (chunk_size.bit_length() - 1) if kind == DECAY_CHANNEL else chunk_size
 
 
 def _add(a, b):
@@ -98,8 +95,8 @@ def chunk_linear_attn(
         initial_state: [B, H, K, V] state before the first token, or None for zeros.
         output_final_state: also return the state after the last token.
         causal: False gives the bidirectional form (only with log_decay=None).
-        chunk_size: tokens per chunk (T need not be a multiple). Per-channel decay uses chunks
-            of at most 16 tokens, whose intra-chunk term is formed element-wise for stability.
+        chunk_size: tokens per chunk (T need not be a multiple). Per-channel decay rounds it
+            down to a power of two (its intra-chunk term is built by binary splitting).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] or None). States are computed in

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .chunk_layout import ChunkedSeq
+from .gated_intra import channel_score_grads, channel_scores
 from .scan import exclusive_cumsum, prefix_scan, reverse_cumsum, suffix_scan
 
 
@@ -53,9 +54,7 @@ def intra_scores(x: ChunkedSeq) -> torch.Tensor:
         return bmm(x.q, _t(x.k)).tril_()
     if x.scalar_decay:
         return bmm(x.q, _t(x.k)).mul_(x.intra_decay)
-    # Per-channel gates do not factor into a stable matmul; form the sum element-wise, in a
-    # channel-major [.., K, i, j] layout so the reduction runs over the outer dimension.
-    return (_t(x.q).unsqueeze(-1) * x.intra_decay * _t(x.k).unsqueeze(-2)).sum(dim=-3)
+    return channel_scores(x.q, x.k, x.g)
 
 
 def state_pass(x: ChunkedSeq):
@@ -93,13 +92,11 @@ def _intra_grads(x: ChunkedSeq, do_hat: torch.Tensor, dq, dk, dv):
         scores = bmm(x.q, _t(x.k)).mul_(x.intra_decay)
         bmm(d_qk, x.k, acc=dq), bmm(_t(d_qk), x.q, acc=dk), bmm(_t(scores), do_hat, acc=dv)
         return _crossing_sums(d_scores.mul_(scores)).unsqueeze(-1)
-    q_t, k_t = _t(x.q).unsqueeze(-1), _t(x.k).unsqueeze(-2)  # [.., K, i, 1], [.., K, 1, j]
-    weights = d_scores.unsqueeze(-3) * x.intra_decay  # [.., K, i, j], zero above the diagonal
-    dq += _t((weights * k_t).sum(dim=-1))
-    weighted_q = weights.mul_(q_t)
-    dk += _t(weighted_q.sum(dim=-2))
-    bmm(_t(intra_scores(x)), do_hat, acc=dv)
-    return _t(_crossing_sums(weighted_q.mul_(k_t)))
+    scores, dq_intra, dk_intra, dg = channel_score_grads(x.q, x.k, x.g, d_scores)
+    dq += dq_intra
+    dk += dk_intra
+    bmm(_t(scores), do_hat, acc=dv)
+    return dg
 
 
 def grad_pass(x: ChunkedSeq, do_hat: torch.Tensor, h_start: torch.Tensor, delta_after: torch.Tensor):

@@ -159,10 +159,9 @@ class ChunkedSeq:
 
     @cached_property
     def intra_decay(self) -> torch.Tensor:
-        """[B, H, N, c, c] (scalar decay) or [B, H, N, K, c, c] (GLA, channel-major):
-        exp(G_i - G_j) for j <= i, zero above the diagonal."""
-        decay = torch.exp_(segment_sums(self.g))
-        return decay.squeeze(-3) if self.scalar_decay else decay
+        """Scalar decays: [B, H, N, c, c] exp(G_i - G_j) for j <= i, zero above the diagonal.
+        (Per-channel gates are handled by `gated_intra` instead.)"""
+        return torch.exp_(segment_sums(self.g)).squeeze(-3)
 
     @cached_property
     def G_seq(self) -> torch.Tensor:
