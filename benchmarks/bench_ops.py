@@ -69,16 +69,16 @@ def forward_flops(B, T, H, K, V) -> float:
     return B * H * T * (2 * REFERENCE_CHUNK * (K + V) + 4 * K * V)
 
 
-def make_inputs(form, B, T, H, K, V, device):
-    q, k, v = (torch.randn(B, T, H, d, device=device, requires_grad=True) for d in (K, K, V))
+def make_inputs(form, B, T, H, K, V, device, dtype):
+    q, k, v = (torch.randn(B, T, H, d, device=device, dtype=dtype, requires_grad=True) for d in (K, K, V))
     shape = {"none": None, "head": (H,), "token": (B, T, H), "channel": (B, T, H, K)}[form]
     g = None if shape is None else F.logsigmoid(torch.randn(*shape, device=device) + 3).requires_grad_()
     return q, k, v, g
 
 
-def bench(form, B, T, H, K, V, device, warmup, repeats):
-    q, k, v, g = make_inputs(form, B, T, H, K, V, device)
-    do = torch.randn(B, T, H, V, device=device)
+def bench(form, B, T, H, K, V, device, dtype, warmup, repeats):
+    q, k, v, g = make_inputs(form, B, T, H, K, V, device, dtype)
+    do = torch.randn(B, T, H, V, device=device, dtype=dtype)
     with torch.no_grad():
         fwd = median_time(lambda: chunk_linear_attn(q, k, v, g), device, warmup, repeats)
 
@@ -101,6 +101,8 @@ def main():
     parser.add_argument("--K", type=int, default=64)
     parser.add_argument("--V", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="input dtype (states are fp32 either way); the roofline stays fp32")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/ops-<date>-<device>.csv)")
@@ -109,7 +111,7 @@ def main():
 
     peak = matmul_flops_per_s(device, args.warmup, args.repeats)
     name = device_name(device)
-    print(f"device {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+    print(f"device {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, inputs {args.dtype}, "
           f"fp32 matmul {peak / 1e9:.1f} GFLOP/s (median, measured now)")
     header = f"{'decay':8s} {'T':>6s} {'fwd ms':>9s} {'fwd %roof':>9s} {'fwd+bwd ms':>11s} {'f+b %roof':>9s}"
     print(header)
@@ -118,15 +120,15 @@ def main():
     for form in args.forms:
         for T in args.T:
             (f_med, f_min, f_max), (fb_med, fb_min, fb_max) = bench(
-                form, args.B, T, args.H, args.K, args.V, device, args.warmup, args.repeats)
+                form, args.B, T, args.H, args.K, args.V, device, getattr(torch, args.dtype), args.warmup, args.repeats)
             flops = forward_flops(args.B, T, args.H, args.K, args.V)
             f_roof, fb_roof = flops / peak / f_med, 3 * flops / peak / fb_med
             print(f"{form:8s} {T:6d} {f_med * 1e3:9.1f} {100 * f_roof:8.0f}% {fb_med * 1e3:11.1f} {100 * fb_roof:8.0f}%")
-            rows.append(dict(decay=form, T=T, B=args.B, H=args.H, K=args.K, V=args.V, device=name,
+            rows.append(dict(decay=form, dtype=args.dtype, T=T, B=args.B, H=args.H, K=args.K, V=args.V, device=name,
                              fwd_ms_median=f_med * 1e3, fwd_ms_min=f_min * 1e3, fwd_ms_max=f_max * 1e3,
                              fwd_bwd_ms_median=fb_med * 1e3, fwd_bwd_ms_min=fb_min * 1e3, fwd_bwd_ms_max=fb_max * 1e3,
                              fwd_roofline=f_roof, fwd_bwd_roofline=fb_roof, matmul_gflops=peak / 1e9))
-    out = args.out or Path(__file__).parent / "results" / f"ops-{datetime.date.today()}-{device.type}.csv"
+    out = args.out or Path(__file__).parent / "results" / f"ops-{datetime.date.today()}-{device.type}-{args.dtype}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

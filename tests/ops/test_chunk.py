@@ -6,20 +6,22 @@ from lasp2.ops import chunk_linear_attn, naive_recurrent_linear_attn
 from tests.helpers import DECAY_FORMS, leaf, make_inputs, rel_err
 
 
-def _run(fn, inputs, s0, do, d_final, causal=True, **kwargs):
-    """Forward + backward of o . do + final_state . d_final; returns outputs and input grads."""
-    q, k, v, g = (leaf(inputs[n]) for n in "qkvg")
-    s0 = leaf(s0)
+def _run(fn, inputs, s0, do, d_final, causal=True, device="cpu", **kwargs):
+    """Forward + backward of o . do + final_state . d_final on `device`; returns outputs and
+    input grads, on the CPU."""
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    q, k, v, g = (leaf(to(inputs[n])) for n in "qkvg")
+    s0, do, d_final = leaf(to(s0)), to(do), to(d_final)
     o, final = fn(q, k, v, g, initial_state=s0, causal=causal, scale=0.8, **kwargs)
     loss = (o.double() * do).sum()
     if final is not None and d_final is not None:
         loss = loss + (final.double() * d_final).sum()
     loss.backward()
-    grads = {n: t.grad for n, t in zip("qkvgs", (q, k, v, g, s0)) if t is not None}
-    return o, final, grads
+    grads = {n: t.grad.cpu() for n, t in zip("qkvgs", (q, k, v, g, s0)) if t is not None}
+    return o.cpu(), None if final is None else final.cpu(), grads
 
 
-def _compare(inputs, s0, final, tol, causal=True, **kwargs):
+def _compare(inputs, s0, final, tol, causal=True, device="cpu", **kwargs):
     B, T, H, K = inputs["q"].shape
     V = inputs["v"].shape[-1]
     gen = torch.Generator().manual_seed(1)
@@ -27,7 +29,7 @@ def _compare(inputs, s0, final, tol, causal=True, **kwargs):
     d_final = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64) if final else None
     ref_inputs = {n: None if t is None else t.double() for n, t in inputs.items()}
     o_ref, f_ref, g_ref = _run(naive_recurrent_linear_attn, ref_inputs, None if s0 is None else s0.double(), do, d_final, causal)
-    o, f, grads = _run(chunk_linear_attn, inputs, s0, do, d_final, causal, output_final_state=final, **kwargs)
+    o, f, grads = _run(chunk_linear_attn, inputs, s0, do, d_final, causal, device, output_final_state=final, **kwargs)
     assert o.dtype == inputs["q"].dtype and o.shape == o_ref.shape
     errors = {"o": rel_err(o, o_ref)}
     if final:
@@ -46,32 +48,33 @@ def _compare(inputs, s0, final, tol, causal=True, **kwargs):
 @pytest.mark.parametrize("T", [1, 63, 64, 200])
 @pytest.mark.parametrize("kind", DECAY_FORMS)
 @pytest.mark.parametrize("with_initial,with_final", [(False, False), (True, True), (True, False), (False, True)])
-def test_fp32_matches_fp64_recurrence(kind, T, with_initial, with_final):
+def test_fp32_matches_fp64_recurrence(kind, T, with_initial, with_final, device):
     inputs = make_inputs(kind, T=T, dtype=torch.float32, seed=T)
     s0 = torch.randn(2, 3, 6, 5) if with_initial else None
-    _compare(inputs, s0, with_final, tol=1e-5)
+    _compare(inputs, s0, with_final, tol=1e-5, device=device)
 
 
 @pytest.mark.parametrize("kind", DECAY_FORMS)
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 64])
-def test_fp64_exact_for_every_chunk_size(kind, chunk_size):
+def test_fp64_exact_for_every_chunk_size(kind, chunk_size, device):
     inputs = make_inputs(kind, T=70, seed=chunk_size)
-    _compare(inputs, torch.randn(2, 3, 6, 5, dtype=torch.float64), True, tol=1e-12, chunk_size=chunk_size)
+    s0 = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    _compare(inputs, s0, True, tol=1e-12, device=device, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("T", [1, 63, 200])
 @pytest.mark.parametrize("with_initial", [False, True])
-def test_bidirectional(T, with_initial):
+def test_bidirectional(T, with_initial, device):
     inputs = make_inputs("none", T=T, dtype=torch.float32)
     s0 = torch.randn(2, 3, 6, 5) if with_initial else None
-    _compare(inputs, s0, True, tol=1e-5, causal=False)
+    _compare(inputs, s0, True, tol=1e-5, causal=False, device=device)
 
 
 @pytest.mark.parametrize("kind", DECAY_FORMS)
-def test_strong_decay_is_finite_and_exact(kind):
+def test_strong_decay_is_finite_and_exact(kind, device):
     """log decays of -20 (exp = 2e-9) next to mild ones: no inf/nan, still within fp32 tolerance."""
     inputs = make_inputs(kind, T=200, dtype=torch.float32, strong=True)
-    _compare(inputs, torch.randn(2, 3, 6, 5), True, tol=1e-5)
+    _compare(inputs, torch.randn(2, 3, 6, 5), True, tol=1e-5, device=device)
 
 
 def test_uniform_strong_decay_leaves_only_the_diagonal():
@@ -89,10 +92,11 @@ BF16_TOL = 1e-2
 
 
 @pytest.mark.parametrize("kind", DECAY_FORMS)
-def test_bf16_inputs(kind):
+def test_bf16_inputs(kind, device):
     inputs = make_inputs(kind, T=130, dtype=torch.bfloat16)
-    errors = _compare(inputs, None, True, tol=BF16_TOL)
-    o, final = chunk_linear_attn(inputs["q"], inputs["k"], inputs["v"], inputs["g"], output_final_state=True)
+    errors = _compare(inputs, None, True, tol=BF16_TOL, device=device)
+    x = {n: None if t is None else t.to(device) for n, t in inputs.items()}
+    o, final = chunk_linear_attn(x["q"], x["k"], x["v"], x["g"], output_final_state=True)
     assert o.dtype == torch.bfloat16 and final.dtype == torch.float32
     assert errors["o"] > 0  # the comparison really ran at bf16 precision
 
