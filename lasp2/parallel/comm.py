@@ -29,24 +29,48 @@ def group_rank_size(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _via_host(tensor: torch.Tensor, group) -> bool:
+    """gloo cannot read GPU memory for these calls (it aborts the process), so GPU tensors on a
+    gloo group travel through host memory; NCCL groups take them directly."""
+    return tensor.device.type != "cpu" and dist.get_backend(group) == "gloo"
+
+
+class _CopyBackOnWait:
+    """The work handle of a host-staged collective: wait() also copies the result back."""
+
+    def __init__(self, work, host_out: torch.Tensor, out: torch.Tensor):
+        self._work, self._host_out, self._out = work, host_out, out
+
+    def wait(self):
+        self._work.wait()
+        self._out.copy_(self._host_out)
+        return True
+
+
 def all_gather_async(flat: torch.Tensor, group):
     """Starts an all-gather of a 1-D tensor; returns (output [W * n], work). Call work.wait()."""
     world = dist.get_world_size(group)
     out = flat.new_empty(world * flat.numel())
+    if _via_host(flat, group):
+        host_out = torch.empty(out.shape, dtype=out.dtype)
+        work = getattr(dist, ALL_GATHER)(host_out, flat.cpu(), group=group, async_op=True)
+        return out, _CopyBackOnWait(work, host_out, out)
     work = getattr(dist, ALL_GATHER)(out, flat.contiguous(), group=group, async_op=True)
     return out, work
 
 
 def send_to(tensor: torch.Tensor, group, group_rank: int) -> None:
     """Blocking send to the rank with index `group_rank` in `group`."""
-    dist.send(tensor.contiguous(), dst=dist.get_global_rank(group, group_rank), group=group)
+    tensor = tensor.cpu() if _via_host(tensor, group) else tensor.contiguous()
+    dist.send(tensor, dst=dist.get_global_rank(group, group_rank), group=group)
 
 
 def recv_from(like: torch.Tensor, group, group_rank: int) -> torch.Tensor:
     """Blocking receive of a tensor shaped like `like` from index `group_rank` in `group`."""
-    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    host = _via_host(like, group)
+    out = torch.empty(like.shape, dtype=like.dtype, device="cpu" if host else like.device)
     dist.recv(out, src=dist.get_global_rank(group, group_rank), group=group)
-    return out
+    return out.to(like.device) if host else out
 
 
 def checked_across_group(fn: str, group, check: Callable[[], object], fields: Sequence[str], describe: Callable):
