@@ -25,10 +25,6 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.view(b, h, n * c, d)
 
 
-def _per_decay_channel(x: ChunkedSeq, t: torch.Tensor) -> torch.Tensor:
-    return t.sum(dim=-1, keepdim=True) if x.scalar_decay else t
-
-
 def total_decay(x: ChunkedSeq) -> torch.Tensor | None:
     """[B, H, Kg] exp(Ghat_T): how the whole stretch scales an incoming state (None: no decay)."""
     return torch.exp(x.G_total) if x.has_decay else None
@@ -61,7 +57,7 @@ def initial_state_grads(x: ChunkedSeq, do_hat: torch.Tensor, S0: torch.Tensor):
         return dq.view(x.q.shape), None
     dq = dq.view(x.q.shape) * torch.exp(x.G_seq)
     # g_t decays S0 for every output i >= t.
-    dg = reverse_cumsum(_flat(_per_decay_channel(x, x.q * dq)), dim=-2)
+    dg = reverse_cumsum(_flat(x.per_decay_channel(x.q * dq)), dim=-2)
     return dq, dg.view(x.G_seq.shape)
 
 
@@ -76,8 +72,8 @@ def final_state_grads(x: ChunkedSeq, dhT: torch.Tensor, S0: torch.Tensor | None 
         return dk, dv, None, dS0
     dk = dk * decay
     # g_t decays every key j < t on its way to the end, and S0 across the whole stretch.
-    dg = exclusive_cumsum(_flat(_per_decay_channel(x, x.k * dk)), dim=-2).view(x.G_seq.shape)
+    dg = exclusive_cumsum(_flat(x.per_decay_channel(x.k * dk)), dim=-2).view(x.G_seq.shape)
     if S0 is not None:
         carried = (apply_total_decay(total_decay(x), S0) * dhT).sum(dim=-1)
-        dg = dg + _per_decay_channel(x, carried)[:, :, None, None, :]
+        dg = dg + x.per_decay_channel(carried)[:, :, None, None, :]
     return dk, dv, dg, dS0

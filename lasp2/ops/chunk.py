@@ -5,9 +5,9 @@ import torch
 
 from .bidirectional import bidirectional_linear_attn
 from .boundary import apply_total_decay, final_state_grads, initial_state_grads, initial_state_output, total_decay
-from .checks import DECAY_CHANNEL, check_linear_attn_inputs, compute_dtype
+from .checks import DECAY_CHANNEL, check_linear_attn_inputs
 from .chunk_kernels import grad_pass, grad_state_pass, output_pass, state_pass
-from .chunk_layout import ChunkedSeq, log_decay_grad_from_chunks
+from .chunk_layout import ChunkedSeq
 
 def effective_chunk_size(chunk_size, kind: str, fn: str) -> int:
     """The chunk length used: `chunk_size`, except that per-channel (GLA) decay, whose
@@ -25,27 +25,24 @@ class _ChunkLinearAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, initial_state, kind, scale, chunk_size):
         ctx.set_materialize_grads(False)
-        x = ChunkedSeq.from_inputs(q, k, v, log_decay, kind, chunk_size, compute_dtype(q.dtype))
+        x = ChunkedSeq.from_inputs(q, k, v, log_decay, kind, chunk_size)
         h_start, final_state = state_pass(x)
         o = output_pass(x, h_start, scale)
         if initial_state is not None:
             S0 = initial_state.to(x.q.dtype)
             o += initial_state_output(x, S0, scale)
             final_state = final_state + apply_total_decay(total_decay(x), S0)
-        ctx.save_for_backward(*x.saved(q, k, v, log_decay), initial_state)
-        ctx.kind, ctx.scale, ctx.chunk_size, ctx.seq_len = kind, scale, chunk_size, q.shape[1]
-        ctx.dtypes = (q.dtype, None if log_decay is None else log_decay.dtype)
+        x.save_for_backward(ctx, q, k, v, log_decay, initial_state)
+        ctx.scale = scale
         return x.unchunk(o, q.dtype), final_state
 
     @staticmethod
     def backward(ctx, do, d_final):
-        *saved, initial_state = ctx.saved_tensors
-        dtype, decay_dtype = ctx.dtypes
-        x = ChunkedSeq.from_saved(saved, ctx.kind, ctx.chunk_size, ctx.seq_len, compute_dtype(dtype))
+        x, (initial_state,) = ChunkedSeq.from_ctx(ctx)
         S0 = None if initial_state is None else initial_state.to(x.q.dtype)
         dq = dk = dv = dg = dS0 = None
         if do is not None:
-            do_hat = x.chunk(do) if ctx.scale == 1.0 else x.chunk(do) * ctx.scale
+            do_hat = x.output_grad(do, ctx.scale)
             h_start, _ = state_pass(x)
             delta_after, dS0 = grad_state_pass(x, do_hat)
             dq, dk, dv, dg = grad_pass(x, do_hat, h_start, delta_after)
@@ -58,12 +55,8 @@ class _ChunkLinearAttn(torch.autograd.Function):
             dk, dv, dg, dS0 = _add(dk, dk_f), _add(dv, dv_f), _add(dg, dg_f), _add(dS0, dS0_f)
         if dq is None:
             return (None,) * 8
-        grads = [x.unchunk(dq, dtype), x.unchunk(dk, dtype), x.unchunk(dv, dtype), None, None]
-        if decay_dtype is not None:
-            grads[3] = log_decay_grad_from_chunks(dg, ctx.kind, x.seq_len, decay_dtype)
-        if initial_state is not None:
-            grads[4] = dS0.to(initial_state.dtype)
-        return (*grads, None, None, None)
+        dS0 = None if initial_state is None else dS0.to(initial_state.dtype)
+        return (*x.input_grads(dq, dk, dv, dg), dS0, None, None, None)
 
 
 def chunk_linear_attn(

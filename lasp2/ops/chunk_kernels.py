@@ -33,11 +33,6 @@ def bmm(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> to
     return acc
 
 
-def _per_decay_channel(x: ChunkedSeq, t: torch.Tensor) -> torch.Tensor:
-    """[..., K] -> [..., Kg]: sum over key channels when the decay is one scalar per head."""
-    return t.sum(dim=-1, keepdim=True) if x.scalar_decay else t
-
-
 def _crossing_sums(p: torch.Tensor) -> torch.Tensor:
     """[..., c, c] -> [..., c]: dg_t = sum_{i >= t} sum_{j < t} p[i, j], the pairs (i, j) whose
     decay includes g_t. Two small matmuls against 0/1 matrices, no cancellation."""
@@ -113,10 +108,10 @@ def grad_pass(x: ChunkedSeq, do_hat: torch.Tensor, h_start: torch.Tensor, delta_
     dk_state = bmm(x.v, _t(delta_after)).mul_(x.decay_to_end)
     # g_t decays: the start state for outputs i >= t; the keys j < t on their way to the chunk
     # end; the whole start state on its way to the next chunk; and intra pairs across t.
-    dg = reverse_cumsum(_per_decay_channel(x, x.q * dq_inter), dim=-2)
-    dg += exclusive_cumsum(_per_decay_channel(x, x.k * dk_state), dim=-2)
+    dg = reverse_cumsum(x.per_decay_channel(x.q * dq_inter), dim=-2)
+    dg += exclusive_cumsum(x.per_decay_channel(x.k * dk_state), dim=-2)
     carried = (x.chunk_decay.unsqueeze(-1) * h_start * delta_after).sum(dim=-1)
-    dg += _per_decay_channel(x, carried).unsqueeze(-2)
+    dg += x.per_decay_channel(carried).unsqueeze(-2)
     dq, dk = dq_inter, dk_state
     dg += _intra_grads(x, do_hat, dq, dk, dv)
     return dq, dk, dv, dg

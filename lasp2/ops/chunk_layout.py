@@ -11,7 +11,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from .checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_NONE, DECAY_TOKEN
+from .checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_NONE, DECAY_TOKEN, compute_dtype
 from .scan import exclusive_cumsum, reverse_exclusive_cumsum
 
 
@@ -82,33 +82,54 @@ class ChunkedSeq:
     as a difference of prefix sums, so strong decay gives exact zeros and never inf or nan.
     """
 
-    def __init__(self, q, k, v, g, kind: str, seq_len: int):
-        """From tensors already in chunked layout (see `from_inputs`)."""
+    def __init__(self, q, k, v, g, kind: str, seq_len: int, dtypes: tuple):
+        """From tensors already in chunked layout (see `from_inputs`); dtypes = (the inputs'
+        dtype, log_decay's dtype or None), the dtypes gradients are returned in."""
         self.q, self.k, self.v, self.g = q, k, v, g
         self.kind = kind
         self.seq_len = seq_len
         self.chunk_size = q.shape[3]
+        self.dtypes = dtypes
 
     @classmethod
-    def from_inputs(cls, q, k, v, log_decay, kind: str, chunk_size: int, dtype: torch.dtype) -> "ChunkedSeq":
+    def from_inputs(cls, q, k, v, log_decay, kind: str, chunk_size: int) -> "ChunkedSeq":
         """From public [B, T, H, D] tensors and a log decay in any of its forms."""
         b, t = q.shape[:2]
+        dtype = compute_dtype(q.dtype)
         g = None if kind == DECAY_NONE else log_decay_to_chunks(log_decay, kind, b, t, chunk_size, dtype)
-        return cls(to_chunks(q, chunk_size, dtype), to_chunks(k, chunk_size, dtype), to_chunks(v, chunk_size, dtype), g, kind, t)
+        chunked = (to_chunks(x, chunk_size, dtype) for x in (q, k, v))
+        return cls(*chunked, g, kind, t, (q.dtype, None if log_decay is None else log_decay.dtype))
 
-    def saved(self, q, k, v, log_decay) -> tuple:
-        """What a backward needs to rebuild this sequence: the chunked tensors when they are the
-        inputs' own precision (re-laying them out would cost four copies), else the inputs."""
-        if self.q.dtype == q.dtype:
-            return (self.q, self.k, self.v, self.g)
-        return (q, k, v, log_decay)
+    def save_for_backward(self, ctx, q, k, v, log_decay, *extra: torch.Tensor) -> None:
+        """Saves on an autograd ctx what `from_ctx` needs to rebuild this sequence: the chunked
+        tensors when they are the inputs' own precision (re-laying the inputs out would cost
+        four copies), else the inputs; then `extra`."""
+        mine = (self.q, self.k, self.v, self.g) if self.q.dtype == q.dtype else (q, k, v, log_decay)
+        ctx.save_for_backward(*mine, *extra)
+        ctx.chunked_seq = (self.kind, self.chunk_size, self.seq_len, self.dtypes)
 
     @classmethod
-    def from_saved(cls, saved, kind: str, chunk_size: int, seq_len: int, dtype: torch.dtype) -> "ChunkedSeq":
-        q, k, v, g = saved
+    def from_ctx(cls, ctx) -> tuple["ChunkedSeq", list]:
+        """-> (the sequence saved by `save_for_backward`, its extra tensors)."""
+        q, k, v, g, *extra = ctx.saved_tensors
+        kind, chunk_size, seq_len, dtypes = ctx.chunked_seq
         if q.dim() == 5:
-            return cls(q, k, v, g, kind, seq_len)
-        return cls.from_inputs(q, k, v, g, kind, chunk_size, dtype)
+            return cls(q, k, v, g, kind, seq_len, dtypes), extra
+        return cls.from_inputs(q, k, v, g, kind, chunk_size), extra
+
+    def output_grad(self, do: torch.Tensor, scale: float) -> torch.Tensor:
+        """dL/do [B, T, H, V] -> scale * dL/do in chunked layout (a fresh tensor)."""
+        return self.chunk(do) if scale == 1.0 else self.chunk(do) * scale
+
+    def input_grads(self, dq, dk, dv, dg) -> tuple:
+        """Chunked gradients -> (dq, dk, dv, d_log_decay) in the inputs' layouts and dtypes."""
+        dtype, decay_dtype = self.dtypes
+        d_log_decay = None if decay_dtype is None else log_decay_grad_from_chunks(dg, self.kind, self.seq_len, decay_dtype)
+        return self.unchunk(dq, dtype), self.unchunk(dk, dtype), self.unchunk(dv, dtype), d_log_decay
+
+    def per_decay_channel(self, t: torch.Tensor) -> torch.Tensor:
+        """[..., K] -> [..., Kg]: sums over key channels when the decay is one scalar per head."""
+        return t.sum(dim=-1, keepdim=True) if self.scalar_decay else t
 
     @property
     def num_chunks(self) -> int:

@@ -12,12 +12,10 @@ import torch
 
 from ..ops import bidirectional as bi
 from ..ops.boundary import apply_total_decay, final_state_grads, initial_state_grads, initial_state_output, total_decay
-from ..ops.checks import compute_dtype
-from ..ops.chunk import chunk_linear_attn
 from ..ops.chunk_kernels import grad_pass, grad_state_pass, output_pass, state_pass
-from ..ops.chunk_layout import ChunkedSeq, log_decay_grad_from_chunks
+from ..ops.chunk_layout import ChunkedSeq
 from .comm import group_rank_size, recv_from, send_to
-from .inputs import check_parallel_inputs
+from .inputs import run_linear_method
 
 
 def _relay(local: torch.Tensor, group, rank: int, world: int, forward: bool, combine) -> torch.Tensor:
@@ -35,34 +33,29 @@ class _Lasp1Causal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, kind, scale, chunk_size, group):
         rank, world = group_rank_size(group)
-        x = ChunkedSeq.from_inputs(q, k, v, log_decay, kind, chunk_size, compute_dtype(q.dtype))
+        x = ChunkedSeq.from_inputs(q, k, v, log_decay, kind, chunk_size)
         h_start, local_state = state_pass(x)
         decay = total_decay(x)
         incoming = _relay(local_state, group, rank, world, True, lambda s: local_state + apply_total_decay(decay, s))
         o = output_pass(x, h_start, scale) + initial_state_output(x, incoming, scale)
-        ctx.save_for_backward(*x.saved(q, k, v, log_decay), incoming)
-        ctx.meta = (kind, scale, chunk_size, group, q.shape[1], q.dtype, None if log_decay is None else log_decay.dtype)
+        x.save_for_backward(ctx, q, k, v, log_decay, incoming)
+        ctx.scale, ctx.group = scale, group
         return x.unchunk(o, q.dtype)
 
     @staticmethod
     def backward(ctx, do):
-        *saved, incoming = ctx.saved_tensors
-        kind, scale, chunk_size, group, seq_len, dtype, decay_dtype = ctx.meta
-        rank, world = group_rank_size(group)
-        x = ChunkedSeq.from_saved(saved, kind, chunk_size, seq_len, compute_dtype(dtype))
-        do_hat = x.chunk(do) if scale == 1.0 else x.chunk(do) * scale
+        x, (incoming,) = ChunkedSeq.from_ctx(ctx)
+        rank, world = group_rank_size(ctx.group)
+        do_hat = x.output_grad(do, ctx.scale)
         delta_after, d_incoming = grad_state_pass(x, do_hat)
         decay = total_decay(x)
-        d_outgoing = _relay(d_incoming, group, rank, world, False, lambda d: d_incoming + apply_total_decay(decay, d))
+        d_outgoing = _relay(d_incoming, ctx.group, rank, world, False, lambda d: d_incoming + apply_total_decay(decay, d))
         h_start, _ = state_pass(x)
         dq, dk, dv, dg = grad_pass(x, do_hat, h_start, delta_after)
         dq_in, dg_in = initial_state_grads(x, do_hat, incoming)
         dk_out, dv_out, dg_out, _ = final_state_grads(x, d_outgoing, incoming)
-        d_log_decay = None
-        if decay_dtype is not None:
-            d_log_decay = log_decay_grad_from_chunks(dg + dg_in + dg_out, kind, seq_len, decay_dtype)
-        grads = (x.unchunk(dq + dq_in, dtype), x.unchunk(dk + dk_out, dtype), x.unchunk(dv + dv_out, dtype))
-        return *grads, d_log_decay, None, None, None, None
+        dg = None if dg is None else dg + dg_in + dg_out
+        return *x.input_grads(dq + dq_in, dk + dk_out, dv + dv_out, dg), None, None, None, None
 
 
 def _sum_over_ranks(local: torch.Tensor, group, rank: int, world: int) -> torch.Tensor:
@@ -101,13 +94,7 @@ def lasp1_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group
     rank but the first sends backward), B*H*K*V values each, no all-gather. Bidirectional:
     2(W-1) sends per pass.
     """
-    fn = "lasp1_linear_attn"
-    shape, chunk_size = check_parallel_inputs(
-        fn, q, k, v, log_decay, scale=scale, causal=causal, group=group, chunk_size=chunk_size, validate=validate
+    return run_linear_method(
+        "lasp1_linear_attn", _Lasp1Causal, _Lasp1Bidirectional, q, k, v, log_decay,
+        scale=scale, causal=causal, group=group, chunk_size=chunk_size, validate=validate,
     )
-    if group_rank_size(group)[1] == 1:
-        return chunk_linear_attn(q, k, v, log_decay, scale=scale, causal=causal, chunk_size=chunk_size)[0]
-    scale = 1.0 if scale is None else float(scale)
-    if not causal:
-        return _Lasp1Bidirectional.apply(q, k, v, scale, group)
-    return _Lasp1Causal.apply(q, k, v, log_decay, shape.decay, scale, chunk_size, group)

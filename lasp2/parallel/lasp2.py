@@ -13,13 +13,11 @@ import torch
 
 from ..ops import bidirectional as bi
 from ..ops.boundary import final_state_grads, initial_state_grads, initial_state_output, total_decay
-from ..ops.checks import compute_dtype
-from ..ops.chunk import chunk_linear_attn
 from ..ops.chunk_kernels import grad_pass, grad_state_pass, output_pass, state_pass
-from ..ops.chunk_layout import ChunkedSeq, log_decay_grad_from_chunks
+from ..ops.chunk_layout import ChunkedSeq
 from ..ops.scan import prefix_scan, suffix_scan
 from .comm import all_gather_async, group_rank_size
-from .inputs import check_parallel_inputs
+from .inputs import run_linear_method
 
 def rank_slots(gathered: torch.Tensor, world: int, state_shape, decay_shape):
     """Unpack an all-gathered [W * n] buffer of (state, transition) pairs into
@@ -37,7 +35,7 @@ class _Lasp2Causal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, kind, scale, chunk_size, group):
         rank, world = group_rank_size(group)
-        x = ChunkedSeq.from_inputs(q, k, v, log_decay, kind, chunk_size, compute_dtype(q.dtype))
+        x = ChunkedSeq.from_inputs(q, k, v, log_decay, kind, chunk_size)
         h_start, local_state = state_pass(x)  # M_t
         decay = total_decay(x)  # A_t, None without decay
         payload = local_state.flatten() if decay is None else torch.cat([local_state.flatten(), decay.flatten()])
@@ -47,33 +45,26 @@ class _Lasp2Causal(torch.autograd.Function):
         states, decays = rank_slots(gathered, world, local_state.shape, None if decay is None else decay.shape)
         incoming = prefix_scan(states, decays)[0][:, :, rank]  # S_in(t)
         o += initial_state_output(x, incoming, scale)
-        ctx.save_for_backward(*x.saved(q, k, v, log_decay), incoming, decays)
-        ctx.meta = (kind, scale, chunk_size, group, q.shape[1], q.dtype, None if log_decay is None else log_decay.dtype)
+        x.save_for_backward(ctx, q, k, v, log_decay, incoming, decays)
+        ctx.scale, ctx.group = scale, group
         return x.unchunk(o, q.dtype)
 
     @staticmethod
     def backward(ctx, do):
-        *saved, incoming, decays = ctx.saved_tensors
-        kind, scale, chunk_size, group, seq_len, dtype, decay_dtype = ctx.meta
-        rank, world = group_rank_size(group)
-        x = ChunkedSeq.from_saved(saved, kind, chunk_size, seq_len, compute_dtype(dtype))
-        do_hat = x.chunk(do) if scale == 1.0 else x.chunk(do) * scale
+        x, (incoming, decays) = ChunkedSeq.from_ctx(ctx)
+        rank, world = group_rank_size(ctx.group)
+        do_hat = x.output_grad(do, ctx.scale)
         delta_after, d_incoming = grad_state_pass(x, do_hat)  # dS_in(t)
-        gathered, work = all_gather_async(d_incoming.flatten(), group)
+        gathered, work = all_gather_async(d_incoming.flatten(), ctx.group)
         h_start, _ = state_pass(x)  # the local backward overlaps the all-gather
         dq, dk, dv, dg = grad_pass(x, do_hat, h_start, delta_after)
         dq_in, dg_in = initial_state_grads(x, do_hat, incoming)
-        dq += dq_in
         work.wait()
         d_states, _ = rank_slots(gathered, world, d_incoming.shape, None)
         d_outgoing = suffix_scan(d_states, decays)[0][:, :, rank]  # dM_t
         dk_out, dv_out, dg_out, _ = final_state_grads(x, d_outgoing, incoming)
-        dk += dk_out
-        dv += dv_out
-        d_log_decay = None
-        if decay_dtype is not None:
-            d_log_decay = log_decay_grad_from_chunks(dg + dg_in + dg_out, kind, seq_len, decay_dtype)
-        return x.unchunk(dq, dtype), x.unchunk(dk, dtype), x.unchunk(dv, dtype), d_log_decay, None, None, None, None
+        dg = None if dg is None else dg + dg_in + dg_out
+        return *x.input_grads(dq + dq_in, dk + dk_out, dv + dv_out, dg), None, None, None, None
 
 
 class _Lasp2Bidirectional(torch.autograd.Function):
@@ -130,13 +121,7 @@ def lasp2_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group
         the forward (B*H*K*V + B*H*Kg values per rank; Kg = K for GLA gates, 1 for scalar decay,
         0 without decay) and one in the backward (B*H*K*V values per rank).
     """
-    fn = "lasp2_linear_attn"
-    shape, chunk_size = check_parallel_inputs(
-        fn, q, k, v, log_decay, scale=scale, causal=causal, group=group, chunk_size=chunk_size, validate=validate
+    return run_linear_method(
+        "lasp2_linear_attn", _Lasp2Causal, _Lasp2Bidirectional, q, k, v, log_decay,
+        scale=scale, causal=causal, group=group, chunk_size=chunk_size, validate=validate,
     )
-    if group_rank_size(group)[1] == 1:
-        return chunk_linear_attn(q, k, v, log_decay, scale=scale, causal=causal, chunk_size=chunk_size)[0]
-    scale = 1.0 if scale is None else float(scale)
-    if not causal:
-        return _Lasp2Bidirectional.apply(q, k, v, scale, group)
-    return _Lasp2Causal.apply(q, k, v, log_decay, shape.decay, scale, chunk_size, group)

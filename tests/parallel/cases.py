@@ -1,12 +1,10 @@
 """Jobs run on the distributed test ranks (module level, so they can be sent to workers)."""
 from __future__ import annotations
 
-import torch
-
-from lasp2.parallel.comm import ALL_GATHER
 import torch.distributed as dist
 
 from lasp2.ops import chunk_linear_attn
+from lasp2.parallel.comm import ALL_GATHER
 from lasp2.parallel import count_collectives, lasp1_linear_attn, lasp2_linear_attn
 from tests.helpers import leaf
 
