@@ -138,3 +138,43 @@ def check_linear_attn_inputs(
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """States and scans run in fp64 for fp64 inputs and in fp32 for everything else."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class SoftmaxAttnShape:
+    """Rank-local size of a softmax-attention call, as checked by `check_softmax_attn_inputs`."""
+
+    batch: int
+    seq_len: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    value_dim: int
+    dtype: torch.dtype
+
+
+def check_softmax_attn_inputs(fn: str, q, k, v, *, causal: bool = True, scale=None) -> SoftmaxAttnShape:
+    """q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv] with Hq % Hkv == 0 (GQA/MQA)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(fn, name, x)
+        if x.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D [B, T, H, D], got shape {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"{fn}: {name} is empty (shape {tuple(x.shape)}); every dimension must be >= 1")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{fn}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{fn}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    b, t, hq, d = q.shape
+    if k.shape[:2] != (b, t) or k.shape[3] != d:
+        raise ValueError(f"{fn}: k must be [B, T, Hkv, D] with B, T, D of q {(b, t, d)}, got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{fn}: v must be [B, T, Hkv, Dv] with B, T, Hkv of k {tuple(k.shape[:3])}, got {tuple(v.shape)}")
+    hkv = k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"{fn}: query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"{fn}: scale must be a Python number or None, got {type(scale).__name__}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{fn}: causal must be True or False, got {causal!r}")
+    return SoftmaxAttnShape(b, t, hq, hkv, d, v.shape[3], q.dtype)

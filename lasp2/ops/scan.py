@@ -106,6 +106,8 @@ def _sequential_scan(x: torch.Tensor, a: torch.Tensor | None, reverse: bool):
 def exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
     """sum_{m < n} x_m along `dim`, formed without subtracting (no cancellation)."""
     n = x.shape[dim]
+    if torch.is_grad_enabled() and x.requires_grad:  # autograd cannot see through out=
+        return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), torch.cumsum(x.narrow(dim, 0, n - 1), dim=dim)], dim=dim)
     out = torch.empty_like(x)
     out.narrow(dim, 0, 1).zero_()
     if n > 1:

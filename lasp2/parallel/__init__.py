@@ -1,6 +1,29 @@
 """Sequence parallelism: every function here takes this rank's shard and an explicit `group=`."""
+from .allgather import allgather_attn, allgather_linear_attn
 from .counting import CollectiveLog, count_collectives
 from .lasp1 import lasp1_linear_attn
 from .lasp2 import lasp2_linear_attn
+from .layout import LAYOUTS, positions, shard, unshard
+from .registry import LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel
+from .ring import ring_attn, ring_linear_attn
+from .ulysses import ulysses_attn, ulysses_linear_attn
 
-__all__ = ["CollectiveLog", "count_collectives", "lasp1_linear_attn", "lasp2_linear_attn"]
+__all__ = [
+    "LAYOUTS",
+    "LINEAR_METHODS",
+    "SOFTMAX_METHODS",
+    "CollectiveLog",
+    "SequenceParallel",
+    "allgather_attn",
+    "allgather_linear_attn",
+    "count_collectives",
+    "lasp1_linear_attn",
+    "lasp2_linear_attn",
+    "positions",
+    "ring_attn",
+    "ring_linear_attn",
+    "shard",
+    "ulysses_attn",
+    "ulysses_linear_attn",
+    "unshard",
+]

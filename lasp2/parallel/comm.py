@@ -12,11 +12,13 @@ from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from ..ops.checks import DECAY_KINDS
 
-# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
+# torch 2.13 renamed all_gather_into_tensor and reduce_scatter_tensor (now deprecated).
 ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _KNOWN_STRINGS = DECAY_KINDS + ("contiguous", "zigzag")
@@ -47,16 +49,81 @@ class _CopyBackOnWait:
         return True
 
 
-def all_gather_async(flat: torch.Tensor, group):
-    """Starts an all-gather of a 1-D tensor; returns (output [W * n], work). Call work.wait()."""
-    world = dist.get_world_size(group)
-    out = flat.new_empty(world * flat.numel())
-    if _via_host(flat, group):
+class _Done:
+    """The handle of a collective that already finished."""
+
+    def wait(self):
+        return True
+
+
+def _start(fn_name: str, out: torch.Tensor, inp: torch.Tensor, group, async_op: bool, **kwargs):
+    """Runs torch.distributed.<fn_name>(out, inp), through host memory for GPU tensors on gloo;
+    returns a handle whose wait() also puts the result into `out`."""
+    fn = getattr(dist, fn_name)
+    if _via_host(inp, group):
         host_out = torch.empty(out.shape, dtype=out.dtype)
-        work = getattr(dist, ALL_GATHER)(host_out, flat.cpu(), group=group, async_op=True)
-        return out, _CopyBackOnWait(work, host_out, out)
-    work = getattr(dist, ALL_GATHER)(out, flat.contiguous(), group=group, async_op=True)
-    return out, work
+        work = fn(host_out, inp.cpu(), group=group, async_op=True, **kwargs)
+        handle = _CopyBackOnWait(work, host_out, out)
+    else:
+        handle = fn(out, inp.contiguous(), group=group, async_op=True, **kwargs)
+    if async_op:
+        return handle
+    handle.wait()
+    return _Done()
+
+
+def all_gather_dim0(x: torch.Tensor, group, async_op: bool = False):
+    """[n, ...] from every rank -> ([W * n, ...] in rank order, handle)."""
+    out = x.new_empty(dist.get_world_size(group) * x.shape[0], *x.shape[1:])
+    return out, _start(ALL_GATHER, out, x, group, async_op)
+
+
+def all_gather_async(flat: torch.Tensor, group):
+    """Starts an all-gather of a 1-D tensor; returns (output [W * n], handle). Call wait()."""
+    return all_gather_dim0(flat, group, async_op=True)
+
+
+def reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
+    """[W * n, ...] on every rank -> this rank's [n, ...] block, summed over ranks."""
+    out = x.new_empty(x.shape[0] // dist.get_world_size(group), *x.shape[1:])
+    _start(REDUCE_SCATTER, out, x, group, async_op=False)
+    return out
+
+
+def all_to_all_dim0(x: torch.Tensor, group) -> torch.Tensor:
+    """[W * n, ...]: block j goes to rank j; returns [W * n, ...] with block j from rank j."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _start("all_to_all_single", out, x, group, async_op=False)
+    return out
+
+
+def ring_exchange(x: torch.Tensor, group, tag: int = 0):
+    """Starts sending x to the next rank of the ring and receiving the previous rank's;
+    returns (received, handle). One batch_isend_irecv with one isend and one irecv; streams
+    that are in flight together use different tags."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    nxt, prev = dist.get_global_rank(group, (rank + 1) % world), dist.get_global_rank(group, (rank - 1) % world)
+    host = _via_host(x, group)
+    send = x.cpu() if host else x.contiguous()
+    recv = torch.empty_like(send)
+    # P2POp insists on the library's own isend/irecv (not a wrapped attribute); the call that
+    # communicates, and is counted, is batch_isend_irecv.
+    ops = [dist.P2POp(c10d.isend, send, nxt, group, tag), dist.P2POp(c10d.irecv, recv, prev, group, tag)]
+    works = dist.batch_isend_irecv(ops)
+    out = torch.empty_like(x) if host else recv
+    return out, _RingHandle(works, recv if host else None, out)
+
+
+class _RingHandle:
+    def __init__(self, works, host_recv, out):
+        self._works, self._host_recv, self._out = works, host_recv, out
+
+    def wait(self):
+        for work in self._works:
+            work.wait()
+        if self._host_recv is not None:
+            self._out.copy_(self._host_recv)
+        return True
 
 
 def send_to(tensor: torch.Tensor, group, group_rank: int) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 # function name -> (position, keyword) of the tensor this rank sends; None: nothing sent.
 _SENT_TENSOR = {
@@ -78,7 +79,7 @@ def count_collectives():
             where = _SENT_TENSOR[name]
             if name == "batch_isend_irecv":
                 for op in args[0]:
-                    sent = _nbytes(op.tensor) if op.op in (dist.isend, originals["isend"]) else 0
+                    sent = _nbytes(op.tensor) if op.op is c10d.isend else 0
                     log.calls.append(CollectiveCall("isend" if sent else "irecv", sent, dist.get_world_size(op.group)))
             else:
                 tensor = None

@@ -16,6 +16,7 @@ from ..ops.chunk_kernels import grad_pass, grad_state_pass, output_pass, state_p
 from ..ops.chunk_layout import ChunkedSeq
 from .comm import group_rank_size, recv_from, send_to
 from .inputs import run_linear_method
+from .layout import from_segments, segments, to_segments, unsegment_grads
 
 
 def _relay(local: torch.Tensor, group, rank: int, world: int, forward: bool, combine) -> torch.Tensor:
@@ -29,33 +30,63 @@ def _relay(local: torch.Tensor, group, rank: int, world: int, forward: bool, com
     return carry
 
 
+def _relay_slots(local: torch.Tensor, decay, group, lay, rank: int, forward: bool) -> torch.Tensor:
+    """A chain through the layout's slots in sequence order (or reverse): each slot receives the
+    carry from the neighbouring slot's owner (handed over locally when this rank owns both),
+    and passes local + decay * carry on. local: [S*B, ...] this rank's slots stacked, decay
+    [S*B, H, Kg] or None. Returns the carry that entered each of this rank's slots."""
+    S = lay.slots_per_rank
+    per_slot = local.view(S, -1, *local.shape[1:])
+    decays = None if decay is None else decay.view(S, -1, *decay.shape[1:])
+    owner, step = lay.slot_owner(), 1 if forward else -1
+    order = list(enumerate(lay.slots(rank)))
+    carried, handed_over = [None] * S, None
+    for index, slot in (order if forward else order[::-1]):
+        before, after = slot - step, slot + step
+        if not 0 <= before < lay.n_slots:
+            carry = torch.zeros_like(per_slot[index])
+        elif owner[before][0] == rank:
+            carry = handed_over
+        else:
+            carry = recv_from(per_slot[index], group, owner[before][0])
+        carried[index] = carry
+        out = per_slot[index] + apply_total_decay(None if decays is None else decays[index], carry)
+        if 0 <= after < lay.n_slots:
+            if owner[after][0] == rank:
+                handed_over = out
+            else:
+                send_to(out, group, owner[after][0])
+    return torch.cat(carried)
+
+
 class _Lasp1Causal(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, kind, scale, chunk_size, group):
-        rank, world = group_rank_size(group)
-        x = ChunkedSeq.from_inputs(q, k, v, log_decay, kind, chunk_size)
+    def forward(ctx, q, k, v, log_decay, kind, scale, chunk_size, group, lay):
+        rank = group_rank_size(group)[0]
+        S = lay.slots_per_rank
+        x = ChunkedSeq.from_inputs(*segments(q, k, v, log_decay, S), kind, chunk_size)
         h_start, local_state = state_pass(x)
-        decay = total_decay(x)
-        incoming = _relay(local_state, group, rank, world, True, lambda s: local_state + apply_total_decay(decay, s))
+        incoming = _relay_slots(local_state, total_decay(x), group, lay, rank, forward=True)
         o = output_pass(x, h_start, scale) + initial_state_output(x, incoming, scale)
         x.save_for_backward(ctx, q, k, v, log_decay, incoming)
-        ctx.scale, ctx.group = scale, group
-        return x.unchunk(o, q.dtype)
+        ctx.scale, ctx.group, ctx.lay = scale, group, lay
+        return from_segments(x.unchunk(o, q.dtype), S)
 
     @staticmethod
     def backward(ctx, do):
         x, (incoming,) = ChunkedSeq.from_ctx(ctx)
-        rank, world = group_rank_size(ctx.group)
-        do_hat = x.output_grad(do, ctx.scale)
+        group, lay = ctx.group, ctx.lay
+        rank, S = group_rank_size(group)[0], lay.slots_per_rank
+        do_hat = x.output_grad(to_segments(do, S), ctx.scale)
         delta_after, d_incoming = grad_state_pass(x, do_hat)
-        decay = total_decay(x)
-        d_outgoing = _relay(d_incoming, ctx.group, rank, world, False, lambda d: d_incoming + apply_total_decay(decay, d))
+        d_outgoing = _relay_slots(d_incoming, total_decay(x), group, lay, rank, forward=False)
         h_start, _ = state_pass(x)
         dq, dk, dv, dg = grad_pass(x, do_hat, h_start, delta_after)
         dq_in, dg_in = initial_state_grads(x, do_hat, incoming)
         dk_out, dv_out, dg_out, _ = final_state_grads(x, d_outgoing, incoming)
         dg = None if dg is None else dg + dg_in + dg_out
-        return *x.input_grads(dq + dq_in, dk + dk_out, dv + dv_out, dg), None, None, None, None
+        grads = x.input_grads(dq + dq_in, dk + dk_out, dv + dv_out, dg)
+        return (*unsegment_grads(grads, S), None, None, None, None, None)
 
 
 def _sum_over_ranks(local: torch.Tensor, group, rank: int, world: int) -> torch.Tensor:
@@ -86,15 +117,23 @@ class _Lasp1Bidirectional(torch.autograd.Function):
         return bi.query_grad(do, total, scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
-def lasp1_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64, validate=False):
-    """LASP-1 sequence-parallel linear attention; the signature and results of
-    `lasp2_linear_attn`, with the state relayed by blocking send/recv instead of all-gathered.
+def _lasp1(q, k, v, log_decay, *, kind, scale, causal, chunk_size, group, layout):
+    if not causal:  # every token sees every state: the layout does not matter
+        return _Lasp1Bidirectional.apply(q, k, v, scale, group)
+    return _Lasp1Causal.apply(q, k, v, log_decay, kind, scale, chunk_size, group, layout)
 
-    Causal: W-1 sends per pass across the group (every rank but the last sends forward, every
-    rank but the first sends backward), B*H*K*V values each, no all-gather. Bidirectional:
-    2(W-1) sends per pass.
+
+def lasp1_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
+                      validate=False, layout="contiguous"):
+    """LASP-1 sequence-parallel linear attention; the signature and results of
+    `lasp2_linear_attn`, with the state relayed slot to slot by blocking send/recv instead of
+    all-gathered.
+
+    Causal, per pass across the group: W-1 dependent sends (contiguous: every rank but the last
+    sends forward, every rank but the first sends backward) or 2W-2 (zigzag: the chain runs
+    0 -> W-1 and back), B*H*K*V values each, no all-gather. Bidirectional: 2(W-1) sends.
     """
     return run_linear_method(
-        "lasp1_linear_attn", _Lasp1Causal, _Lasp1Bidirectional, q, k, v, log_decay,
-        scale=scale, causal=causal, group=group, chunk_size=chunk_size, validate=validate,
+        "lasp1_linear_attn", _lasp1, q, k, v, log_decay, scale=scale, causal=causal, group=group,
+        chunk_size=chunk_size, validate=validate, layout=layout,
     )

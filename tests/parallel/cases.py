@@ -1,6 +1,7 @@
 """Jobs run on the distributed test ranks (module level, so they can be sent to workers)."""
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 from lasp2.ops import chunk_linear_attn
@@ -122,3 +123,60 @@ def call_and_catch(group, method, per_rank_inputs, validate, causal_per_rank=Non
         except (TypeError, ValueError) as exc:
             return type(exc).__name__, str(exc), log.count()
     return None, None, log.count()
+
+
+def run_registered(group, family, method, inputs, do, layout, causal=True, validate=False):
+    """Any registered method on this rank's layout shard; returns output, gradients, positions."""
+    from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS, positions, shard
+
+    x = {n: None if t is None else leaf(t if (n == "g" and t.dim() == 1) else shard(t, group, layout))
+         for n, t in inputs.items()}
+    do_local = shard(do, group, layout)
+    if family == "linear":
+        o = LINEAR_METHODS[method](x["q"], x["k"], x["v"], x["g"], scale=0.9, causal=causal, group=group,
+                                   chunk_size=16, layout=layout, validate=validate)
+    else:
+        o = SOFTMAX_METHODS[method](x["q"], x["k"], x["v"], causal=causal, scale=0.7, group=group,
+                                    layout=layout, validate=validate)
+    o.backward(do_local)
+    grads = {f"d{n}": None if t is None else t.grad for n, t in x.items()}
+    return {"o": o.detach(), **grads, "positions": positions(do.shape[1], group, layout)}
+
+
+def softmax_reference(inputs, do, causal=True, scale=0.7):
+    """fp64 softmax attention written out (KV heads repeated for GQA), with its gradients."""
+    x = {n: leaf(t.double()) for n, t in inputs.items() if t is not None}
+    q, k, v = x["q"], x["k"], x["v"]
+    group = q.shape[2] // k.shape[2]
+    kk, vv = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bihd,bjhd->bhij", q, kk) * scale
+    if causal:
+        T = q.shape[1]
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    o = torch.einsum("bhij,bjhd->bihd", scores.softmax(dim=-1), vv)
+    o.backward(do.double())
+    return {"o": o.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad, "dg": None}
+
+
+def count_registered(group, family, method, inputs, layout, causal=True):
+    """The collectives one registered method issues per pass on this rank."""
+    from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS, shard
+
+    x = {n: None if t is None else leaf(t if (n == "g" and t.dim() == 1) else shard(t, group, layout))
+         for n, t in inputs.items()}
+    fn = LINEAR_METHODS[method] if family == "linear" else SOFTMAX_METHODS[method]
+    extra = {"log_decay": x["g"]} if family == "linear" else {}
+    with count_collectives() as forward:
+        o = fn(x["q"], x["k"], x["v"], causal=causal, group=group, layout=layout, **extra)
+    with count_collectives() as backward:
+        o.sum().backward()
+    as_rows = lambda log: [(c.name, c.bytes_sent) for c in log.calls]  # noqa: E731
+    return {"forward": as_rows(forward), "backward": as_rows(backward)}
+
+
+def layout_roundtrip(group, x, layout):
+    """This rank's shard, its positions, and unshard(shard(x))."""
+    from lasp2.parallel import positions, shard, unshard
+
+    local = shard(x, group, layout)
+    return {"shard": local, "positions": positions(x.shape[1], group, layout), "roundtrip": unshard(local, group, layout)}

@@ -1,0 +1,82 @@
+"""Softmax attention pieces: a block of keys at a time (with its log-sum-exp), and the whole.
+
+Masks are given by global token positions, so any sharding layout gets the right causal
+offsets: query i sees key j when pos_k[j] <= pos_q[i] (causal) or always (bidirectional).
+GQA/MQA: q has Hq heads, k and v have Hkv heads, Hq % Hkv == 0, query head h uses KV head
+h // (Hq / Hkv). Shapes [B, T, H, D]. Everything here is ordinary autograd ops.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .checks import compute_dtype
+
+
+def _grouped_heads(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, C, Hq, D] -> [B, Hkv, G, C, D] with G = Hq / Hkv query heads per KV head."""
+    b, c, hq, d = q.shape
+    return q.reshape(b, c, kv_heads, hq // kv_heads, d).permute(0, 2, 3, 1, 4)
+
+
+def attention_block(q, k, v, q_pos, k_pos, *, causal: bool, scale: float):
+    """Attention of the queries to one block of keys.
+
+    Args:
+        q: [B, C, Hq, D]; k: [B, Cb, Hkv, D]; v: [B, Cb, Hkv, Dv].
+        q_pos: [C], k_pos: [Cb] global positions (int).
+    Returns:
+        (o [B, C, Hq, Dv], lse [B, C, Hq]) in the compute dtype (fp32; fp64 for fp64): the
+        softmax-weighted values over this block and the log-sum-exp of the scaled scores. A row
+        that sees no key of the block gets o = 0 and lse = -inf.
+    """
+    dtype = compute_dtype(q.dtype)
+    b, c, hq, _ = q.shape
+    hkv = k.shape[2]
+    qg = _grouped_heads(q.to(dtype), hkv)  # [B, Hkv, G, C, D]
+    kh = k.to(dtype).permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, Cb, D]
+    vh = v.to(dtype).permute(0, 2, 1, 3).unsqueeze(2)
+    scores = (qg @ kh.transpose(-1, -2)) * scale  # [B, Hkv, G, C, Cb]
+    if causal:
+        scores = scores.masked_fill(k_pos.view(1, -1) > q_pos.view(-1, 1), float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(dim=-1, keepdim=True)
+    seen = total > 0
+    safe_total = torch.where(seen, total, torch.ones_like(total))
+    o = (weights @ vh) / safe_total
+    lse = torch.where(seen, row_max + torch.log(safe_total), torch.full_like(total, float("-inf")))
+    o = o.permute(0, 3, 1, 2, 4).reshape(b, c, hq, -1)
+    return o, lse.squeeze(-1).permute(0, 3, 1, 2).reshape(b, c, hq)
+
+
+def merge_blocks(o_a, lse_a, o_b, lse_b):
+    """Combine two blocks' (o, lse) of the same queries into the attention over both, stably."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    finite = torch.isfinite(lse)
+    safe = torch.where(finite, lse, torch.zeros_like(lse))
+    w_a = torch.where(finite, torch.exp(lse_a - safe), torch.zeros_like(lse)).unsqueeze(-1)
+    w_b = torch.where(finite, torch.exp(lse_b - safe), torch.zeros_like(lse)).unsqueeze(-1)
+    return w_a * o_a + w_b * o_b, lse
+
+
+def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """[C, Cb] bool, True where the query may attend to the key."""
+    return k_pos.view(1, -1) <= q_pos.view(-1, 1)
+
+
+def sdpa(q, k, v, *, scale: float, attn_mask=None, is_causal: bool = False):
+    """torch's scaled_dot_product_attention on [B, T, H, D] tensors, GQA included; computes in
+    fp32 for half inputs on the CPU (fp64 stays fp64), returns q's dtype."""
+    dtype = q.dtype if q.is_cuda else compute_dtype(q.dtype)
+    qh, kh, vh = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
+    gqa = q.shape[2] != k.shape[2]
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    return o.transpose(1, 2).to(q.dtype)
+
+
+def softmax_attn(q, k, v, *, causal: bool = True, scale=None):
+    """Single-device softmax attention, [B, T, Hq, D] x [B, T, Hkv, D] -> [B, T, Hq, Dv]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return sdpa(q, k, v, scale=scale, is_causal=causal)

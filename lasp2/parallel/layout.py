@@ -1,0 +1,155 @@
+"""How a sequence is cut into per-rank shards, and the helpers that move between the two.
+
+A layout cuts T tokens into `n_slots` equal slots, numbered in sequence order, and gives each
+rank some of them, concatenated in increasing slot order:
+
+    contiguous: W slots, rank r holds slot r.
+    zigzag:     2W slots, rank r holds slots r and 2W-1-r (head and tail), which balances causal
+                softmax work: every rank gets one early and one late slot.
+
+T must be a multiple of the slot count for `shard` (contiguous: W; zigzag: 2W). Methods that
+work per slot (LASP-2, LASP-1) take the local shard of any length for contiguous, and an even
+local length for zigzag.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from .comm import all_gather_dim0, group_rank_size
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    world: int
+
+    def __post_init__(self):
+        if self.name not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.name!r}; the layouts are {', '.join(LAYOUTS)}")
+
+    @property
+    def slots_per_rank(self) -> int:
+        return 1 if self.name == "contiguous" else 2
+
+    @property
+    def n_slots(self) -> int:
+        return self.world * self.slots_per_rank
+
+    def slots(self, rank: int) -> tuple[int, ...]:
+        """The global slots rank holds, in the order they appear in its shard."""
+        return (rank,) if self.name == "contiguous" else (rank, 2 * self.world - 1 - rank)
+
+    def slot_owner(self) -> list[tuple[int, int]]:
+        """For each global slot, (rank, index of the slot within that rank's shard)."""
+        owner = [(0, 0)] * self.n_slots
+        for rank in range(self.world):
+            for index, slot in enumerate(self.slots(rank)):
+                owner[slot] = (rank, index)
+        return owner
+
+    def check_global_length(self, seq_len: int, fn: str) -> int:
+        """-> slot length; raises unless seq_len divides into n_slots equal slots."""
+        if seq_len % self.n_slots:
+            raise ValueError(
+                f"{fn}: sequence length {seq_len} does not divide into the {self.n_slots} equal slots of "
+                f"the {self.name} layout over {self.world} ranks; use a length divisible by {self.n_slots}"
+            )
+        return seq_len // self.n_slots
+
+    def check_local_length(self, local_len: int, fn: str) -> int:
+        """-> slot length; raises unless the local shard splits into this layout's slots."""
+        if local_len % self.slots_per_rank:
+            raise ValueError(
+                f"{fn}: the {self.name} layout gives each rank {self.slots_per_rank} equal slots, but the local "
+                f"shard has {local_len} tokens (odd); use a global length divisible by {self.n_slots}"
+            )
+        return local_len // self.slots_per_rank
+
+    def local_positions(self, rank: int, slot_len: int, device=None) -> torch.Tensor:
+        """[slots_per_rank * slot_len] global positions of rank's tokens, in shard order."""
+        return torch.cat([torch.arange(s * slot_len, (s + 1) * slot_len, device=device) for s in self.slots(rank)])
+
+
+def layout_for(group, name: str) -> Layout:
+    return Layout(name, group_rank_size(group)[1])
+
+
+def shard(x: torch.Tensor, group, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
+    """This rank's shard of a full-sequence tensor (every rank passes the same x)."""
+    lay = layout_for(group, layout)
+    rank = group_rank_size(group)[0]
+    slot_len = lay.check_global_length(x.shape[dim], "shard")
+    pieces = [x.narrow(dim, s * slot_len, slot_len) for s in lay.slots(rank)]
+    return torch.cat(pieces, dim=dim)
+
+
+def unshard(x_local: torch.Tensor, group, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
+    """The full sequence from every rank's equal-length shard (one all-gather; not differentiable)."""
+    lay = layout_for(group, layout)
+    if lay.world == 1:
+        return x_local.clone()
+    slot_len = lay.check_local_length(x_local.shape[dim], "unshard")
+    moved = x_local.movedim(dim, 0).contiguous()
+    gathered, _ = all_gather_dim0(moved, group)
+    per_rank = gathered.view(lay.world, lay.slots_per_rank, slot_len, *moved.shape[1:])
+    ordered = torch.cat([per_rank[r, i] for r, i in lay.slot_owner()], dim=0)
+    return ordered.movedim(0, dim)
+
+
+def positions(seq_len: int, group, layout: str = "contiguous", device=None) -> torch.Tensor:
+    """[seq_len / W] global token positions of this rank's shard (e.g. for RoPE)."""
+    lay = layout_for(group, layout)
+    slot_len = lay.check_global_length(seq_len, "positions")
+    return lay.local_positions(group_rank_size(group)[0], slot_len, device)
+
+
+def to_segments(x: torch.Tensor, segments: int) -> torch.Tensor:
+    """[B, C, ...] -> [segments * B, C / segments, ...]: a rank's slots stacked into the batch."""
+    if segments == 1:
+        return x
+    b, c = x.shape[:2]
+    return x.reshape(b, segments, c // segments, *x.shape[2:]).transpose(0, 1).reshape(segments * b, c // segments, *x.shape[2:])
+
+
+def from_segments(x: torch.Tensor, segments: int) -> torch.Tensor:
+    """Inverse of `to_segments`."""
+    if segments == 1:
+        return x
+    sb, c = x.shape[:2]
+    b = sb // segments
+    return x.reshape(segments, b, c, *x.shape[2:]).transpose(0, 1).reshape(b, segments * c, *x.shape[2:])
+
+
+def slots_in_order(per_rank: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """[W, S, ...] (rank, slot within the rank) -> [n_slots, ...] in sequence order."""
+    return torch.stack([per_rank[r, i] for r, i in lay.slot_owner()])
+
+
+def to_global_order(per_rank: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """[W, B, C, ...] every rank's shard -> [B, T, ...] the sequence in order (differentiable)."""
+    w, b, c = per_rank.shape[:3]
+    slots = per_rank.reshape(w, b, lay.slots_per_rank, c // lay.slots_per_rank, *per_rank.shape[3:])
+    return torch.cat([slots[r, :, i] for r, i in lay.slot_owner()], dim=1)
+
+
+def to_rank_order(full: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """[B, T, ...] the sequence -> [W, B, C, ...] every rank's shard (differentiable)."""
+    slot_len = full.shape[1] // lay.n_slots
+    pieces = [torch.cat([full[:, s * slot_len:(s + 1) * slot_len] for s in lay.slots(r)], dim=1) for r in range(lay.world)]
+    return torch.stack(pieces)
+
+
+def segments(q, k, v, log_decay, S: int):
+    """q, k, v and a log decay with a rank's S slots stacked into the batch ([H] decays stay)."""
+    g = log_decay if log_decay is None or log_decay.dim() == 1 else to_segments(log_decay, S)
+    return to_segments(q, S), to_segments(k, S), to_segments(v, S), g
+
+
+def unsegment_grads(grads: tuple, S: int) -> tuple:
+    """Inverse of `segments` for (dq, dk, dv, d_log_decay)."""
+    dq, dk, dv, dg = grads
+    dg = dg if dg is None or dg.dim() == 1 else from_segments(dg, S)
+    return from_segments(dq, S), from_segments(dk, S), from_segments(dv, S), dg

@@ -1,0 +1,88 @@
+"""One interface for every sequence-parallel method; the only place that maps names to methods.
+
+    sp = SequenceParallel(group, linear="lasp2", softmax="allgather", layout="zigzag")  # LASP-2H
+    o = sp.linear_attn(q, k, v, log_decay)        # linear-attention layers
+    o = sp.softmax_attn(q, k, v)                  # softmax-attention layers
+    x_local = sp.shard(x); pos = sp.positions(seq_len)
+
+group=None means one device: every call runs the single-device op.
+"""
+from __future__ import annotations
+
+import torch
+
+from .allgather import allgather_attn, allgather_linear_attn
+from .comm import group_rank_size
+from .lasp1 import lasp1_linear_attn
+from .lasp2 import lasp2_linear_attn
+from .layout import LAYOUTS, Layout, positions, shard, unshard
+from .ring import ring_attn, ring_linear_attn
+from .ulysses import ulysses_attn, ulysses_linear_attn
+
+LINEAR_METHODS = {
+    "lasp2": lasp2_linear_attn,
+    "lasp1": lasp1_linear_attn,
+    "ring": ring_linear_attn,
+    "allgather": allgather_linear_attn,
+    "ulysses": ulysses_linear_attn,
+}
+SOFTMAX_METHODS = {
+    "allgather": allgather_attn,
+    "ring": ring_attn,
+    "ulysses": ulysses_attn,
+}
+
+
+class SequenceParallel:
+    """The sequence-parallel context a model's attention layers call.
+
+    Args:
+        group: the sequence-parallel process group, or None for a single device.
+        linear: method for linear-attention layers, one of LINEAR_METHODS.
+        softmax: method for softmax-attention layers, one of SOFTMAX_METHODS.
+        layout: "contiguous" or "zigzag"; one layout for every layer of a model.
+        validate: every call first checks that the ranks agree on shapes (one small all-gather).
+        chunk_size: tokens per chunk of the linear-attention kernels.
+    """
+
+    def __init__(self, group=None, linear: str = "lasp2", softmax: str = "allgather", layout: str = "contiguous",
+                 *, validate: bool = False, chunk_size: int = 64):
+        problems = []
+        if linear not in LINEAR_METHODS:
+            problems.append(f"linear={linear!r} (valid: {', '.join(LINEAR_METHODS)})")
+        if softmax not in SOFTMAX_METHODS:
+            problems.append(f"softmax={softmax!r} (valid: {', '.join(SOFTMAX_METHODS)})")
+        if layout not in LAYOUTS:
+            problems.append(f"layout={layout!r} (valid: {', '.join(LAYOUTS)})")
+        if problems:
+            raise ValueError("SequenceParallel: unknown " + "; ".join(problems))
+        self.group, self.linear, self.softmax, self.layout = group, linear, softmax, layout
+        self.validate, self.chunk_size = validate, chunk_size
+        self.rank, self.world = group_rank_size(group)
+
+    def __repr__(self) -> str:
+        return (f"SequenceParallel(world={self.world}, rank={self.rank}, linear={self.linear!r}, "
+                f"softmax={self.softmax!r}, layout={self.layout!r})")
+
+    def linear_attn(self, q, k, v, log_decay=None, causal: bool = True, scale=None) -> torch.Tensor:
+        """[B, C, H, K|K|V] local shard -> [B, C, H, V] (see lasp2_linear_attn)."""
+        return LINEAR_METHODS[self.linear](q, k, v, log_decay, scale=scale, causal=causal, group=self.group,
+                                           chunk_size=self.chunk_size, validate=self.validate, layout=self.layout)
+
+    def softmax_attn(self, q, k, v, causal: bool = True, scale=None) -> torch.Tensor:
+        """[B, C, Hq, D], [B, C, Hkv, D], [B, C, Hkv, Dv] local shard -> [B, C, Hq, Dv]."""
+        return SOFTMAX_METHODS[self.softmax](q, k, v, causal=causal, scale=scale, group=self.group,
+                                             layout=self.layout, validate=self.validate)
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return shard(x, self.group, self.layout, dim)
+
+    def unshard(self, x_local: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return unshard(x_local, self.group, self.layout, dim)
+
+    def positions(self, seq_len: int, device=None) -> torch.Tensor:
+        return positions(seq_len, self.group, self.layout, device)
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Raises unless a global length shards evenly in this layout (contiguous: W, zigzag: 2W)."""
+        Layout(self.layout, self.world).check_global_length(seq_len, "SequenceParallel")

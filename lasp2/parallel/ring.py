@@ -1,0 +1,221 @@
+"""Ring Attention: K/V blocks travel around the ring of ranks while each computes against them.
+
+At step s rank r holds the K/V block of rank r-s; the next block is already in flight
+(batch_isend_irecv) while the current one is computed. Blocks no query can see (causal,
+all keys later) are passed on without compute. The backward recomputes each block under
+autograd: dQ accumulates locally, dK/dV travel with their block and arrive at its owner after W
+hops. Per pass per rank: forward W-1 exchanges of the K/V block; backward W-1 of the K/V block
+and W of its gradient.
+
+`ring_attn` merges softmax blocks with a stable log-sum-exp in fp32 (fp64 for fp64).
+`ring_linear_attn` is the paper's Ring Attention baseline for linear attention: the masked left
+product (Q K_b^T) V_b per block, summed, without the right-product trick. Per-token decays need
+the cumulative decay at each slot start: one extra small all-gather forward (reduce-scatter
+backward) of B*H values per slot.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops.checks import DECAY_HEAD, DECAY_NONE, DECAY_TOKEN, compute_dtype
+from ..ops.left_product import head_decay_cumulative, left_product_linear_attn
+from ..ops.scan import exclusive_cumsum
+from ..ops.softmax_attn import attention_block, merge_blocks
+from .collectives import gather_rows
+from .comm import group_rank_size, ring_exchange
+from .inputs import run_linear_method, run_softmax_method
+from .layout import slots_in_order
+
+KV_TAG, GRAD_TAG = 0, 1
+
+
+class _Ring(torch.autograd.Function):
+    """o = combination over the W key blocks of blocks.block(q_side, kv_block, source rank)."""
+
+    @staticmethod
+    def forward(ctx, blocks, group, kv, *q_side):
+        rank, world = group_rank_size(group)
+        o = lse = None
+        current = kv
+        for step in range(world):
+            src = (rank - step) % world
+            if step + 1 < world:
+                arriving, handle = ring_exchange(current, group, KV_TAG)  # overlaps this block
+            if blocks.visible(src):
+                result = blocks.block(q_side, current, src)
+                if blocks.softmax:
+                    o, lse = result if o is None else merge_blocks(o, lse, *result)
+                else:
+                    o = result[0] if o is None else o + result[0]
+            if step + 1 < world:
+                handle.wait()
+                current = arriving
+        ctx.blocks, ctx.group = blocks, group
+        ctx.save_for_backward(kv, o, lse, *q_side)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        kv, o, lse, *q_side = ctx.saved_tensors
+        blocks, group = ctx.blocks, ctx.group
+        rank, world = group_rank_size(group)
+        wants = ctx.needs_input_grad[3:]
+        leaves = [None if t is None else t.detach().requires_grad_(w) for t, w in zip(q_side, wants)]
+        d_q_side = [None if t is None or not w else torch.zeros_like(t) for t, w in zip(q_side, wants)]
+        current, pending, grad_handle = kv, None, None
+        for step in range(world):
+            src = (rank - step) % world
+            if step + 1 < world:
+                arriving, kv_handle = ring_exchange(current, group, KV_TAG)
+            d_block = None
+            if blocks.visible(src):
+                with torch.enable_grad():
+                    kv_leaf = current.detach().requires_grad_(True)
+                    result = blocks.block(leaves, kv_leaf, src)
+                    inputs = [kv_leaf] + [t for t in leaves if t is not None and t.requires_grad]
+                    grads = torch.autograd.grad(result, inputs, _block_output_grads(result, o, lse, do), allow_unused=True)
+                d_block, rest = grads[0], iter(grads[1:])
+                for i, t in enumerate(leaves):
+                    if t is not None and t.requires_grad:
+                        g = next(rest)
+                        if g is not None:
+                            d_q_side[i] += g
+            if grad_handle is not None:
+                grad_handle.wait()  # the gradient of the block arriving with `current`
+            d_kv = _add_or_zeros(pending, d_block, kv)
+            pending, grad_handle = ring_exchange(d_kv, group, GRAD_TAG)  # the block's gradient moves on
+            if step + 1 < world:
+                kv_handle.wait()
+                current = arriving
+        grad_handle.wait()  # after W hops, the gradient of this rank's own block
+        return (None, None, pending, *d_q_side)
+
+
+def _add_or_zeros(a, b, like):
+    if a is None and b is None:
+        return torch.zeros_like(like)
+    return b if a is None else (a if b is None else a + b)
+
+
+def _block_output_grads(result, o, lse, do):
+    """dL/d(block outputs): for softmax blocks o = sum_b w_b o_b with w_b = exp(lse_b - lse)."""
+    if lse is None:
+        return (do,)
+    o_b, lse_b = result
+    w = torch.where(torch.isfinite(lse_b), torch.exp(lse_b - lse), torch.zeros_like(lse_b)).detach()
+    return w.unsqueeze(-1) * do, w * (do * (o_b.detach() - o)).sum(dim=-1)
+
+
+class _Blocks:
+    """What the local queries compute against one travelling block."""
+
+    def __init__(self, layout, rank, slot_len, shapes, causal, scale, device):
+        self.layout, self.rank, self.slot_len, self.shapes = layout, rank, slot_len, shapes
+        self.causal, self.scale = causal, scale
+        self.q_pos = layout.local_positions(rank, slot_len, device)
+        self.device = device
+
+    def positions(self, src):
+        return self.layout.local_positions(src, self.slot_len, self.device)
+
+    def visible(self, src) -> bool:
+        return not self.causal or bool(self.positions(src).min() <= self.q_pos.max())
+
+    def unpack(self, flat):
+        out, offset = [], 0
+        for shape in self.shapes:
+            n = torch.Size(shape).numel()
+            out.append(flat[offset:offset + n].view(shape))
+            offset += n
+        return out
+
+
+class _SoftmaxBlocks(_Blocks):
+    softmax = True
+
+    def block(self, q_side, kv, src):
+        (q,) = q_side
+        k, v = self.unpack(kv)
+        return attention_block(q, k, v, self.q_pos, self.positions(src), causal=self.causal, scale=self.scale)
+
+
+class _LinearBlocks(_Blocks):
+    softmax = False
+    kind = DECAY_NONE
+
+    def cumulative(self, g, offsets, rank):
+        """Global cumulative log decay (fp64) of a shard's tokens: its slots' start offsets plus
+        the cumulative sums inside each slot."""
+        b, c, h = g.shape
+        S = self.layout.slots_per_rank
+        inside = torch.cumsum(g.to(torch.float64).view(b, S, c // S, h), dim=2)
+        starts = torch.stack([offsets[s] for s in self.layout.slots(rank)], dim=1)  # [B, S, H]
+        return (inside + starts.unsqueeze(2)).view(b, c, h)
+
+    def block(self, q_side, kv, src):
+        q, g_local, g_head, offsets = q_side
+        k, v, *g_block = self.unpack(kv)
+        k_pos = self.positions(src)
+        Gq = Gk = None
+        if g_head is not None:
+            Gq, Gk = head_decay_cumulative(g_head, self.q_pos), head_decay_cumulative(g_head, k_pos)
+        elif g_local is not None:
+            Gq, Gk = self.cumulative(g_local, offsets, self.rank), self.cumulative(g_block[0], offsets, src)
+        return (left_product_linear_attn(q, k, v, self.q_pos, k_pos, causal=self.causal, scale=self.scale, Gq=Gq, Gk=Gk),)
+
+
+def _ring_attn(q, k, v, *, scale, causal, group, layout, shape):
+    rank = group_rank_size(group)[0]
+    dtype = compute_dtype(q.dtype)
+    blocks = _SoftmaxBlocks(layout, rank, shape.seq_len // layout.slots_per_rank, (k.shape, v.shape), causal, scale, q.device)
+    kv = torch.cat([k.reshape(-1), v.reshape(-1)]).to(dtype)
+    return _Ring.apply(blocks, group, kv, q).to(q.dtype)
+
+
+def ring_attn(q, k, v, *, causal=True, scale=None, group=None, layout="contiguous", validate=False):
+    """Ring Attention (softmax) across the ranks of `group`; the signature of `allgather_attn`.
+
+    Per pass per rank: forward W-1 ring exchanges of B*C*Hkv*(D+Dv) values; backward W-1 of the
+    K/V block and W of its gradient. Computes in fp32 (fp64 for fp64 inputs), K/V travel in it.
+    """
+    return run_softmax_method("ring_attn", _ring_attn, q, k, v, scale=scale, causal=causal, group=group,
+                              validate=validate, layout=layout)
+
+
+def _slot_offsets(log_decay, group, layout):
+    """[n_slots, B, H] fp64 cumulative log decay before each slot (one small all-gather)."""
+    b, c, h = log_decay.shape
+    S = layout.slots_per_rank
+    totals = log_decay.to(torch.float64).view(b, S, c // S, h).sum(dim=2).transpose(0, 1)  # [S, B, H]
+    rows = gather_rows(totals, group).view(layout.world, S, b, h)
+    return exclusive_cumsum(slots_in_order(rows, layout), dim=0)
+
+
+def _ring_linear(q, k, v, log_decay, *, kind, scale, causal, chunk_size, group, layout):
+    rank = group_rank_size(group)[0]
+    dtype = compute_dtype(q.dtype)
+    travelling = [k, v] + ([log_decay] if kind == DECAY_TOKEN else [])
+    blocks = _LinearBlocks(layout, rank, q.shape[1] // layout.slots_per_rank, [t.shape for t in travelling],
+                           causal, scale, q.device)
+    g_local = log_decay if kind == DECAY_TOKEN else None
+    g_head = log_decay if kind == DECAY_HEAD else None
+    offsets = _slot_offsets(log_decay, group, layout) if kind == DECAY_TOKEN else None
+    kv = torch.cat([t.reshape(-1).to(dtype) for t in travelling])
+    return _Ring.apply(blocks, group, kv, q, g_local, g_head, offsets).to(q.dtype)
+
+
+def ring_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
+                     validate=False, layout="contiguous"):
+    """Ring Attention applied to linear attention without the right-product trick (the paper's
+    baseline); the signature of `lasp2_linear_attn` (chunk_size is unused).
+
+    Supports log_decay None, [H] and [B, C, H]; [B, C, H, K] raises. Per pass per rank: forward
+    W-1 ring exchanges of B*C*H*(K+V) values (+B*C*H for per-token decay, which also adds one
+    all-gather of S*B*H values); backward W-1 block and W gradient exchanges (+ one
+    reduce-scatter for per-token decay).
+    """
+    return run_linear_method(
+        "ring_linear_attn", _ring_linear, q, k, v, log_decay, scale=scale, causal=causal, group=group,
+        chunk_size=chunk_size, validate=validate, layout=layout,
+        decays=(DECAY_NONE, DECAY_HEAD, DECAY_TOKEN), equal_lengths=True,
+    )
