@@ -180,3 +180,20 @@ def layout_roundtrip(group, x, layout):
 
     local = shard(x, group, layout)
     return {"shard": local, "positions": positions(x.shape[1], group, layout), "roundtrip": unshard(local, group, layout)}
+
+
+def call_registered_and_catch(group, family, method, per_rank_inputs, layout, validate):
+    """A registered method on this rank's own (already local) inputs; returns (error type,
+    message, collectives issued) instead of raising."""
+    from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS
+
+    x = per_rank_inputs[dist.get_rank(group)]
+    with count_collectives() as log:
+        try:
+            if family == "linear":
+                LINEAR_METHODS[method](x["q"], x["k"], x["v"], x.get("g"), group=group, layout=layout, validate=validate)
+            else:
+                SOFTMAX_METHODS[method](x["q"], x["k"], x["v"], group=group, layout=layout, validate=validate)
+        except (TypeError, ValueError) as exc:
+            return type(exc).__name__, str(exc), log.count()
+    return None, None, log.count()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tests.helpers import make_inputs
-from tests.parallel.cases import call_and_catch
+from tests.parallel.cases import call_and_catch, call_registered_and_catch as call_and_catch_registered
 
 METHODS = ["lasp2", "lasp1"]
 
@@ -74,3 +74,42 @@ def test_validate_spreads_one_ranks_local_error(dist_workers, method):
     for rank in (0, 2):
         assert results[rank][0] == "ValueError" and "rank(s) [1]" in results[rank][1]
     assert all(results[r][2] == 1 for r in range(3))
+
+
+def _local(T=12, H=4, HKV=4, D=4, g=None):
+    return {"q": torch.randn(2, T, H, D), "k": torch.randn(2, T, HKV, D), "v": torch.randn(2, T, HKV, D), "g": g}
+
+
+REGISTERED_CASES = {
+    "ulysses heads not divisible by W": ("linear", "ulysses", 3, "contiguous", [_local()] * 3, "heads divisible by W"),
+    "ulysses softmax heads": ("softmax", "ulysses", 3, "contiguous", [_local(H=6, HKV=2)] * 3,
+                              "can neither be split"),
+    "zigzag odd shard": ("linear", "lasp2", 2, "zigzag", [_local(T=7)] * 2, "(odd)"),
+    "zigzag odd shard softmax": ("softmax", "ring", 2, "zigzag", [_local(T=7)] * 2, "(odd)"),
+    "GLA gates on ring": ("linear", "ring", 2, "contiguous", [_local(g=-torch.rand(2, 12, 4, 4))] * 2, "not supported"),
+    "GLA gates on allgather": ("linear", "allgather", 2, "contiguous", [_local(g=-torch.rand(2, 12, 4, 4))] * 2,
+                               "not supported"),
+    "GQA heads": ("softmax", "allgather", 2, "contiguous", [_local(H=4, HKV=3)] * 2, "multiple of key/value heads"),
+    "unknown layout": ("softmax", "allgather", 2, "striped", [_local()] * 2, "unknown layout"),
+}
+
+
+@pytest.mark.parametrize("case", list(REGISTERED_CASES))
+def test_method_rules_raise_before_any_collective(dist_workers, case):
+    family, method, world, layout, per_rank, message = REGISTERED_CASES[case]
+    results = dist_workers.run(call_and_catch_registered, tuple(range(world)), family, method, per_rank, layout, False)
+    for rank in range(world):
+        err_type, msg, collectives = results[rank]
+        assert err_type == "ValueError" and message in msg, (rank, msg)
+        assert collectives == 0
+
+
+@pytest.mark.parametrize("family,method", [("linear", "ring"), ("linear", "allgather"), ("linear", "ulysses"),
+                                           ("softmax", "allgather"), ("softmax", "ring"), ("softmax", "ulysses")])
+def test_validate_catches_unequal_shards(dist_workers, family, method):
+    """Methods that move whole shards need equal lengths; validate=True says so on every rank."""
+    per_rank = [_local(T=12), _local(T=10)]
+    results = dist_workers.run(call_and_catch_registered, (0, 1), family, method, per_rank, "contiguous", True)
+    for rank in range(2):
+        assert results[rank][0] == "ValueError" and "local length differs between ranks" in results[rank][1]
+        assert results[rank][2] == 1
