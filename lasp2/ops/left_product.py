@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .checks import compute_dtype
+from .tiling import over_query_tiles
 
 
 def head_decay_cumulative(log_decay_H: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -21,7 +22,7 @@ def head_decay_cumulative(log_decay_H: torch.Tensor, pos: torch.Tensor) -> torch
 
 
 def left_product_linear_attn(q, k, v, q_pos, k_pos, *, causal: bool, scale: float, Gq=None, Gk=None):
-    """One block of keys.
+    """One block of keys, in query tiles of bounded memory (see `tiling`).
 
     Args:
         q: [B, C, H, K]; k: [B, Cb, H, K]; v: [B, Cb, H, V].
@@ -31,6 +32,13 @@ def left_product_linear_attn(q, k, v, q_pos, k_pos, *, causal: bool, scale: floa
     Returns:
         o [B, C, H, V] in the compute dtype (fp32; fp64 for fp64).
     """
+    def block(q, q_pos, Gq, k, v, k_pos, Gk):
+        return _left_product(q, k, v, q_pos, k_pos, causal, scale, Gq, Gk)
+
+    return over_query_tiles(block, (q, q_pos, Gq), (k, v, k_pos, Gk), k.shape[1], q.shape[0] * q.shape[2])
+
+
+def _left_product(q, k, v, q_pos, k_pos, causal, scale, Gq, Gk):
     dtype = compute_dtype(q.dtype)
     qh, kh, vh = (x.to(dtype).transpose(1, 2) for x in (q, k, v))  # [B, H, *, D]
     scores = qh @ kh.transpose(-1, -2)  # [B, H, C, Cb]

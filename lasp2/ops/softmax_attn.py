@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import compute_dtype
+from .tiling import over_query_tiles
 
 
 def _grouped_heads(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -28,8 +29,17 @@ def attention_block(q, k, v, q_pos, k_pos, *, causal: bool, scale: float):
     Returns:
         (o [B, C, Hq, Dv], lse [B, C, Hq]) in the compute dtype (fp32; fp64 for fp64): the
         softmax-weighted values over this block and the log-sum-exp of the scaled scores. A row
-        that sees no key of the block gets o = 0 and lse = -inf.
+        that sees no key of the block gets o = 0 and lse = -inf. Computed in query tiles of
+        bounded memory (see `tiling`).
     """
+
+    def block(q, q_pos, k, v, k_pos):
+        return _attention_block(q, k, v, q_pos, k_pos, causal, scale)
+
+    return over_query_tiles(block, (q, q_pos), (k, v, k_pos), k.shape[1], q.shape[0] * q.shape[2])
+
+
+def _attention_block(q, k, v, q_pos, k_pos, causal, scale):
     dtype = compute_dtype(q.dtype)
     b, c, hq, _ = q.shape
     hkv = k.shape[2]
