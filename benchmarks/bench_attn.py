@@ -5,10 +5,12 @@
 
 Each configuration runs on W processes (gloo on CPU, NCCL with one GPU per rank when CUDA has
 enough devices); time is the slowest rank's fwd+bwd, median of --repeats after --warmup, with
-min and max. Bytes and calls are what one rank hands to torch.distributed in one fwd+bwd,
-counted by wrapping it (lasp2.parallel.count_collectives). Configurations whose estimated time
-(matmul FLOPs at the measured rate, shared by the ranks) or memory (the quadratic methods'
-score matrices) exceed the budget are skipped, and the estimate is printed instead.
+min and max. Bytes and calls are what rank 0 hands to torch.distributed in one fwd+bwd,
+counted by wrapping it (lasp2.parallel.count_collectives). A configuration whose estimated
+time exceeds --budget-seconds (its own time at the previous length scaled by (T/T_prev)^2 for
+the quadratic methods and T/T_prev for the others; at the first length, matmul FLOPs at the
+measured rate shared by the ranks) or whose memory exceeds --mem-gb is skipped, and the
+estimate is printed instead.
 Prints a table and writes a CSV under benchmarks/results/.
 """
 from __future__ import annotations
@@ -32,15 +34,19 @@ from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS, count_collectives, s
 CHUNK = 64
 
 
+def quadratic(family, method) -> bool:
+    return not (family == "linear" and method in ("lasp2", "lasp1", "ulysses"))
+
+
 def estimate(family, method, T, W, B, H, D):
-    """(fp32 matmul FLOPs of fwd+bwd on one rank, peak bytes of its largest temporaries)."""
+    """(fp32 matmul FLOPs of fwd+bwd on one rank, bytes of its largest temporaries). The
+    quadratic pieces run in query tiles of 2^25 scores (lasp2.ops.tiling), except the all-gather
+    softmax path, which hands SDPA a [C, T] mask."""
     C = T // W
-    if family == "linear" and method in ("lasp2", "lasp1", "ulysses"):
-        per_token = 2 * CHUNK * 2 * D + 4 * D * D
-        return 3 * B * H * C * per_token, 8 * B * H * C * D * 4
-    keys = C if method == "ring" else T  # a ring holds one block of keys at a time
+    if not quadratic(family, method):
+        return 3 * B * H * C * (2 * CHUNK * 2 * D + 4 * D * D), 8 * B * H * C * D * 4
     flops = 3.5 * 2 * B * H * C * T * 2 * D  # scores and values, recomputed blocks
-    return flops, 6 * B * H * C * keys * 4
+    return flops, (B * C * T if (family, method) == ("softmax", "allgather") else 6 * 2**25 * 4)
 
 
 def worker(rank, world, port, configs, args, out_path):
@@ -53,9 +59,12 @@ def worker(rank, world, port, configs, args, out_path):
     if cuda:
         torch.cuda.set_device(device)
     group = dist.group.WORLD
-    rows = []
-    for family, method, T in configs:
-        rows.append(run_config(family, method, T, world, group, device, args))
+    rows, last = [], {}
+    for family, method, T in configs:  # lengths ascend per method: extrapolate from the last one
+        row = run_config(family, method, T, world, group, device, args, last.get((family, method)))
+        if row["status"] == "ok":
+            last[(family, method)] = (T, row["median_ms"] / 1e3)
+        rows.append(row)
         dist.barrier()
     if rank == 0:
         Path(out_path).write_text("\n".join(json.dumps(r) for r in rows))
@@ -71,9 +80,11 @@ def make_shard(family, T, args, group, device):
     return [shard(x, group, args.layout).to(device).requires_grad_() for x in full]
 
 
-def run_config(family, method, T, world, group, device, args):
+def run_config(family, method, T, world, group, device, args, last=None):
     flops, mem = estimate(family, method, T, world, args.B, args.H, args.D)
     est_s = flops / (args.rate / world)
+    if last is not None:  # measured at a shorter length: scale that instead
+        est_s = last[1] * (T / last[0]) ** (2 if quadratic(family, method) else 1)
     row = dict(family=family, method=method, world=world, T=T, layout=args.layout, est_seconds=est_s,
                est_gb=mem / 2**30)
     if est_s * (args.warmup + args.repeats) > args.budget_seconds or mem > args.mem_gb * 2**30:
