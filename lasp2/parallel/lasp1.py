@@ -64,11 +64,12 @@ class _Lasp1Causal(torch.autograd.Function):
     def forward(ctx, q, k, v, log_decay, kind, scale, chunk_size, group, lay):
         rank = group_rank_size(group)[0]
         S = lay.slots_per_rank
-        x = ChunkedSeq.from_inputs(*segments(q, k, v, log_decay, S), kind, chunk_size)
+        seg = segments(q, k, v, log_decay, S)
+        x = ChunkedSeq.from_inputs(*seg, kind, chunk_size)
         h_start, local_state = state_pass(x)
         incoming = _relay_slots(local_state, total_decay(x), group, lay, rank, forward=True)
         o = output_pass(x, h_start, scale) + initial_state_output(x, incoming, scale)
-        x.save_for_backward(ctx, q, k, v, log_decay, incoming)
+        x.save_for_backward(ctx, *seg, incoming)
         ctx.scale, ctx.group, ctx.lay = scale, group, lay
         return from_segments(x.unchunk(o, q.dtype), S)
 

@@ -47,7 +47,8 @@ class _Lasp2Causal(torch.autograd.Function):
     def forward(ctx, q, k, v, log_decay, kind, scale, chunk_size, group, lay):
         rank = group_rank_size(group)[0]
         S = lay.slots_per_rank  # a rank's slots are stacked into the batch: [S*B, C/S, H, D]
-        x = ChunkedSeq.from_inputs(*segments(q, k, v, log_decay, S), kind, chunk_size)
+        seg = segments(q, k, v, log_decay, S)
+        x = ChunkedSeq.from_inputs(*seg, kind, chunk_size)
         h_start, local_state = state_pass(x)  # M for each of this rank's slots
         decay = total_decay(x)  # A for each slot, None without decay
         payload = local_state.flatten() if decay is None else torch.cat([local_state.flatten(), decay.flatten()])
@@ -57,7 +58,7 @@ class _Lasp2Causal(torch.autograd.Function):
         states, decays = slot_states(gathered, lay, local_state.shape, None if decay is None else decay.shape)
         incoming = mine(prefix_scan(states, decays)[0], lay, rank)  # S_in of each slot
         o += initial_state_output(x, incoming, scale)
-        x.save_for_backward(ctx, q, k, v, log_decay, incoming, decays)
+        x.save_for_backward(ctx, *seg, incoming, decays)
         ctx.scale, ctx.group, ctx.lay = scale, group, lay
         return from_segments(x.unchunk(o, q.dtype), S)
 
