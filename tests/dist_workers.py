@@ -21,7 +21,14 @@ import torch
 import torch.distributed as dist
 
 WORLD_SIZE = 4
-GROUP_RANKS = ((0,), (0, 1), (0, 1, 2), (0, 1, 2, 3), (1, 3))
+# (2, 3) and (0, 2) complete a 2 x 2 dp x sp mesh with (0, 1) and (1, 3).
+GROUP_RANKS = ((0,), (0, 1), (0, 1, 2), (0, 1, 2, 3), (1, 3), (2, 3), (0, 2))
+_GROUPS: dict = {}  # in a worker: every group above, by its ranks
+
+
+def group_of(ranks) -> object:
+    """Inside a job: the process group of the given global ranks (created at start-up)."""
+    return _GROUPS[tuple(ranks)]
 GROUP_TIMEOUT_S = 60
 
 
@@ -50,6 +57,7 @@ def _worker(rank: int, port: int, jobs, results) -> None:
         timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),
     )
     groups = {ranks: dist.new_group(list(ranks)) for ranks in GROUP_RANKS}
+    _GROUPS.update(groups)
     while True:
         job = jobs.get()
         if job is None:

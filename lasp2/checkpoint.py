@@ -1,0 +1,79 @@
+"""Checkpoints with torch.distributed.checkpoint, written atomically.
+
+A save writes everything into <run>/checkpoints/step_NNNNNNN.tmp/ (model and optimizer shards
+through DCP, each rank's RNG state, the trainer state as JSON), waits for every rank, then
+renames the directory to step_NNNNNNN/ and replaces the `latest` pointer. A crash at any point
+leaves either the previous checkpoint as latest or a .tmp directory that is never loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .distributed import ParallelDims, barrier
+
+TRAINER_STATE = "trainer.json"
+
+
+def _dcp_kwargs(dims: ParallelDims) -> dict:
+    # Within a larger process group (e.g. test ranks) a one-process run must not involve the others.
+    return {"process_group": dims.world_group} if dims.world_group is not None else {"no_dist": True}
+
+
+def save(run_dir: Path, step: int, model, optimizer, dims: ParallelDims, trainer_state: dict) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:07d}"
+    tmp = root / (final.name + ".tmp")
+    if dims.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(dims)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), **_dcp_kwargs(dims))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng_rank{dims.rank}.pt")
+    if dims.is_main:
+        (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+    barrier(dims)
+    if dims.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = root / "latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / "latest")
+    barrier(dims)
+    return final
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if pointer.is_file() and (root / pointer.read_text().strip() / TRAINER_STATE).is_file():
+        return root / pointer.read_text().strip()
+    complete = sorted(p for p in root.glob("step_*") if p.suffix != ".tmp" and (p / TRAINER_STATE).is_file())
+    return complete[-1] if complete else None
+
+
+def load(path: Path, model, optimizer, dims: ParallelDims) -> dict:
+    """Restores model, optimizer and this rank's RNG; returns the trainer state (step, ...)."""
+    rng_file = Path(path) / f"rng_rank{dims.rank}.pt"
+    if not rng_file.is_file():
+        raise FileNotFoundError(f"{path} has no RNG state for rank {dims.rank}: resume with the same number of processes")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path), **_dcp_kwargs(dims))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = torch.load(rng_file, weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((Path(path) / TRAINER_STATE).read_text())

@@ -1,0 +1,64 @@
+"""Linear-Llama3: Llama 3 with linear attention in some (or all) layers."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ..ops.chunk import chunk_linear_attn
+from ..ops.softmax_attn import softmax_attn
+from .config import ModelConfig
+from .layers import Block, RMSNorm
+
+
+class LocalAttention:
+    """The single-device attention context: the interface of lasp2.parallel.SequenceParallel."""
+
+    world = 1
+
+    def linear_attn(self, q, k, v, log_decay=None, causal=True, scale=None):
+        return chunk_linear_attn(q, k, v, log_decay, causal=causal, scale=scale)[0]
+
+    def softmax_attn(self, q, k, v, causal=True, scale=None):
+        return softmax_attn(q, k, v, causal=causal, scale=scale)
+
+
+class LinearLlama(nn.Module):
+    """Embedding, blocks by cfg.layer_types(), final RMSNorm, untied LM head; no biases.
+
+    forward(tokens [B, C], positions [C] or None, ctx or None) -> logits [B, C, vocab]:
+    tokens are this rank's shard, positions their global positions (for RoPE) and ctx the
+    attention context that does any communication. Without them it is an ordinary model.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types())
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+
+    def _init(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.cfg.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, tokens, positions=None, ctx=None):
+        ctx = LocalAttention() if ctx is None else ctx
+        positions = torch.arange(tokens.shape[1], device=tokens.device) if positions is None else positions
+        h = self.embed(tokens)
+        for block in self.blocks:
+            if self.cfg.checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, positions, ctx, use_reentrant=False)
+            else:
+                h = block(h, positions, ctx)
+        return self.lm_head(self.norm(h))
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters of the model for cfg, counted without allocating them."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in LinearLlama(cfg).parameters())

@@ -1,0 +1,232 @@
+"""Train Linear-Llama3 with data x sequence parallelism: one readable loop.
+
+    python -m lasp2.train                                             # one process
+    torchrun --standalone --nproc_per_node 2 -m lasp2.train --sp 2    # 2 sequence-parallel ranks
+
+Every rank holds the whole model. Each step draws a global batch from (seed, step), gives each
+data-parallel rank its rows, shifts labels on the whole sequence, then shards each sequence
+over the sequence-parallel ranks (so the last token of one shard predicts the first of the
+next). The loss is the mean over every token of the global batch: each rank contributes
+sum(its token losses) / (tokens in the global batch), and gradients are summed over all
+dp x sp ranks, which is the gradient of that mean whatever dp and sp are.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint
+from .data import DataError, batch_for_step, load_tokens
+from .distributed import ConfigError, ParallelDims, init_parallel, reduce_gradients, shutdown, sum_over_ranks
+from .model import LINEAR_KINDS, PRESETS, LinearLlama, count_parameters, pattern_for_ratio, preset
+from .parallel import LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel
+from .parallel.layout import LAYOUTS, Layout
+from .report import MetricsLog, Progress, plot_losses
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _OneLineErrors(prog="lasp2-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = "(default: %(default)s)"
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default="debug", choices=list(PRESETS), help=f"model size {d}")
+    m.add_argument("--linear-kind", default="basic", choices=LINEAR_KINDS, help=f"linear-attention variant {d}")
+    shape = m.add_mutually_exclusive_group()
+    shape.add_argument("--pattern", default="LLLN", help=f"layer types repeated to the depth, L linear, N softmax {d}")
+    shape.add_argument("--hybrid", default=None, help="share of softmax layers instead of --pattern: 0, 1/8, 1/4, 1/2 or 1")
+    m.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block (default: off)")
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--sp", type=int, default=1, help=f"sequence-parallel ranks; dp = processes / sp {d}")
+    par.add_argument("--sp-linear", default="lasp2", choices=list(LINEAR_METHODS), help=f"method for linear layers {d}")
+    par.add_argument("--sp-softmax", default="allgather", choices=list(SOFTMAX_METHODS), help=f"method for softmax layers {d}")
+    par.add_argument("--layout", default="zigzag", choices=LAYOUTS, help=f"how sequences are split over sp ranks {d}")
+    par.add_argument("--chunk-size", type=int, default=64, help=f"chunk length of the linear-attention kernels {d}")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default=None, help="text file or directory, or .npy/.bin tokens (default: the Python standard library's sources)")
+    data.add_argument("--tokenizer", default=None, help="local tokenizers JSON file or directory (default: bytes, vocab 256)")
+    data.add_argument("--seq-len", type=int, default=256, help=f"tokens per sequence {d}")
+    data.add_argument("--batch-size", type=int, default=8, help=f"sequences per step, over all data-parallel ranks {d}")
+    data.add_argument("--val-fraction", type=float, default=0.01, help=f"tail of the corpus held out {d}")
+    data.add_argument("--val-every", type=int, default=50, help=f"steps between validation losses {d}")
+    data.add_argument("--val-batches", type=int, default=4, help=f"batches per validation loss {d}")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=int, default=150, help=f"optimizer steps; the schedule spans them {d}")
+    opt.add_argument("--stop-at", type=int, default=None, help="end this session after this many steps (checkpointed), "
+                     "e.g. to fit a time limit; continue later with --resume (default: run to --steps)")
+    opt.add_argument("--lr", type=float, default=2e-3, help=f"peak learning rate {d}")
+    opt.add_argument("--min-lr", type=float, default=1e-6, help=f"learning rate at the end of the cosine {d}")
+    opt.add_argument("--warmup", type=int, default=20, help=f"steps of linear warmup {d}")
+    opt.add_argument("--weight-decay", type=float, default=0.1, help=f"AdamW weight decay on matrices {d}")
+    opt.add_argument("--clip", type=float, default=1.0, help=f"gradient-norm clip {d}")
+    opt.add_argument("--adam-eps", type=float, default=1e-8, help=f"AdamW epsilon {d}")
+    opt.add_argument("--seed", type=int, default=0, help=f"seed of the weights and of the data order {d}")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", default=None, help="run directory (default: runs/<preset>-<kind>-<pattern>)")
+    run.add_argument("--ckpt-every", type=int, default=50, help=f"steps between checkpoints, 0 for none {d}")
+    run.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    run.add_argument("--log-every", type=int, default=10, help=f"progress lines when not on a terminal {d}")
+    run.add_argument("--list-presets", action="store_true", help="print every preset's parameter count and exit")
+    return p
+
+
+def model_config(args, vocab_size: int):
+    try:
+        pattern = pattern_for_ratio(args.hybrid) if args.hybrid is not None else args.pattern
+    except ValueError as exc:
+        raise ConfigError(f"--hybrid {args.hybrid}: {exc}") from None
+    if not pattern or set(pattern) - {"L", "N"}:
+        raise ConfigError(f"--pattern {pattern}: use the letters L (linear) and N (softmax), e.g. LLLN")
+    return preset(args.preset, vocab_size=vocab_size, layer_pattern=pattern, linear_kind=args.linear_kind,
+                  checkpointing=args.checkpointing)
+
+
+def check_args(args, dims: ParallelDims, cfg) -> None:
+    """Every configuration error, named by its flag, before anything is trained."""
+    slots = Layout(args.layout, args.sp).n_slots
+    if args.seq_len < 1 or args.seq_len % slots:
+        raise ConfigError(f"--seq-len {args.seq_len} must be a positive multiple of {slots} "
+                          f"(the {args.layout} layout over --sp {args.sp} cuts each sequence into {slots} equal slots)")
+    if args.batch_size < 1 or args.batch_size % dims.dp:
+        raise ConfigError(f"--batch-size {args.batch_size} must be a positive multiple of dp = {dims.dp}")
+    for flag, value in (("--steps", args.steps), ("--chunk-size", args.chunk_size), ("--val-every", args.val_every)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value} must be >= 1")
+    if args.sp_linear in ("ring", "allgather") and cfg.linear_kind == "gla" and "L" in cfg.layer_pattern:
+        raise ConfigError(f"--sp-linear {args.sp_linear} cannot express the per-channel gates of --linear-kind gla")
+    if args.sp_linear == "ulysses" and cfg.num_heads % args.sp:
+        raise ConfigError(f"--sp-linear ulysses needs the {cfg.num_heads} heads to divide by --sp {args.sp}")
+    if args.sp_softmax == "ulysses" and (cfg.num_heads % args.sp or (cfg.num_kv_heads % args.sp and args.sp % cfg.num_kv_heads)):
+        raise ConfigError(f"--sp-softmax ulysses needs {cfg.num_heads} heads and {cfg.num_kv_heads} KV heads to fit --sp {args.sp}")
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warmup to --lr, then a cosine down to --min-lr at the last step."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - 1 - args.warmup)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, args):
+    """AdamW(0.9, 0.95); weight decay on matrices and embeddings, none on norms, biases, gains."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=args.adam_eps)
+
+
+def sequence_loss(model, sp, dims, batch, args):
+    """This rank's share of the mean token loss of the global batch [B, T+1]."""
+    rows = args.batch_size // dims.dp
+    mine = batch[dims.dp_rank * rows:(dims.dp_rank + 1) * rows].to(dims.device)
+    inputs, labels = sp.shard(mine[:, :-1]), sp.shard(mine[:, 1:])  # shift first, then shard
+    positions = sp.positions(args.seq_len, dims.device)  # global positions, for RoPE
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dims.device.type == "cuda"):
+        logits = model(inputs, positions, sp)  # [b, T/sp, vocab]
+    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+    return nll / (args.batch_size * args.seq_len)
+
+
+def train_step(model, optimizer, sp, dims, tokens, step, args) -> float:
+    loss = sequence_loss(model, sp, dims, batch_for_step(tokens, args.seed, step, args.batch_size, args.seq_len), args)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    reduce_gradients(model.parameters(), dims)  # sum over dp x sp: the gradient of the global mean
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+    optimizer.step()
+    return sum_over_ranks(loss.detach(), dims).item()
+
+
+@torch.no_grad()
+def evaluate(model, sp, dims, tokens, args) -> float:
+    losses = [sequence_loss(model, sp, dims, batch_for_step(tokens, args.seed + 1, i, args.batch_size, args.seq_len), args)
+              for i in range(args.val_batches)]
+    return sum_over_ranks(torch.stack(losses).mean(), dims).item()
+
+
+def train(args, dims: ParallelDims, stream=sys.stdout) -> dict:
+    """Runs the configured training; returns {"losses": [...], "val_loss": ..., "run_dir": ...}."""
+    data = load_tokens(args.data, args.tokenizer, args.val_fraction, args.seq_len + 1)
+    cfg = model_config(args, data.vocab_size)
+    check_args(args, dims, cfg)
+    run_dir = Path(args.out or f"runs/{args.preset}-{cfg.linear_kind}-{cfg.layer_pattern}")
+    torch.manual_seed(args.seed)
+    model = LinearLlama(cfg).to(dims.device)
+    sp = SequenceParallel(dims.sp_group, linear=args.sp_linear, softmax=args.sp_softmax, layout=args.layout,
+                          chunk_size=args.chunk_size)
+    optimizer = make_optimizer(model, args)
+    progress, start = Progress(args.steps, dims.is_main, args.log_every, stream), 0
+    resume_from = checkpoint.latest(run_dir) if args.resume else None
+    if resume_from is not None:
+        start = checkpoint.load(resume_from, model, optimizer, dims)["step"] + 1
+    elif dims.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", dims.is_main)
+    progress.note(
+        f"model {args.preset} (pattern {cfg.layer_pattern}, linear {cfg.linear_kind}): {count_parameters(cfg) / 1e6:.2f}M "
+        f"parameters | data {data.description}: {len(data.train) / 1e6:.2f}M train, {len(data.val) / 1e3:.0f}k val tokens, "
+        f"vocab {data.vocab_size} | dp {dims.dp} x sp {dims.sp} ({args.sp_linear} + {args.sp_softmax}, {args.layout}) on "
+        f"{dims.device.type}" + (f" | resumed from {resume_from.name}" if resume_from else "")
+    )
+    losses, val_loss = [], None
+    last = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
+    for step in range(start, last):
+        began = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)  # the schedule is a function of the step, restored with it
+        loss = train_step(model, optimizer, sp, dims, data.train, step, args)
+        tokens_per_s = args.batch_size * args.seq_len / (time.perf_counter() - began)
+        losses.append(loss)
+        metrics.write(step=step, loss=loss, lr=lr_at(step, args), tokens_per_s=tokens_per_s)
+        progress.update(step, loss, tokens_per_s)
+        if (step + 1) % args.val_every == 0 or step + 1 == last:
+            val_loss = evaluate(model, sp, dims, data.val, args)
+            metrics.write(step=step, val_loss=val_loss)
+        if args.ckpt_every and ((step + 1) % args.ckpt_every == 0 or step + 1 == last):
+            checkpoint.save(run_dir, step, model, optimizer, dims, {"args": vars(args)})
+    if dims.is_main and (run_dir / "metrics.jsonl").is_file():
+        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", f"{args.preset} {cfg.layer_pattern} {cfg.linear_kind}")
+        progress.note(f"final loss {losses[-1] if losses else float('nan'):.4f}, validation {val_loss:.4f}; "
+                      f"wrote {run_dir}/metrics.jsonl, loss.png, checkpoints/")
+    return {"losses": losses, "val_loss": val_loss, "run_dir": run_dir, "model": model}
+
+
+def list_presets(stream=sys.stdout) -> None:
+    for name, cfg in PRESETS.items():
+        hybrid = cfg.replace(layer_pattern="LLLN")
+        stream.write(f"{name:6s} {cfg.num_layers:3d} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads: "
+                     f"{count_parameters(hybrid) / 1e6:9.2f}M parameters (vocab {cfg.vocab_size}), "
+                     f"{count_parameters(hybrid.replace(vocab_size=256)) / 1e6:9.2f}M with the byte vocabulary\n")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_presets:
+        list_presets()
+        return 0
+    dims = None
+    try:
+        dims = init_parallel(args.sp)
+        train(args, dims)
+    except (ConfigError, DataError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    finally:
+        if dims is not None:
+            shutdown(dims)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
