@@ -52,7 +52,12 @@ def init_parallel(sp: int, timeout_s: int = 600) -> ParallelDims:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = check_dims(world, sp)
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"torchrun started more processes on this node than the {torch.cuda.device_count()} GPU(s) "
+                          f"CUDA sees (local rank {local_rank}); use --nproc_per_node {torch.cuda.device_count()}, or "
+                          f"CUDA_VISIBLE_DEVICES= to train on the CPU")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if world == 1:
