@@ -5,6 +5,7 @@ import torch
 
 from .bidirectional import bidirectional_linear_attn
 from .boundary import apply_total_decay, final_state_grads, initial_state_grads, initial_state_output, total_decay
+from .precision import without_autocast
 from .checks import DECAY_CHANNEL, check_linear_attn_inputs
 from .chunk_kernels import grad_pass, grad_state_pass, output_pass, state_pass
 from .chunk_layout import ChunkedSeq
@@ -37,6 +38,7 @@ class _ChunkLinearAttn(torch.autograd.Function):
         return x.unchunk(o, q.dtype), final_state
 
     @staticmethod
+    @without_autocast
     def backward(ctx, do, d_final):
         x, (initial_state,) = ChunkedSeq.from_ctx(ctx)
         S0 = None if initial_state is None else initial_state.to(x.q.dtype)
@@ -59,6 +61,7 @@ class _ChunkLinearAttn(torch.autograd.Function):
         return (*x.input_grads(dq, dk, dv, dg), dS0, None, None, None)
 
 
+@without_autocast
 def chunk_linear_attn(
     q,
     k,

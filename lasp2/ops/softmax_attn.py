@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import compute_dtype
+from .precision import without_autocast
 from .tiling import over_query_tiles
 
 
@@ -86,6 +87,7 @@ def sdpa(q, k, v, *, scale: float, attn_mask=None, is_causal: bool = False):
     return o.transpose(1, 2).to(q.dtype)
 
 
+@without_autocast
 def softmax_attn(q, k, v, *, causal: bool = True, scale=None):
     """Single-device softmax attention, [B, T, Hq, D] x [B, T, Hkv, D] -> [B, T, Hq, Dv]."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

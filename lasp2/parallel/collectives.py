@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.precision import without_autocast
 from .comm import all_gather_dim0, all_to_all_dim0, reduce_scatter_dim0
 from .layout import to_global_order
 
@@ -23,6 +24,7 @@ class _GatherRows(torch.autograd.Function):
         return out.view(-1, x.numel())
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad):
         return reduce_scatter_dim0(grad.contiguous().view(-1), ctx.group), None
 
@@ -34,6 +36,7 @@ class _ExchangeRows(torch.autograd.Function):
         return all_to_all_dim0(x, group)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad):
         return all_to_all_dim0(grad.contiguous(), ctx.group), None
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..ops.checks import DECAY_KINDS, check_linear_attn_inputs, check_softmax_attn_inputs
 from ..ops.chunk import chunk_linear_attn, effective_chunk_size
+from ..ops.precision import without_autocast
 from ..ops.softmax_attn import softmax_attn
 from .comm import checked_across_group, group_rank_size
 from .layout import Layout
@@ -26,6 +27,7 @@ def _layout(fn: str, group, layout: str, local_len: int) -> Layout:
     return lay
 
 
+@without_autocast
 def run_linear_method(fn, impl, q, k, v, log_decay, *, scale, causal, group, chunk_size, validate, layout,
                       decays=DECAY_KINDS, equal_lengths=False, heads_check=None):
     """The shared body of every sequence-parallel linear-attention function: check (before any
@@ -60,6 +62,7 @@ def run_linear_method(fn, impl, q, k, v, log_decay, *, scale, causal, group, chu
                 chunk_size=chunk_size, group=group, layout=lay)
 
 
+@without_autocast
 def run_softmax_method(fn, impl, q, k, v, *, scale, causal, group, validate, layout, heads_check=None):
     """The shared body of every sequence-parallel softmax-attention function; `heads_check(shape,
     world)` may add a method's own rule (e.g. heads divisible by W). Calls impl(q, k, v,

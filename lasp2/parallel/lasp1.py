@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.precision import without_autocast
 from ..ops import bidirectional as bi
 from ..ops.boundary import apply_total_decay, final_state_grads, initial_state_grads, initial_state_output, total_decay
 from ..ops.chunk_kernels import grad_pass, grad_state_pass, output_pass, state_pass
@@ -74,6 +75,7 @@ class _Lasp1Causal(torch.autograd.Function):
         return from_segments(x.unchunk(o, q.dtype), S)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, do):
         x, (incoming,) = ChunkedSeq.from_ctx(ctx)
         group, lay = ctx.group, ctx.lay
@@ -108,6 +110,7 @@ class _Lasp1Bidirectional(torch.autograd.Function):
         return bi.state_output(q, total, scale).to(q.dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, do):
         q, k, v, total = ctx.saved_tensors
         scale, group = ctx.meta

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.precision import without_autocast
 from ..ops import bidirectional as bi
 from ..ops.boundary import final_state_grads, initial_state_grads, initial_state_output, total_decay
 from ..ops.chunk_kernels import grad_pass, grad_state_pass, output_pass, state_pass
@@ -63,6 +64,7 @@ class _Lasp2Causal(torch.autograd.Function):
         return from_segments(x.unchunk(o, q.dtype), S)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, do):
         x, (incoming, decays) = ChunkedSeq.from_ctx(ctx)
         group, lay = ctx.group, ctx.lay
@@ -98,6 +100,7 @@ class _Lasp2Bidirectional(torch.autograd.Function):
         return o.to(q.dtype)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, do):
         q, k, v, total_state = ctx.saved_tensors
         scale, group = ctx.meta

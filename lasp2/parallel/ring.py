@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.precision import without_autocast
 from ..ops.checks import DECAY_HEAD, DECAY_NONE, DECAY_TOKEN, compute_dtype
 from ..ops.left_product import head_decay_cumulative, left_product_linear_attn
 from ..ops.scan import exclusive_cumsum
@@ -55,6 +56,7 @@ class _Ring(torch.autograd.Function):
         return o
 
     @staticmethod
+    @without_autocast
     def backward(ctx, do):
         kv, o, lse, *q_side = ctx.saved_tensors
         blocks, group = ctx.blocks, ctx.group
