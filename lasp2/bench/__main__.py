@@ -1,0 +1,102 @@
+"""lasp2-bench: measure the sequence-parallel methods and project them to larger clusters.
+
+    python -m lasp2.bench attn                       # one attention layer, every method, W in {2, 4}
+    python -m lasp2.bench attn --world 1 2 --T 4096 --weak 8192
+    python -m lasp2.bench model --preset debug       # full training steps: tokens/s, peak memory
+    python -m lasp2.bench project                    # the cost model against the paper's 64-GPU figures
+    python -m lasp2.bench project --calibrate benchmarks/results/<date>-<machine>/attn.csv
+
+Each command prints a table and writes CSV, PNG and machine.json under
+benchmarks/results/<date>-<machine>/ (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import attn, model, project
+from .machine import results_dir, write_csv
+from .plots import lines_by_method
+
+
+def _out_dir(args, device: torch.device) -> Path:
+    if args.out is None:
+        return results_dir(device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args.out
+
+
+def _device(args) -> torch.device:
+    wants_cuda = getattr(args, "device", "cpu") in ("cuda", "auto") and torch.cuda.is_available()
+    return torch.device("cuda", 0) if wants_cuda else torch.device("cpu")
+
+
+def cmd_attn(args) -> None:
+    rows, machine = attn.run(args)
+    out = _out_dir(args, _device(args))
+    suffix = "" if args.weak is None else "-weak"
+    attn.print_table(rows, sys.stdout)
+    write_csv(out / f"attn{suffix}.csv", [r for r in rows if r["family"] != "calibration"], attn.FIELDS)
+    (out / f"attn{suffix}-calibration.json").write_text(json.dumps([r for r in rows if r["family"] == "calibration"], indent=1))
+    (out / "machine.json").write_text(json.dumps(machine, indent=1))
+    ok = [r for r in rows if r["family"] != "calibration" and r["status"] == "ok"]
+    for r in ok:
+        r["seconds"] = r["median_ms"] / 1e3
+    lines_by_method(ok, "T", "seconds", "fwd+bwd seconds (median)", out / f"attn{suffix}-time.png", "one layer")
+    lines_by_method(ok, "T", "peak_mb", "peak MB per rank", out / f"attn{suffix}-memory.png", "one layer")
+    if args.weak is not None:
+        attn.print_weak_scaling(rows, sys.stdout)
+    print(f"machine: {machine}\nwrote {out}/attn{suffix}.csv, attn{suffix}-time.png, attn{suffix}-memory.png")
+
+
+def cmd_model(args) -> None:
+    rows, machine = model.run(args)
+    out = _out_dir(args, _device(args))
+    model.print_table(rows, sys.stdout)
+    name = f"model-{args.preset}"
+    write_csv(out / f"{name}.csv", rows, model.FIELDS)
+    (out / "machine.json").write_text(json.dumps(machine, indent=1))
+    ok = [dict(r, family=r["pattern"], method=r["linear"]) for r in rows if r["status"] == "ok"]
+    lines_by_method(ok, "seq_len", "peak_mb", "peak MB per rank", out / f"{name}-memory.png", args.preset, panel="sp")
+    lines_by_method(ok, "seq_len", "tokens_per_s", "tokens/s", out / f"{name}-throughput.png", args.preset, panel="sp")
+    for (pattern, linear), (ran, reach) in sorted(model.longest_fitting(rows, args.mem_gb).items()):
+        print(f"longest {pattern} {linear}: ran {ran}; peak memory reaches {args.mem_gb:.1f} GB/rank at about "
+              f"{reach if reach else '?'} tokens (linear fit of the last two peaks)")
+    print(f"machine: {machine}\nwrote {out}/{name}.csv, {name}-memory.png, {name}-throughput.png")
+
+
+def cmd_project(args) -> None:
+    out = _out_dir(args, torch.device("cpu")) if args.out is not None else Path("benchmarks") / "results" / "projection"
+    out.mkdir(parents=True, exist_ok=True)
+    project.run(args, out, sys.stdout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lasp2-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("attn", help="one attention layer under every method", description=attn.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    attn.add_arguments(a)
+    m = sub.add_parser("model", help="training steps of a preset model under each method", description=model.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    model.add_arguments(m)
+    pr = sub.add_parser("project", help="the α–β cost model, calibrated here and against the paper",
+                        description=project.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    project.add_arguments(pr)
+    for s in (a, m, pr):
+        s.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results/<date>-<machine>)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    {"attn": cmd_attn, "model": cmd_model, "project": cmd_project}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""`python -m lasp2.bench model`: full training steps (forward, backward, gradient all-reduce,
+AdamW) of a preset Linear-Llama3, pure ("L") and 1/4-hybrid ("LLLN"), under each linear method.
+
+Every configuration runs on --sp freshly spawned ranks (so each peak is its own): tokens/s is
+batch x seq_len over the slowest rank's median step after one warm-up step; memory is the
+largest rank's peak (CUDA max allocated; CPU RSS high-water). Each rank may allocate at most
+--mem-gb beyond its start (CPU: an address-space limit), so a configuration that does not fit
+fails with an allocation error instead of taking the machine down; with --max-seq the length is
+doubled from the first --seq-len until that happens or the next step is estimated to exceed
+--budget-seconds, giving each method's longest sequence. Bytes and calls are the attention
+collectives of one forward+backward on the busiest rank, next to the README formula.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from ..model import LinearLlama, count_parameters, preset
+from ..parallel import LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel, count_collectives
+from . import costs
+from .machine import describe, peak_memory_bytes, reset_peak_memory, sync
+
+FIELDS = ["preset", "pattern", "linear", "softmax", "sp", "seq_len", "batch", "status", "step_s", "tokens_per_s",
+          "peak_mb", "bytes_per_rank", "formula_bytes", "calls_per_rank", "params_m"]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--preset", default="debug", help="model preset (default: %(default)s)")
+    p.add_argument("--patterns", nargs="+", default=["L", "LLLN"], help="layer patterns (default: %(default)s)")
+    p.add_argument("--linear", nargs="+", default=list(LINEAR_METHODS), choices=list(LINEAR_METHODS))
+    p.add_argument("--softmax", default="allgather", choices=list(SOFTMAX_METHODS), help="(default: %(default)s)")
+    p.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag"], help="(default: %(default)s)")
+    p.add_argument("--sp", type=int, default=2, help="sequence-parallel ranks (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, nargs="+", default=[4096], help="(default: %(default)s)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="steps per configuration, the first a warm-up (default: %(default)s)")
+    p.add_argument("--max-seq", action="store_true", help="double the length until out of memory or time")
+    p.add_argument("--mem-gb", type=float, default=None, help="per-rank allocation limit (default: 90%% of RAM / sp)")
+    p.add_argument("--budget-seconds", type=float, default=120, help="longest step to attempt (default: %(default)s)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _limit_address_space(extra_bytes: int) -> None:
+    """CPU ranks: allow `extra_bytes` of address space beyond what the process maps now."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            now = int(line.split()[1]) * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (now + extra_bytes, resource.RLIM_INFINITY))
+            return
+
+
+def _formula_bytes(cfg, linear, softmax, seq_len, sp, batch, slots) -> int:
+    """The README formula summed over the model's layers (fp32 values)."""
+    layer = dict(B=batch, N=seq_len, W=sp, H=cfg.num_heads, K=cfg.dim_per_head, V=cfg.dim_per_head, slots=slots)
+    total = 0
+    for kind in cfg.layer_types():
+        if kind == "L":
+            total += costs.bytes_per_rank("linear", linear, costs.Layer(**layer))
+        else:
+            total += costs.bytes_per_rank("softmax", softmax, costs.Layer(**layer, kv_heads=cfg.num_kv_heads))
+    return total
+
+
+def _worker(rank, world, port, conf, args, out_path, use_cuda):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_gb * 2**30 / torch.cuda.get_device_properties(device).total_memory))
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=1800))
+    group = dist.group.WORLD if world > 1 else None
+    cfg = preset(args.preset, vocab_size=256, layer_pattern=conf["pattern"], checkpointing=args.checkpointing)
+    torch.manual_seed(0)
+    model = LinearLlama(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    sp = SequenceParallel(group, linear=conf["linear"], softmax=args.softmax, layout=args.layout)
+    T, B = conf["seq_len"], args.batch
+    tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(1))
+    inputs, labels = sp.shard(tokens[:, :-1]).to(device), sp.shard(tokens[:, 1:]).to(device)
+    positions = sp.positions(T, device)
+    if not use_cuda:
+        _limit_address_space(int(args.mem_gb * 2**30))
+    reset_peak_memory(device)
+    times, log = [], None
+    for step in range(args.steps):
+        sync(device)
+        start = time.perf_counter()
+        with count_collectives() as counted:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
+                logits = model(inputs, positions, sp)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum") / (B * T)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        log = log or counted
+        if group is not None:
+            for p in model.parameters():
+                dist.all_reduce(p.grad, group=group)
+        optimizer.step()
+        sync(device)
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+        if group is not None:
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        times.append(elapsed.item())
+    stats = torch.tensor([peak_memory_bytes(device), log.bytes_sent(), log.count()], dtype=torch.float64, device=device)
+    if group is not None:
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        step_s = statistics.median(times[1:] or times)
+        Path(out_path).write_text(json.dumps(dict(status="ok", step_s=step_s, tokens_per_s=B * T / step_s,
+                                                  peak_mb=stats[0].item() / 2**20, bytes_per_rank=int(stats[1]),
+                                                  calls_per_rank=int(stats[2]))))
+    dist.destroy_process_group()
+
+
+def run_one(conf, args, use_cuda) -> dict:
+    cfg = preset(args.preset, vocab_size=256, layer_pattern=conf["pattern"])
+    slots = 1 if args.layout == "contiguous" else 2
+    row = dict(preset=args.preset, softmax=args.softmax, sp=args.sp, batch=args.batch, params_m=count_parameters(cfg) / 1e6,
+               formula_bytes=_formula_bytes(cfg, conf["linear"], args.softmax, conf["seq_len"], args.sp, args.batch, slots), **conf)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "row.json")
+        port = 20000 + (os.getpid() * 13 + conf["seq_len"] // 64) % 20000
+        try:
+            mp.spawn(_worker, args=(args.sp, port, conf, args, out_path, use_cuda), nprocs=args.sp, join=True)
+        except Exception as exc:  # a rank died: out of memory, or a refused configuration
+            text = str(exc)
+            oom = any(s in text for s in ("allocate", "out of memory", "OutOfMemory", "std::bad_alloc", "MemoryError"))
+            reason = "out of memory" if oom else text.strip().splitlines()[-1][:120]
+            return {**row, "status": reason}
+        return {**row, **json.loads(Path(out_path).read_text())}
+
+
+def run(args) -> tuple[list[dict], dict]:
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+    if args.mem_gb is None:
+        total = (torch.cuda.get_device_properties(0).total_memory if use_cuda
+                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        args.mem_gb = 0.9 * total / 2**30 / (1 if use_cuda else args.sp)
+    rows = []
+    for pattern in args.patterns:
+        for linear in args.linear:
+            lengths = sorted(args.seq_len)
+            while lengths:
+                T = lengths.pop(0)
+                row = run_one(dict(pattern=pattern, linear=linear, seq_len=T), args, use_cuda)
+                rows.append(row)
+                print(f"  {pattern:5s} {linear:9s} T={T:7d} " + (f"{row['tokens_per_s']:9.0f} tok/s {row['peak_mb']:8.0f} MB"
+                                                               if row["status"] == "ok" else row["status"]), flush=True)
+                if args.max_seq and not lengths and row["status"] == "ok":
+                    growth = 4 if linear in ("ring", "allgather") else 2.2 if "N" in pattern else 2
+                    if row["step_s"] * growth <= args.budget_seconds:
+                        lengths.append(2 * T)
+    return rows, describe(device)
+
+
+def longest_fitting(rows, mem_gb) -> dict:
+    """(pattern, linear) -> (longest length that ran, length at which the line through the last
+    two peaks reaches mem_gb, or None when fewer than two ran)."""
+    out = {}
+    for key in {(r["pattern"], r["linear"]) for r in rows}:
+        ok = sorted((r["seq_len"], r["peak_mb"]) for r in rows if (r["pattern"], r["linear"]) == key and r["status"] == "ok")
+        if not ok:
+            out[key] = (None, None)
+            continue
+        reach = None
+        if len(ok) >= 2 and ok[-1][1] > ok[-2][1]:
+            slope = (ok[-1][1] - ok[-2][1]) / (ok[-1][0] - ok[-2][0])
+            reach = int(ok[-1][0] + (mem_gb * 1024 - ok[-1][1]) / slope)
+        out[key] = (ok[-1][0], reach)
+    return out
+
+
+def print_table(rows, stream) -> None:
+    head = (f"{'pattern':8s} {'linear':10s} {'sp':>2s} {'seq_len':>8s} {'step s':>8s} {'tok/s':>8s} {'peak MB':>8s} "
+            f"{'MB sent':>8s} {'formula':>8s} {'calls':>5s}")
+    stream.write(head + "\n" + "-" * len(head) + "\n")
+    for r in rows:
+        lead = f"{r['pattern']:8s} {r['linear']:10s} {r['sp']:2d} {r['seq_len']:8d} "
+        if r["status"] != "ok":
+            stream.write(lead + r["status"] + "\n")
+            continue
+        stream.write(lead + f"{r['step_s']:8.2f} {r['tokens_per_s']:8.0f} {r['peak_mb']:8.0f} {r['bytes_per_rank'] / 2**20:8.2f} "
+                     f"{r['formula_bytes'] / 2**20:8.2f} {r['calls_per_rank']:5d}\n")

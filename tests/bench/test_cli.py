@@ -1,0 +1,32 @@
+"""`python -m lasp2.bench attn|model` end to end at toy sizes: tables, CSV and plots written,
+every measured byte count equal to the formula, and a configuration that does not fit reported
+as out of memory instead of failing the run."""
+import csv
+
+from lasp2.bench.__main__ import main
+
+
+def read(path):
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_attn_command(tmp_path):
+    main(["attn", "--world", "2", "--T", "128", "256", "--H", "2", "--D", "8", "--kv-heads", "2", "--warmup", "0",
+          "--repeats", "1", "--out", str(tmp_path)])
+    rows = read(tmp_path / "attn.csv")
+    assert len(rows) == 2 * 8 and all(r["status"] == "ok" for r in rows)
+    assert all(r["bytes_per_rank"] == r["formula_bytes"] for r in rows)
+    assert all(float(r["min_ms"]) <= float(r["median_ms"]) <= float(r["max_ms"]) for r in rows)
+    assert (tmp_path / "attn-time.png").stat().st_size > 0 and (tmp_path / "machine.json").is_file()
+
+
+def test_model_command_and_memory_limit(tmp_path):
+    main(["model", "--preset", "debug", "--sp", "2", "--patterns", "LLLN", "--linear", "lasp2", "--seq-len", "64",
+          "--steps", "2", "--out", str(tmp_path)])
+    (row,) = read(tmp_path / "model-debug.csv")
+    assert row["status"] == "ok" and row["bytes_per_rank"] == row["formula_bytes"] and float(row["tokens_per_s"]) > 0
+    main(["model", "--preset", "debug", "--sp", "2", "--patterns", "L", "--linear", "lasp2", "--seq-len", "4096",
+          "--steps", "1", "--mem-gb", "0.05", "--out", str(tmp_path)])
+    (row,) = read(tmp_path / "model-debug.csv")
+    assert row["status"] == "out of memory"

@@ -1,0 +1,51 @@
+"""The projection reproduces the cells it is fitted to, and everything it prints comes from the
+model (changing an assumption changes the predictions)."""
+import io
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from lasp2.bench import costs, project
+from lasp2.bench.machine import write_csv
+
+
+def test_fit_reproduces_its_cells_and_predicts_the_rest():
+    overhead, mfu = project.fit_overhead_mfu(project.A100)
+    assert overhead > 0 and mfu > 0
+    for W, N, tps in project.FIT_CELLS:
+        got = project.step_seconds("lasp2", N, W, project.A100, overhead, mfu)["tokens_per_s"]
+        assert got == pytest.approx(tps, rel=1e-6)
+    slower_ib = dict(project.A100, beta_inter=project.A100["beta_inter"] / 4)
+    W, N, _ = project.PAPER_CELLS[-1]
+    base = project.step_seconds("lasp2", N, W, project.A100, overhead, mfu)["seconds"]
+    assert project.step_seconds("lasp2", N, W, slower_ib, overhead, mfu)["seconds"] > base
+
+
+def test_hop_latency_fit_hits_the_paper_gain():
+    overhead, mfu = project.fit_overhead_mfu(project.A100)
+    extra = project.fit_hop_latency(project.A100, overhead, mfu)
+    assert project._gain("lasp1", 2097152, 64, project.A100, overhead, mfu, extra) == pytest.approx(0.152, abs=1e-6)
+
+
+def test_project_writes_tables_and_plot(tmp_path):
+    out = io.StringIO()
+    project.run(SimpleNamespace(calibrate=None), tmp_path, out)
+    text = out.getvalue()
+    assert "assumptions:" in text and "predicted" in text
+    assert {p.name for p in tmp_path.iterdir()} >= {"paper.csv", "paper-64gpu-table.csv", "paper.png"}
+
+
+def test_local_calibration_predicts_from_the_runs_own_parameters(tmp_path):
+    rate = 1e10
+    calib = [{"family": "calibration", "world": 2, "rate": rate, "allgather_alpha": 1e-4, "allgather_beta": 1e9,
+              "p2p_alpha": 1e-4, "p2p_beta": 1e9, **{f"rate_{k}": rate for k in
+                                                      ("chunk", "left_product", "softmax_block", "sdpa_masked", "sdpa_causal")}}]
+    (tmp_path / "attn-calibration.json").write_text(json.dumps(calib))
+    layer = costs.Layer(B=1, N=4096, W=2, H=8, K=64, V=64)
+    want = costs.layer_time("linear", "lasp2", layer, costs.Network(1e-4, 1e9, 1e-4, 1e9, 2, 1e-4, 1e9), rate)["seconds"]
+    write_csv(tmp_path / "attn.csv", [dict(family="linear", method="lasp2", world=2, T=4096, layout="contiguous",
+                                           status="ok", median_ms=2e3 * want)], ["family", "method", "world", "T", "layout",
+                                                                                 "status", "median_ms"])
+    rows = project.calibrate_local(tmp_path / "attn.csv", io.StringIO())
+    assert len(rows) == 1 and rows[0]["ratio"] == pytest.approx(0.5)
