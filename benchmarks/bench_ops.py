@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lasp2.bench.machine import cpu_name
 from lasp2.ops import chunk_linear_attn
 
 FORMS = ("none", "head", "token", "channel")
@@ -47,15 +47,7 @@ def median_time(fn, device, warmup, repeats) -> tuple[float, float, float]:
 
 
 def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def matmul_flops_per_s(device, warmup, repeats) -> float:

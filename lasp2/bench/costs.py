@@ -107,10 +107,9 @@ def bytes_per_rank(family: str, method: str, x: Layer) -> int:
 
 def sequential_steps(family: str, method: str, x: Layer) -> int:
     """Dependent communication steps per forward+backward on the critical path."""
+    if (family, method) == ("linear", "lasp1"):
+        return 2 * (x.W - 1) * x.slots  # the chain's hops, forward and backward
     fwd, bwd = comm_plan(family, method, x)
-    if method == "lasp1":
-        hops = (x.W - 1) * x.slots
-        return 2 * hops
     return sum(c.calls for c in fwd + bwd)
 
 
