@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 from ..parallel import LINEAR_METHODS, SOFTMAX_METHODS, count_collectives, shard
 from . import costs
 from .calibrate import measure_kernels, measure_network
-from .machine import describe, matmul_rate, peak_memory_bytes, reset_peak_memory, sync
+from .machine import describe, free_port, matmul_rate, peak_memory_bytes, reset_peak_memory, sync
 
 FIELDS = ["family", "method", "world", "T", "layout", "status", "median_ms", "min_ms", "max_ms", "bytes_per_rank",
           "formula_bytes", "calls_per_rank", "steps_formula", "peak_mb", "est_seconds", "threads"]
@@ -158,8 +158,7 @@ def _worker(rank, world, port, configs, args, out_path, use_cuda):
 def spawn(world, configs, args, use_cuda) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "rows.jsonl")
-        port = 20000 + (os.getpid() * 7 + world) % 20000
-        mp.spawn(_worker, args=(world, port, configs, args, out_path, use_cuda), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), configs, args, out_path, use_cuda), nprocs=world, join=True)
         return [json.loads(line) for line in Path(out_path).read_text().splitlines()]
 
 

@@ -7,6 +7,7 @@ import datetime
 import os
 import platform
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -61,6 +62,15 @@ def matmul_rate(device: torch.device, dtype=torch.float32, n: int = 2048, repeat
         a @ b
     sync(device)
     return repeats * 2 * n**3 / (time.perf_counter() - start)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for one configuration's freshly spawned ranks (a port
+    derived from the pid would be reused by the next configuration while the last one's sockets
+    linger)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def sync(device: torch.device) -> None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..model import LinearLlama, count_parameters, preset
 from ..parallel import LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel, count_collectives
 from . import costs
-from .machine import describe, peak_memory_bytes, reset_peak_memory, sync
+from .machine import describe, free_port, peak_memory_bytes, reset_peak_memory, sync
 
 FIELDS = ["preset", "pattern", "linear", "softmax", "sp", "seq_len", "batch", "status", "step_s", "tokens_per_s",
           "peak_mb", "bytes_per_rank", "formula_bytes", "calls_per_rank", "params_m"]
@@ -131,17 +131,23 @@ def run_one(conf, args, use_cuda) -> dict:
     slots = 1 if args.layout == "contiguous" else 2
     row = dict(preset=args.preset, softmax=args.softmax, sp=args.sp, batch=args.batch, params_m=count_parameters(cfg) / 1e6,
                formula_bytes=_formula_bytes(cfg, conf["linear"], args.softmax, conf["seq_len"], args.sp, args.batch, slots), **conf)
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "row.json")
-        port = 20000 + (os.getpid() * 13 + conf["seq_len"] // 64) % 20000
-        try:
-            mp.spawn(_worker, args=(args.sp, port, conf, args, out_path, use_cuda), nprocs=args.sp, join=True)
-        except Exception as exc:  # a rank died: out of memory, or a refused configuration
-            text = str(exc)
-            oom = any(s in text for s in ("allocate", "out of memory", "OutOfMemory", "std::bad_alloc", "MemoryError"))
-            reason = "out of memory" if oom else text.strip().splitlines()[-1][:120]
-            return {**row, "status": reason}
-        return {**row, **json.loads(Path(out_path).read_text())}
+    # A rank killed by a signal other than an allocation failure (a gloo transport abort, seen once
+    # in a long sweep and not reproducible) says nothing about the method: run it once more and
+    # keep the first failure in the printed log.
+    for attempt in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            out_path = os.path.join(tmp, "row.json")
+            try:
+                mp.spawn(_worker, args=(args.sp, free_port(), conf, args, out_path, use_cuda), nprocs=args.sp, join=True)
+            except Exception as exc:  # a rank died: out of memory, or a refused configuration
+                text = str(exc)
+                oom = any(s in text for s in ("allocate", "out of memory", "OutOfMemory", "std::bad_alloc", "MemoryError"))
+                reason = "out of memory" if oom else text.strip().splitlines()[-1][:120]
+                if attempt == 1 and not oom and "terminated with signal" in text:
+                    print(f"  {conf['pattern']:5s} {conf['linear']:9s} T={conf['seq_len']:7d} {reason}; running it again", flush=True)
+                    continue
+                return {**row, "status": reason}
+            return {**row, **json.loads(Path(out_path).read_text())}
 
 
 def run(args) -> tuple[list[dict], dict]:
