@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import attn, model, project
-from .machine import results_dir, write_csv
+from .machine import read_csv, results_dir, write_csv
 from .plots import lines_by_method
 
 
@@ -54,18 +54,24 @@ def cmd_attn(args) -> None:
 
 
 def cmd_model(args) -> None:
-    rows, machine = model.run(args)
     out = _out_dir(args, _device(args))
-    model.print_table(rows, sys.stdout)
     name = f"model-{args.preset}"
-    write_csv(out / f"{name}.csv", rows, model.FIELDS)
+    earlier = read_csv(out / f"{name}.csv") if args.append and (out / f"{name}.csv").exists() else []
+
+    def save(rows):
+        write_csv(out / f"{name}.csv", model.merge_rows(earlier, rows), model.FIELDS)
+
+    rows, machine = model.run(args, on_row=save)
+    rows = model.merge_rows(earlier, rows)
+    model.print_table(rows, sys.stdout)
     (out / "machine.json").write_text(json.dumps(machine, indent=1))
     ok = [dict(r, family=r["pattern"], method=r["linear"]) for r in rows if r["status"] == "ok"]
     lines_by_method(ok, "seq_len", "peak_mb", "peak MB per rank", out / f"{name}-memory.png", args.preset, panel="sp")
     lines_by_method(ok, "seq_len", "tokens_per_s", "tokens/s", out / f"{name}-throughput.png", args.preset, panel="sp")
-    for (pattern, linear), (ran, reach) in sorted(model.longest_fitting(rows, args.mem_gb).items()):
-        print(f"longest {pattern} {linear}: ran {ran}; peak memory reaches {args.mem_gb:.1f} GB/rank at about "
-              f"{reach if reach else '?'} tokens (linear fit of the last two peaks)")
+    for (pattern, linear), (ran, oom, reach) in sorted(model.longest_fitting(rows, args.mem_gb).items()):
+        limit = (f"out of memory at {oom}" if oom else
+                 f"not run further (time); the last two peaks extrapolate to the limit at about {reach or '?'}")
+        print(f"longest {pattern} {linear}: {ran} ran; {limit} (limit {args.mem_gb:.1f} GB/rank)")
     print(f"machine: {machine}\nwrote {out}/{name}.csv, {name}-memory.png, {name}-throughput.png")
 
 

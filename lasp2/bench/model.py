@@ -3,12 +3,15 @@ AdamW) of a preset Linear-Llama3, pure ("L") and 1/4-hybrid ("LLLN"), under each
 
 Every configuration runs on --sp freshly spawned ranks (so each peak is its own): tokens/s is
 batch x seq_len over the slowest rank's median step after one warm-up step; memory is the
-largest rank's peak (CUDA max allocated; CPU RSS high-water). Each rank may allocate at most
---mem-gb beyond its start (CPU: an address-space limit), so a configuration that does not fit
-fails with an allocation error instead of taking the machine down; with --max-seq the length is
+largest rank's peak (CUDA max allocated; CPU RSS high-water). Each rank may hold at most --mem-gb
+(CPU: an address-space limit set from what the rank holds after building the model), so a
+configuration that does not fit fails with an allocation error instead of taking the machine
+down (a rank the kernel kills for memory also counts as out of memory); with --max-seq the length is
 doubled from the first --seq-len until that happens or the next step is estimated to exceed
 --budget-seconds, giving each method's longest sequence. Bytes and calls are the attention
-collectives of one forward+backward on the busiest rank, next to the README formula.
+collectives of one forward+backward on the busiest rank, next to the README formula. The CSV is
+rewritten after every configuration, so a sweep stopped part-way keeps what it measured, and
+--append adds a sweep run in pieces to an existing one.
 """
 from __future__ import annotations
 
@@ -46,19 +49,22 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="steps per configuration, the first a warm-up (default: %(default)s)")
     p.add_argument("--max-seq", action="store_true", help="double the length until out of memory or time")
-    p.add_argument("--mem-gb", type=float, default=None, help="per-rank allocation limit (default: 90%% of RAM / sp)")
+    p.add_argument("--mem-gb", type=float, default=None, help="per-rank memory limit in GB (default: 90%% of RAM / sp)")
     p.add_argument("--budget-seconds", type=float, default=120, help="longest step to attempt (default: %(default)s)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--append", action="store_true",
+                   help="merge into an existing model-<preset>.csv in --out (same pattern, method, sp and length: replaced), "
+                        "so a sweep can run in pieces")
 
 
-def _limit_address_space(extra_bytes: int) -> None:
-    """CPU ranks: allow `extra_bytes` of address space beyond what the process maps now."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmSize:"):
-            now = int(line.split()[1]) * 1024
-            resource.setrlimit(resource.RLIMIT_AS, (now + extra_bytes, resource.RLIM_INFINITY))
-            return
+def _limit_address_space(limit_bytes: int) -> None:
+    """CPU ranks: let the process grow to about `limit_bytes` resident. RLIMIT_AS counts address
+    space, which runs ahead of resident memory (shared libraries, reserved heaps), so the room
+    left is the limit minus what is resident now, added to what is mapped now."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    mapped, resident = (int(status[k].split()[0]) * 1024 for k in ("VmSize", "VmRSS"))
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + max(0, limit_bytes - resident), resource.RLIM_INFINITY))
 
 
 def _formula_bytes(cfg, linear, softmax, seq_len, sp, batch, slots) -> int:
@@ -141,7 +147,9 @@ def run_one(conf, args, use_cuda) -> dict:
                 mp.spawn(_worker, args=(args.sp, free_port(), conf, args, out_path, use_cuda), nprocs=args.sp, join=True)
             except Exception as exc:  # a rank died: out of memory, or a refused configuration
                 text = str(exc)
-                oom = any(s in text for s in ("allocate", "out of memory", "OutOfMemory", "std::bad_alloc", "MemoryError"))
+                # SIGKILL: the kernel's OOM killer (the ranks together outgrew the machine)
+                oom = any(s in text for s in ("allocate", "out of memory", "OutOfMemory", "std::bad_alloc", "MemoryError",
+                                              "signal SIGKILL"))
                 reason = "out of memory" if oom else text.strip().splitlines()[-1][:120]
                 if attempt == 1 and not oom and "terminated with signal" in text:
                     print(f"  {conf['pattern']:5s} {conf['linear']:9s} T={conf['seq_len']:7d} {reason}; running it again", flush=True)
@@ -150,7 +158,9 @@ def run_one(conf, args, use_cuda) -> dict:
             return {**row, **json.loads(Path(out_path).read_text())}
 
 
-def run(args) -> tuple[list[dict], dict]:
+def run(args, on_row=None) -> tuple[list[dict], dict]:
+    """All configurations; `on_row(rows)` after each one (the CLI rewrites its CSV there, so a
+    sweep stopped part-way keeps what it measured)."""
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
     if args.mem_gb is None:
@@ -165,6 +175,8 @@ def run(args) -> tuple[list[dict], dict]:
                 T = lengths.pop(0)
                 row = run_one(dict(pattern=pattern, linear=linear, seq_len=T), args, use_cuda)
                 rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
                 print(f"  {pattern:5s} {linear:9s} T={T:7d} " + (f"{row['tokens_per_s']:9.0f} tok/s {row['peak_mb']:8.0f} MB"
                                                                if row["status"] == "ok" else row["status"]), flush=True)
                 if args.max_seq and not lengths and row["status"] == "ok":
@@ -174,20 +186,40 @@ def run(args) -> tuple[list[dict], dict]:
     return rows, describe(device)
 
 
+_INTS = ("sp", "seq_len", "batch", "bytes_per_rank", "formula_bytes", "calls_per_rank")
+_FLOATS = ("step_s", "tokens_per_s", "peak_mb", "params_m")
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """Rows read back from a CSV (strings) followed by `new`; a new row replaces an old one with the
+    same preset, pattern, linear, softmax, sp, batch and seq_len."""
+    def typed(r):
+        r = dict(r)
+        for k in _INTS + _FLOATS:
+            if r.get(k) not in (None, ""):
+                r[k] = (int if k in _INTS else float)(r[k])
+        return r
+
+    def key(r):
+        return tuple(r[k] for k in ("preset", "pattern", "linear", "softmax", "sp", "batch", "seq_len"))
+
+    replaced = {key(r) for r in new}
+    return [r for r in map(typed, old) if key(r) not in replaced] + [typed(r) for r in new]
+
+
 def longest_fitting(rows, mem_gb) -> dict:
-    """(pattern, linear) -> (longest length that ran, length at which the line through the last
-    two peaks reaches mem_gb, or None when fewer than two ran)."""
+    """(pattern, linear) -> (longest length that ran, shortest length that ran out of memory or
+    None, length at which the line through the last two peaks reaches mem_gb or None)."""
     out = {}
     for key in {(r["pattern"], r["linear"]) for r in rows}:
-        ok = sorted((r["seq_len"], r["peak_mb"]) for r in rows if (r["pattern"], r["linear"]) == key and r["status"] == "ok")
-        if not ok:
-            out[key] = (None, None)
-            continue
+        mine = [r for r in rows if (r["pattern"], r["linear"]) == key]
+        ok = sorted((r["seq_len"], r["peak_mb"]) for r in mine if r["status"] == "ok")
+        oom = min((r["seq_len"] for r in mine if r["status"] == "out of memory"), default=None)
         reach = None
         if len(ok) >= 2 and ok[-1][1] > ok[-2][1]:
             slope = (ok[-1][1] - ok[-2][1]) / (ok[-1][0] - ok[-2][0])
             reach = int(ok[-1][0] + (mem_gb * 1024 - ok[-1][1]) / slope)
-        out[key] = (ok[-1][0], reach)
+        out[key] = (ok[-1][0] if ok else None, oom, reach)
     return out
 
 

@@ -28,8 +28,10 @@ def lines_by_method(rows: list[dict], x: str, y: str, ylabel: str, path: Path, t
                 series.setdefault(f"{r['family']} {r['method']}", []).append((float(r[x]), float(r[y])))
         for name, points in sorted(series.items()):
             points.sort()
+            # dashed: softmax attention, or a model pattern with softmax ("N") layers
+            dashed = name.startswith("softmax") or "N" in name.split()[0]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name,
-                    linestyle="-" if name.startswith("linear") else "--")
+                    linestyle="--" if dashed else "-")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(x)

@@ -4,6 +4,7 @@ as out of memory instead of failing the run."""
 import csv
 
 from lasp2.bench.__main__ import main
+from lasp2.bench.model import longest_fitting, merge_rows
 
 
 def read(path):
@@ -27,6 +28,20 @@ def test_model_command_and_memory_limit(tmp_path):
     (row,) = read(tmp_path / "model-debug.csv")
     assert row["status"] == "ok" and row["bytes_per_rank"] == row["formula_bytes"] and float(row["tokens_per_s"]) > 0
     main(["model", "--preset", "debug", "--sp", "2", "--patterns", "L", "--linear", "lasp2", "--seq-len", "4096",
-          "--steps", "1", "--mem-gb", "0.05", "--out", str(tmp_path)])
-    (row,) = read(tmp_path / "model-debug.csv")
-    assert row["status"] == "out of memory"
+          "--steps", "1", "--mem-gb", "0.05", "--append", "--out", str(tmp_path)])
+    kept, oom = read(tmp_path / "model-debug.csv")
+    assert kept == row and (oom["pattern"], oom["status"]) == ("L", "out of memory")
+
+
+def test_merge_rows_and_longest_fitting():
+    def row(T, status="ok", peak=None):
+        return dict(preset="debug", pattern="L", linear="lasp2", softmax="allgather", sp=2, batch=1, seq_len=T,
+                    status=status, peak_mb=peak)
+
+    old = [{k: str(v) if v is not None else "" for k, v in row(T, peak=T / 8).items()} for T in (1024, 2048)]
+    rows = merge_rows(old, [row(2048, peak=300.0), row(4096, peak=500.0)])
+    assert [(r["seq_len"], r["peak_mb"]) for r in rows] == [(1024, 128.0), (2048, 300.0), (4096, 500.0)]
+    # the line through the last two peaks (200 MB per 2048 tokens) reaches 1 GiB at 4096 + 524 / 200 * 2048
+    assert longest_fitting(rows, 1.0) == {("L", "lasp2"): (4096, None, 4096 + int(524 / 200 * 2048))}
+    rows = merge_rows(rows, [row(8192, "out of memory"), row(16384, "out of memory")])
+    assert longest_fitting(rows, 1.0)[("L", "lasp2")][:2] == (4096, 8192)
