@@ -72,14 +72,27 @@ def init_parallel(sp: int, timeout_s: int = 600) -> ParallelDims:
 
 
 def reduce_gradients(params, dims: ParallelDims) -> None:
-    """Sums every gradient over all dp x sp ranks, in one flat buffer (one all-reduce)."""
+    """Sums every gradient over all dp x sp ranks, in one flat buffer (one all-reduce).
+
+    The buffer holds every trainable parameter in order, zeros where this rank produced no
+    gradient, plus one flag per parameter counting the ranks that did: every rank hands the same
+    buffer to the all-reduce even when a parameter went unused on some of them (it then gets
+    the sum of the ranks that used it); a parameter no rank used keeps no gradient."""
     if dims.world_group is None:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = _flatten_dense_tensors(grads)
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    used = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = _flatten_dense_tensors(grads + [used])
     dist.all_reduce(flat, group=dims.world_group)
-    for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        g.copy_(reduced)
+    *reduced, used = _unflatten_dense_tensors(flat, grads + [used])
+    for p, g, n in zip(params, reduced, used.tolist()):
+        if p.grad is not None:
+            p.grad.copy_(g)
+        elif n > 0:
+            p.grad = g.clone()
 
 
 def sum_over_ranks(value: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
