@@ -53,9 +53,13 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def plot_losses(metrics: Path, png: Path, title: str) -> None:
-    """Training loss per step and validation loss where measured, from the metrics file."""
-    import matplotlib
+def plot_losses(metrics: Path, png: Path, title: str) -> bool:
+    """Training loss per step and validation loss where measured, from the metrics file.
+    Returns False, writing nothing, when matplotlib is not installed (`pip install lasp2[bench]`)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -76,3 +80,4 @@ def plot_losses(metrics: Path, png: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
+    return True

@@ -101,12 +101,16 @@ def check_args(args, dims: ParallelDims, cfg) -> None:
     for flag, value in (("--steps", args.steps), ("--chunk-size", args.chunk_size), ("--val-every", args.val_every)):
         if value < 1:
             raise ConfigError(f"{flag} {value} must be >= 1")
-    if args.sp_linear in ("ring", "allgather") and cfg.linear_kind == "gla" and "L" in cfg.layer_pattern:
-        raise ConfigError(f"--sp-linear {args.sp_linear} cannot express the per-channel gates of --linear-kind gla")
-    if args.sp_linear == "ulysses" and cfg.num_heads % args.sp:
-        raise ConfigError(f"--sp-linear ulysses needs the {cfg.num_heads} heads to divide by --sp {args.sp}")
-    if args.sp_softmax == "ulysses" and (cfg.num_heads % args.sp or (cfg.num_kv_heads % args.sp and args.sp % cfg.num_kv_heads)):
-        raise ConfigError(f"--sp-softmax ulysses needs {cfg.num_heads} heads and {cfg.num_kv_heads} KV heads to fit --sp {args.sp}")
+    # The methods' own rules (decay forms, heads), stated once in their specs.
+    layer_types = set(cfg.layer_types())
+    for layer, flag, spec, decay, kv_heads in (
+            ("L", "--sp-linear", LINEAR_METHODS[args.sp_linear], cfg.decay_form, cfg.num_heads),
+            ("N", "--sp-softmax", SOFTMAX_METHODS[args.sp_softmax], "none", cfg.num_kv_heads)):
+        if layer in layer_types:
+            try:
+                spec.check_rules(f"{flag} {spec.name}", decay, cfg.num_heads, kv_heads, args.sp)
+            except ValueError as exc:
+                raise ConfigError(f"{exc} (--linear-kind {cfg.linear_kind}, --preset {args.preset}, --sp {args.sp})") from None
 
 
 def lr_at(step: int, args) -> float:
@@ -196,9 +200,11 @@ def train(args, dims: ParallelDims, stream=sys.stdout) -> dict:
         if args.ckpt_every and ((step + 1) % args.ckpt_every == 0 or step + 1 == last):
             checkpoint.save(run_dir, step, model, optimizer, dims, {"args": vars(args)})
     if dims.is_main and (run_dir / "metrics.jsonl").is_file():
-        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", f"{args.preset} {cfg.layer_pattern} {cfg.linear_kind}")
+        plotted = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png",
+                              f"{args.preset} {cfg.layer_pattern} {cfg.linear_kind}")
+        plot = "loss.png" if plotted else "no loss.png (matplotlib is not installed: pip install lasp2[bench])"
         progress.note(f"final loss {losses[-1] if losses else float('nan'):.4f}, validation {val_loss:.4f}; "
-                      f"wrote {run_dir}/metrics.jsonl, loss.png, checkpoints/")
+                      f"wrote {run_dir}/metrics.jsonl, {plot}, checkpoints/")
     return {"losses": losses, "val_loss": val_loss, "run_dir": run_dir, "model": model}
 
 

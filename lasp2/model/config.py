@@ -6,6 +6,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 LINEAR_KINDS = ("basic", "lightning", "retention", "simple_gla", "gla", "based", "rebased")
+# The log-decay form each linear kind hands to the attention op (see `layers.LinearAttention`):
+# none, per head [H], per token [B, T, H] or per key channel [B, T, H, K].
+DECAY_OF_KIND = {"basic": "none", "lightning": "head", "retention": "head", "simple_gla": "token", "gla": "channel",
+                 "based": "none", "rebased": "none"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,11 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "feature_dim", "gate_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def decay_form(self) -> str:
+        """The log-decay form of the linear layers: none, head, token or channel."""
+        return DECAY_OF_KIND[self.linear_kind]
 
     @property
     def dim_per_head(self) -> int:

@@ -4,11 +4,12 @@ from __future__ import annotations
 import torch
 
 from .bidirectional import bidirectional_linear_attn
-from .boundary import apply_total_decay, final_state_grads, initial_state_grads, initial_state_output, total_decay
-from .precision import without_autocast
 from .checks import DECAY_CHANNEL, check_linear_attn_inputs
-from .chunk_kernels import grad_pass, grad_state_pass, output_pass, state_pass
+from .chunk_kernels import (add_incoming, add_inter_output, add_outgoing_grad, grad_state_pass, intra_output,
+                            key_side_grads, query_side_grads, state_pass)
 from .chunk_layout import ChunkedSeq
+from .precision import without_autocast
+
 
 def effective_chunk_size(chunk_size, kind: str, fn: str) -> int:
     """The chunk length used: `chunk_size`, except that per-channel (GLA) decay, whose
@@ -18,21 +19,16 @@ def effective_chunk_size(chunk_size, kind: str, fn: str) -> int:
     return 1 << (chunk_size.bit_length() - 1) if kind == DECAY_CHANNEL else chunk_size
 
 
-def _add(a, b):
-    return b if a is None else (a if b is None else a + b)
-
-
 class _ChunkLinearAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, initial_state, kind, scale, chunk_size):
         ctx.set_materialize_grads(False)
         x = ChunkedSeq.from_inputs(q, k, v, log_decay, kind, chunk_size)
+        S0 = None if initial_state is None else initial_state.to(x.q.dtype)
         h_start, final_state = state_pass(x)
-        o = output_pass(x, h_start, scale)
-        if initial_state is not None:
-            S0 = initial_state.to(x.q.dtype)
-            o += initial_state_output(x, S0, scale)
-            final_state = final_state + apply_total_decay(total_decay(x), S0)
+        if S0 is not None:
+            h_start, final_state = add_incoming(x, h_start, final_state, S0)
+        o = add_inter_output(x, intra_output(x), h_start, scale)
         x.save_for_backward(ctx, q, k, v, log_decay, initial_state)
         ctx.scale = scale
         return x.unchunk(o, q.dtype), final_state
@@ -40,25 +36,19 @@ class _ChunkLinearAttn(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, do, d_final):
-        x, (initial_state,) = ChunkedSeq.from_ctx(ctx)
-        S0 = None if initial_state is None else initial_state.to(x.q.dtype)
-        dq = dk = dv = dg = dS0 = None
-        if do is not None:
-            do_hat = x.output_grad(do, ctx.scale)
-            h_start, _ = state_pass(x)
-            delta_after, dS0 = grad_state_pass(x, do_hat)
-            dq, dk, dv, dg = grad_pass(x, do_hat, h_start, delta_after)
-            if S0 is not None:
-                dq_s0, dg_s0 = initial_state_grads(x, do_hat, S0)
-                dq, dg = dq + dq_s0, _add(dg, dg_s0)
-        if d_final is not None:
-            dk_f, dv_f, dg_f, dS0_f = final_state_grads(x, d_final.to(x.q.dtype), S0)
-            dq = torch.zeros_like(x.q) if dq is None else dq
-            dk, dv, dg, dS0 = _add(dk, dk_f), _add(dv, dv_f), _add(dg, dg_f), _add(dS0, dS0_f)
-        if dq is None:
+        if do is None and d_final is None:
             return (None,) * 8
+        x, (initial_state,) = ChunkedSeq.from_ctx(ctx)
+        do_hat = x.output_grad(do, ctx.scale) if do is not None else x.v.new_zeros(x.v.shape)
+        delta_after, dS0 = grad_state_pass(x, do_hat)
+        if d_final is not None:
+            delta_after, dS0 = add_outgoing_grad(x, delta_after, dS0, d_final.to(x.q.dtype))
+        h_start, _ = state_pass(x)
+        if initial_state is not None:
+            h_start, _ = add_incoming(x, h_start, None, initial_state.to(x.q.dtype))
+        grads = key_side_grads(x, h_start, delta_after, *query_side_grads(x, do_hat, h_start))
         dS0 = None if initial_state is None else dS0.to(initial_state.dtype)
-        return (*x.input_grads(dq, dk, dv, dg), dS0, None, None, None)
+        return (*x.input_grads(*grads), dS0, None, None, None)
 
 
 @without_autocast
@@ -73,6 +63,7 @@ def chunk_linear_attn(
     output_final_state=False,
     causal=True,
     chunk_size=64,
+    validate=False,
 ):
     """Linear attention in the chunked parallel form; differentiable in every tensor input.
 
@@ -93,13 +84,16 @@ def chunk_linear_attn(
         causal: False gives the bidirectional form (only with log_decay=None).
         chunk_size: tokens per chunk (T need not be a multiple). Per-channel decay rounds it
             down to a power of two (its intra-chunk term is built by binary splitting).
+        validate: also check the values, not only the shapes: log_decay <= 0 everywhere (one
+            reduction, and on a GPU a host sync per call, so it is off by default).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] or None). States are computed in
         fp32 (fp64 for fp64 inputs), and the final state is returned in that precision.
     """
     fn = "chunk_linear_attn"
-    shape = check_linear_attn_inputs(fn, q, k, v, log_decay, initial_state, causal=causal, scale=scale)
+    shape = check_linear_attn_inputs(fn, q, k, v, log_decay, initial_state, causal=causal, scale=scale,
+                                     check_values=validate)
     chunk_size = effective_chunk_size(chunk_size, shape.decay, fn)
     scale = 1.0 if scale is None else float(scale)
     if not causal:

@@ -1,14 +1,22 @@
-"""The chunked linear-attention kernels, forward and backward, for a zero initial state.
+"""The chunked linear-attention kernels, forward and backward.
 
 Per chunk (c tokens, start state h, decays as in `ChunkedSeq`):
 
     o_i    = sum_{j<=i} (q_i . k_j) exp(G_i - G_j) v_j  +  (q_i * exp(G_i)) h        (intra + inter)
     h_next = exp(Gamma) * h  +  sum_j (k_j * exp(Gamma - G_j))^T v_j
 
-The forward is split in two passes so that a sequence-parallel caller can start communicating
-the final state before the (larger) output pass runs; the backward likewise. Initial and final
-states of the whole sequence are handled by `boundary.py`. `do_hat` below is scale * dL/do.
-Shapes: q, k [B, H, N, c, K]; v, o [B, H, N, c, V]; states [B, H, N, K, V]; g-shaped [.., c, Kg].
+Every pass is split at the one place where the state entering the stretch (S_in) or the
+gradient leaving it (dS_out) comes in, so that a sequence-parallel caller can run everything
+that does not need them while they travel, then fold them in with one cheap element-wise step:
+
+    forward:  state_pass (zero S_in) -> [exchange] -> add_incoming -> intra_output + inter_output
+    backward: grad_state_pass (zero dS_out) -> [exchange] -> add_outgoing_grad; meanwhile
+              state_pass + add_incoming -> query_side_grads; then key_side_grads
+
+On one device the exchange is just the given initial state and final-state gradient, so the op
+and every sequence-parallel method run the same kernels and the same number of matmuls.
+`do_hat` below is scale * dL/do. Shapes: q, k [B, H, N, c, K]; v, o [B, H, N, c, V]; states
+[B, H, N, K, V] per chunk or [B, H, K, V] for the stretch; g-shaped [.., c, Kg].
 """
 from __future__ import annotations
 
@@ -43,6 +51,11 @@ def _crossing_sums(p: torch.Tensor) -> torch.Tensor:
     return (partial * (r.view(c, 1) >= r.view(1, c))).sum(dim=-2)  # keep i >= t
 
 
+def _rows_scaled(decay: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
+    """decay [..., Kg] * state [..., K, V] on the rows (key channels); decay None means 1."""
+    return state if decay is None else decay.unsqueeze(-1) * state
+
+
 def intra_scores(x: ChunkedSeq) -> torch.Tensor:
     """[B, H, N, c, c] A_ij = sum_k q_ik k_jk exp(G_ik - G_jk) for j <= i, 0 above the diagonal."""
     if not x.has_decay:
@@ -53,65 +66,97 @@ def intra_scores(x: ChunkedSeq) -> torch.Tensor:
 
 
 def state_pass(x: ChunkedSeq):
-    """-> (h_start [B, H, N, K, V]: state entering each chunk, h_end [B, H, K, V]: final state)."""
+    """-> (h_start [B, H, N, K, V]: the state entering each chunk, h_end [B, H, K, V]: the state
+    leaving the stretch), both for a zero incoming state."""
     kv = bmm(_t(x.k_to_end), x.v)
     return prefix_scan(kv, x.chunk_decay if x.has_decay else None)
 
 
-def output_pass(x: ChunkedSeq, h_start: torch.Tensor, scale: float) -> torch.Tensor:
-    """-> o [B, H, N, c, V] for a zero initial state, given h_start from `state_pass`."""
-    o = bmm(intra_scores(x), x.v, acc=bmm(x.q_from_start, h_start))
+def add_incoming(x: ChunkedSeq, h_start: torch.Tensor, h_end: torch.Tensor | None, S_in: torch.Tensor):
+    """Folds a state S_in [B, H, K, V] entering the stretch into `state_pass`'s results: each
+    chunk's start state gains S_in decayed to it, the end state S_in decayed across the stretch.
+    -> (h_start, h_end); h_end may be None when not needed."""
+    h_start = h_start + _rows_scaled(x.decay_before_chunk, S_in.unsqueeze(2))
+    if h_end is not None:
+        h_end = h_end + _rows_scaled(x.total_decay, S_in)
+    return h_start, h_end
+
+
+def intra_output(x: ChunkedSeq) -> torch.Tensor:
+    """-> o [B, H, N, c, V], unscaled: each token's output from the tokens of its own chunk."""
+    return bmm(intra_scores(x), x.v)
+
+
+def add_inter_output(x: ChunkedSeq, o: torch.Tensor, h_start: torch.Tensor, scale: float) -> torch.Tensor:
+    """o += (q_i * exp(G_i)) h_start of its chunk, in place; then scales. -> the output."""
+    o = bmm(x.q_from_start, h_start, acc=o)
     return o.mul_(scale) if scale != 1.0 else o
 
 
 def grad_state_pass(x: ChunkedSeq, do_hat: torch.Tensor):
-    """-> (delta_after [B, H, N, K, V], dh0 [B, H, K, V]).
+    """-> (delta_after [B, H, N, K, V], dS_in [B, H, K, V]) for a zero gradient on the state
+    leaving the stretch.
 
     delta_after[n] is the gradient w.r.t. the state leaving chunk n from the outputs of later
-    chunks; dh0 is the gradient w.r.t. the state entering chunk 0 (the sequence's initial state).
+    chunks; dS_in the gradient w.r.t. the state entering the stretch (its initial state).
     """
     u = bmm(_t(x.q_from_start), do_hat)
     return suffix_scan(u, x.chunk_decay if x.has_decay else None)
 
 
-def _intra_grads(x: ChunkedSeq, do_hat: torch.Tensor, dq, dk, dv):
-    """Adds the intra-chunk term's gradients into dq, dk, dv; returns its dg (None: no decay)."""
+def add_outgoing_grad(x: ChunkedSeq, delta_after: torch.Tensor, dS_in: torch.Tensor | None, dS_out: torch.Tensor):
+    """Folds a gradient dS_out [B, H, K, V] on the state leaving the stretch into
+    `grad_state_pass`'s results. -> (delta_after, dS_in); dS_in may be None when not needed."""
+    delta_after = delta_after + _rows_scaled(x.decay_after_chunk, dS_out.unsqueeze(2))
+    if dS_in is not None:
+        dS_in = dS_in + _rows_scaled(x.total_decay, dS_out)
+    return delta_after, dS_in
+
+
+def _intra_grads(x: ChunkedSeq, do_hat: torch.Tensor):
+    """-> (dq, dk, dv, dg or None) of the intra-chunk term."""
     d_scores = bmm(do_hat, _t(x.v))  # dL/dA_ij before masking
     if not x.has_decay:
         scores = bmm(x.q, _t(x.k)).tril_()
         d_scores.tril_()
-        bmm(d_scores, x.k, acc=dq), bmm(_t(d_scores), x.q, acc=dk), bmm(_t(scores), do_hat, acc=dv)
-        return None
+        return bmm(d_scores, x.k), bmm(_t(d_scores), x.q), bmm(_t(scores), do_hat), None
     if x.scalar_decay:
         d_qk = d_scores * x.intra_decay  # dL/d(q_i . k_j)
         scores = bmm(x.q, _t(x.k)).mul_(x.intra_decay)
-        bmm(d_qk, x.k, acc=dq), bmm(_t(d_qk), x.q, acc=dk), bmm(_t(scores), do_hat, acc=dv)
-        return _crossing_sums(d_scores.mul_(scores)).unsqueeze(-1)
-    scores, dq_intra, dk_intra, dg = channel_score_grads(x.q, x.k, x.g, d_scores)
-    dq += dq_intra
-    dk += dk_intra
-    bmm(_t(scores), do_hat, acc=dv)
-    return dg
+        dq, dk, dv = bmm(d_qk, x.k), bmm(_t(d_qk), x.q), bmm(_t(scores), do_hat)
+        return dq, dk, dv, _crossing_sums(d_scores.mul_(scores)).unsqueeze(-1)
+    scores, dq, dk, dg = channel_score_grads(x.q, x.k, x.g, d_scores)
+    return dq, dk, bmm(_t(scores), do_hat), dg
 
 
-def grad_pass(x: ChunkedSeq, do_hat: torch.Tensor, h_start: torch.Tensor, delta_after: torch.Tensor):
-    """-> (dq, dk, dv [B, H, N, c, D], dg [B, H, N, c, Kg] or None) for a zero initial state and
-    no gradient on the final state. h_start from `state_pass`, delta_after from `grad_state_pass`.
-    """
-    dv = bmm(x.k_to_end, delta_after)
+def query_side_grads(x: ChunkedSeq, do_hat: torch.Tensor, h_start: torch.Tensor):
+    """-> (dq, dk, dv [B, H, N, c, D], dg [B, H, N, c, Kg] or None): every gradient of the
+    outputs that does not need the gradient arriving from later chunks (the intra-chunk term,
+    and the inter-chunk term through q and the decays of its start state). h_start: every
+    chunk's start state, the incoming state folded in."""
+    dq, dk, dv, dg = _intra_grads(x, do_hat)
     if not x.has_decay:
-        dq = bmm(do_hat, _t(h_start))
-        dk = bmm(x.v, _t(delta_after))
-        _intra_grads(x, do_hat, dq, dk, dv)
-        return dq, dk, dv, None
+        bmm(do_hat, _t(h_start), acc=dq)
+        return dq, dk, dv, dg
     dq_inter = bmm(do_hat, _t(h_start)).mul_(x.exp_G)
+    dq += dq_inter
+    dg += reverse_cumsum(x.per_decay_channel(x.q * dq_inter), dim=-2)  # g_t decays h for outputs i >= t
+    return dq, dk, dv, dg
+
+
+def key_side_grads(x: ChunkedSeq, h_start: torch.Tensor, delta_after: torch.Tensor, dq, dk, dv, dg):
+    """Adds the gradients that flow through the chunk states (k, v and the decays on the way to
+    each chunk's end) into `query_side_grads`' results. delta_after: the gradient leaving each
+    chunk, the outgoing gradient folded in. -> (dq, dk, dv, dg)."""
+    bmm(x.k_to_end, delta_after, acc=dv)
+    if not x.has_decay:
+        bmm(x.v, _t(delta_after), acc=dk)
+        return dq, dk, dv, dg
     dk_state = bmm(x.v, _t(delta_after)).mul_(x.decay_to_end)
-    # g_t decays: the start state for outputs i >= t; the keys j < t on their way to the chunk
-    # end; the whole start state on its way to the next chunk; and intra pairs across t.
-    dg = reverse_cumsum(x.per_decay_channel(x.q * dq_inter), dim=-2)
+    dk += dk_state
+    # g_t decays the keys j < t on their way to the chunk end, and the whole start state on its
+    # way to the next chunk.
     dg += exclusive_cumsum(x.per_decay_channel(x.k * dk_state), dim=-2)
     carried = (x.chunk_decay.unsqueeze(-1) * h_start * delta_after).sum(dim=-1)
     dg += x.per_decay_channel(carried).unsqueeze(-2)
-    dq, dk = dq_inter, dk_state
-    dg += _intra_grads(x, do_hat, dq, dk, dv)
     return dq, dk, dv, dg

@@ -185,20 +185,22 @@ class ChunkedSeq:
         return torch.exp_(segment_sums(self.g)).squeeze(-3)
 
     @cached_property
-    def G_seq(self) -> torch.Tensor:
-        """[B, H, N, c, Kg] log decay from the sequence start to each token (inclusive)."""
-        return self.G + exclusive_cumsum(self.Gamma, dim=2).unsqueeze(-2)
+    def decay_before_chunk(self) -> torch.Tensor | None:
+        """[B, H, N, Kg] exp(log decay from the stretch's start to each chunk's start); None
+        without decay. Carries an incoming state to each chunk."""
+        return None if self.g is None else torch.exp(exclusive_cumsum(self.Gamma, dim=2))
 
     @cached_property
-    def to_seq_end(self) -> torch.Tensor:
-        """[B, H, N, c, Kg] log decay from after token j to the sequence end."""
-        after = reverse_exclusive_cumsum(self.Gamma, dim=2).unsqueeze(-2)
-        return reverse_exclusive_cumsum(self.g, dim=-2) + after
+    def decay_after_chunk(self) -> torch.Tensor | None:
+        """[B, H, N, Kg] exp(log decay from each chunk's end to the stretch's end); None without
+        decay. Carries the gradient on the outgoing state back to each chunk."""
+        return None if self.g is None else torch.exp(reverse_exclusive_cumsum(self.Gamma, dim=2))
 
     @cached_property
-    def G_total(self) -> torch.Tensor:
-        """[B, H, Kg] log decay across the whole sequence."""
-        return self.Gamma.sum(dim=2)
+    def total_decay(self) -> torch.Tensor | None:
+        """[B, H, Kg] exp(log decay across the whole stretch): the stretch's transition; None
+        without decay."""
+        return None if self.g is None else torch.exp(self.Gamma.sum(dim=2))
 
     def unchunk(self, x_BHNCD: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return from_chunks(x_BHNCD, self.seq_len, dtype)

@@ -30,7 +30,7 @@ def naive_recurrent_linear_attn(q, k, v, log_decay=None, *, scale=None, initial_
         float64 for float64 inputs, float32 otherwise). Differentiable by autograd.
     """
     shape = check_linear_attn_inputs(
-        "naive_recurrent_linear_attn", q, k, v, log_decay, initial_state, causal=causal, scale=scale
+        "naive_recurrent_linear_attn", q, k, v, log_decay, initial_state, causal=causal, scale=scale, check_values=True
     )
     dtype = compute_dtype(q.dtype)
     scale = 1.0 if scale is None else float(scale)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .checks import compute_dtype
 from .precision import without_autocast
@@ -77,18 +79,38 @@ def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     return k_pos.view(1, -1) <= q_pos.view(-1, 1)
 
 
-def sdpa(q, k, v, *, scale: float, attn_mask=None, is_causal: bool = False):
+def sdpa(q, k, v, *, scale: float, causal: bool = False):
     """torch's scaled_dot_product_attention on [B, T, H, D] tensors, GQA included; computes in
-    fp32 for half inputs on the CPU (fp64 stays fp64), returns q's dtype."""
+    fp32 for half inputs on the CPU (fp64 stays fp64), returns q's dtype.
+
+    causal: the Lq queries are the last Lq of the Lk key positions (bottom-right aligned; the
+    usual causal mask when Lq == Lk). On CUDA a shorter query block goes to the fused kernels
+    through torch's lower-right `CausalBias` (flash attention takes no explicit mask); the CPU
+    kernels take the boolean mask.
+    """
     dtype = q.dtype if q.is_cuda else compute_dtype(q.dtype)
     qh, kh, vh = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
     gqa = q.shape[2] != k.shape[2]
-    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    q_len, k_len = q.shape[1], k.shape[1]
+    mask = None
+    if causal and q_len != k_len:
+        mask = _bottom_right(q_len, k_len, q.device)
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                                       enable_gqa=gqa)
     return o.transpose(1, 2).to(q.dtype)
+
+
+def _bottom_right(q_len: int, k_len: int, device: torch.device):
+    if device.type != "cuda":
+        return causal_mask(torch.arange(k_len - q_len, k_len, device=device), torch.arange(k_len, device=device))
+    # CausalBias is a tensor subclass: built outside any active dispatch mode (a collective
+    # counter, torch's CommDebugMode), under which a subclass cannot be created.
+    with _disable_current_modes():
+        return causal_lower_right(q_len, k_len)
 
 
 @without_autocast
 def softmax_attn(q, k, v, *, causal: bool = True, scale=None):
     """Single-device softmax attention, [B, T, Hq, D] x [B, T, Hkv, D] -> [B, T, Hq, Dv]."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return sdpa(q, k, v, scale=scale, is_causal=causal)
+    return sdpa(q, k, v, scale=scale, causal=causal)

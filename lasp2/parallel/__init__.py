@@ -4,8 +4,9 @@ from .counting import CollectiveLog, count_collectives
 from .lasp1 import lasp1_linear_attn
 from .lasp2 import lasp2_linear_attn
 from .layout import LAYOUTS, positions, shard, unshard
-from .registry import LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel
+from .registry import LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel, method_spec, register
 from .ring import ring_attn, ring_linear_attn
+from .spec import Comm, MethodSpec, Plan, Problem
 from .ulysses import ulysses_attn, ulysses_linear_attn
 
 __all__ = [
@@ -13,13 +14,19 @@ __all__ = [
     "LINEAR_METHODS",
     "SOFTMAX_METHODS",
     "CollectiveLog",
+    "Comm",
+    "MethodSpec",
+    "Plan",
+    "Problem",
     "SequenceParallel",
     "allgather_attn",
     "allgather_linear_attn",
     "count_collectives",
     "lasp1_linear_attn",
     "lasp2_linear_attn",
+    "method_spec",
     "positions",
+    "register",
     "ring_attn",
     "ring_linear_attn",
     "shard",

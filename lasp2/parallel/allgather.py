@@ -2,7 +2,10 @@
 
 `allgather_attn` is LASP-2H's softmax path (the Llama 3 context-parallel recipe): the K/V heads
 (only the KV heads under GQA) of every rank are all-gathered, the local queries attend to them
-with the causal offsets of the layout, and the backward reduce-scatters dK and dV.
+with the causal offsets of the layout, and the backward reduce-scatters dK and dV. Each of the
+rank's slots (one, or two for zigzag) attends to the keys up to its own end, causal and aligned
+bottom-right (`ops.softmax_attn.sdpa`), so on GPU torch's fused kernels apply (flash attention
+takes no explicit mask).
 
 `allgather_linear_attn` is the paper's "Megatron-SP" baseline for linear attention: the same
 gather, then the masked left product (Q K^T) V over the whole sequence, quadratic in length.
@@ -13,21 +16,16 @@ from __future__ import annotations
 import torch
 
 from ..ops.checks import DECAY_HEAD, DECAY_NONE, DECAY_TOKEN
+from ..ops.chunk import chunk_linear_attn
 from ..ops.left_product import head_decay_cumulative, left_product_linear_attn
-from ..ops.softmax_attn import causal_mask, sdpa
+from ..ops.precision import without_autocast
+from ..ops.softmax_attn import sdpa, softmax_attn
 from .collectives import gather_sequence
-from .comm import group_rank_size
-from .inputs import run_linear_method, run_softmax_method
+from .inputs import check_linear_call, check_softmax_call, wire_dtype
+from .spec import LINEAR, SOFTMAX, Comm, MethodSpec, Plan
 
 
-def _allgather_attn(q, k, v, *, scale, causal, group, layout, shape):
-    rank = group_rank_size(group)[0]
-    k_all, v_all = gather_sequence([k, v], group, layout)  # one all-gather of the KV heads
-    q_pos = layout.local_positions(rank, shape.seq_len // layout.slots_per_rank, q.device)
-    mask = causal_mask(q_pos, torch.arange(k_all.shape[1], device=q.device)) if causal else None
-    return sdpa(q, k_all, v_all, scale=scale, attn_mask=mask)
-
-
+@without_autocast
 def allgather_attn(q, k, v, *, causal=True, scale=None, group=None, layout="contiguous", validate=False):
     """Softmax attention across the ranks of `group` by all-gathering K and V.
 
@@ -41,18 +39,41 @@ def allgather_attn(q, k, v, *, causal=True, scale=None, group=None, layout="cont
         validate: compare shapes, dtype, causal and scale across the group first (one small
             all-gather) so that mismatched ranks raise instead of hanging.
     Returns:
-        [B, C, Hq, Dv]. Per pass: forward one all-gather of B*C*Hkv*(D+Dv) values per rank;
-        backward one reduce-scatter of W times that.
+        [B, C, Hq, Dv]. The communication is `SOFTMAX_SPEC.plan` (the README's method table).
     """
-    return run_softmax_method("allgather_attn", _allgather_attn, q, k, v, scale=scale, causal=causal,
-                              group=group, validate=validate, layout=layout)
+    call = check_softmax_call(SOFTMAX_SPEC, q, k, v, scale=scale, causal=causal, group=group, validate=validate,
+                              layout=layout)
+    if call.world == 1:
+        return softmax_attn(q, k, v, causal=causal, scale=call.scale)
+    k_all, v_all = gather_sequence([k, v], group, call.layout)  # one all-gather of the KV heads
+    if not causal:
+        return sdpa(q, k_all, v_all, scale=call.scale)
+    slot_len = call.shape.seq_len // call.layout.slots_per_rank
+    outputs = []
+    for index, slot in enumerate(call.layout.slots(call.rank)):  # the keys up to the slot's end
+        q_slot = q[:, index * slot_len:(index + 1) * slot_len]
+        end = (slot + 1) * slot_len
+        outputs.append(sdpa(q_slot, k_all[:, :end], v_all[:, :end], scale=call.scale, causal=True))
+    return torch.cat(outputs, dim=1)
 
 
-def _allgather_linear(q, k, v, log_decay, *, kind, scale, causal, chunk_size, group, layout):
-    rank = group_rank_size(group)[0]
-    travelling = [k, v] + ([log_decay] if kind == DECAY_TOKEN else [])
-    k_all, v_all, *g_all = gather_sequence(travelling, group, layout)  # one all-gather
-    q_pos = layout.local_positions(rank, q.shape[1] // layout.slots_per_rank, q.device)
+@without_autocast
+def allgather_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
+                          validate=False, layout="contiguous"):
+    """Megatron-style sequence parallelism for linear attention (the paper's baseline): gather the
+    full-length K and V (and per-token decays), compute the masked left product locally.
+
+    Same signature as `lasp2_linear_attn` (chunk_size is used only on one device). Supports
+    log_decay None, [H] and [B, C, H]. The communication is `SPEC.plan`.
+    """
+    call = check_linear_call(SPEC, q, k, v, log_decay, scale=scale, causal=causal, group=group,
+                             chunk_size=chunk_size, validate=validate, layout=layout)
+    if call.world == 1:
+        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size)[0]
+    kind, dtype = call.shape.decay, wire_dtype(q, log_decay)
+    travelling = [k.to(dtype), v.to(dtype)] + ([log_decay.to(dtype)] if kind == DECAY_TOKEN else [])
+    k_all, v_all, *g_all = gather_sequence(travelling, group, call.layout)  # one all-gather
+    q_pos = call.layout.local_positions(call.rank, q.shape[1] // call.layout.slots_per_rank, q.device)
     k_pos = torch.arange(k_all.shape[1], device=q.device)
     Gq = Gk = None
     if kind == DECAY_HEAD:
@@ -60,21 +81,21 @@ def _allgather_linear(q, k, v, log_decay, *, kind, scale, causal, chunk_size, gr
     elif kind == DECAY_TOKEN:
         Gk = torch.cumsum(g_all[0].to(torch.float64), dim=1)  # [B, T, H], fp64: exact differences
         Gq = Gk[:, q_pos]
-    o = left_product_linear_attn(q, k_all, v_all, q_pos, k_pos, causal=causal, scale=scale, Gq=Gq, Gk=Gk)
+    o = left_product_linear_attn(q, k_all, v_all, q_pos, k_pos, causal=causal, scale=call.scale, Gq=Gq, Gk=Gk)
     return o.to(q.dtype)
 
 
-def allgather_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
-                          validate=False, layout="contiguous"):
-    """Megatron-style sequence parallelism for linear attention (the paper's baseline): gather the
-    full-length K and V (and per-token decays), compute the masked left product locally.
-
-    Same signature as `lasp2_linear_attn` (chunk_size is unused). Supports log_decay None, [H]
-    and [B, C, H]; [B, C, H, K] raises. Per pass: forward one all-gather of B*C*H*(K+V) (+B*C*H
-    for per-token decay) values per rank; backward one reduce-scatter of W times that.
-    """
-    return run_linear_method(
-        "allgather_linear_attn", _allgather_linear, q, k, v, log_decay, scale=scale, causal=causal,
-        group=group, chunk_size=chunk_size, validate=validate, layout=layout,
-        decays=(DECAY_NONE, DECAY_HEAD, DECAY_TOKEN), equal_lengths=True,
-    )
+SOFTMAX_SPEC = MethodSpec(
+    name="allgather", family=SOFTMAX, fn=allgather_attn, quadratic=True, compute="sdpa_bottom_right",
+    plan=Plan(forward=(Comm("all_gather", "B·C·Hkv·(D + Dv)", precision="input"),),
+              backward=(Comm("reduce_scatter", "W·B·C·Hkv·(D + Dv)", precision="input"),), steps="2"),
+    notes="LASP-2H's softmax path; only the KV heads travel; fused kernels with a bottom-right causal mask",
+)
+SPEC = MethodSpec(
+    name="allgather", family=LINEAR, fn=allgather_linear_attn, quadratic=True, compute="left_product",
+    decays=(DECAY_NONE, DECAY_HEAD, DECAY_TOKEN),
+    decay_reason="per-channel gates cannot be written as the masked (Q K^T) V it computes",
+    plan=Plan(forward=(Comm("all_gather", "B·C·H·(K + V + Gt)", precision="input"),),
+              backward=(Comm("reduce_scatter", "W·B·C·H·(K + V + Gt)", precision="input"),), steps="2"),
+    notes="Megatron-SP: full K/V on every rank, the masked left product",
+)

@@ -20,8 +20,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        out, _ = all_gather_dim0(x, group)
-        return out.view(-1, x.numel())
+        return all_gather_dim0(x, group).view(-1, x.numel())
 
     @staticmethod
     @without_autocast

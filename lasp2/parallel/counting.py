@@ -1,11 +1,16 @@
-"""Count the collectives a piece of code issues, by wrapping the `torch.distributed` functions.
+"""Count the collectives a piece of code issues, and the bytes each hands over, as the
+dispatcher sees them.
 
     with count_collectives() as log:
         out = lasp2_linear_attn(q, k, v, group=g)
-    log.count("all_gather_single"), log.bytes_sent()
+        out.sum().backward()
+    log.count("all_gather"), log.bytes_sent()
 
-Only calls made through the `torch.distributed` module attributes are seen (every method in
-this package calls them that way). Not thread safe; meant for tests and benchmarks.
+Every torch.distributed call reaches the dispatcher as a c10d op (`_allgather_base_`, `send`,
+`recv_`, `alltoall_base_`, batched point-to-point too), whichever Python function issued it, so
+nothing is patched and the library calls torch as it likes. The ops of an autograd backward run
+inside the block are seen too. Meant for tests and benchmarks: every op of the block passes
+through Python while counting.
 """
 from __future__ import annotations
 
@@ -13,88 +18,76 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
+from torch.utils._python_dispatch import TorchDispatchMode
 
-# function name -> (position, keyword) of the tensor this rank sends; None: nothing sent.
-_SENT_TENSOR = {
-    "all_gather_into_tensor": (1, "input_tensor"),
-    "all_gather_single": (1, "input_tensor"),
-    "reduce_scatter_single": (1, "input"),
-    "all_gather": (1, "tensor"),
-    "all_reduce": (0, "tensor"),
-    "reduce_scatter_tensor": (1, "input"),
-    "all_to_all_single": (1, "input"),
-    "broadcast": (0, "tensor"),
-    "send": (0, "tensor"),
-    "isend": (0, "tensor"),
-    "recv": None,
-    "irecv": None,
-    "barrier": None,
-    "batch_isend_irecv": None,  # counted per op below
+# c10d op -> (kind, index of the argument this rank hands over; None: it sends nothing)
+_OPS = {
+    "_allgather_base_": ("all_gather", 1),
+    "allgather_": ("all_gather", 1),
+    "allgather_into_tensor_coalesced_": ("all_gather", 1),
+    "_reduce_scatter_base_": ("reduce_scatter", 1),
+    "reduce_scatter_": ("reduce_scatter", 1),
+    "reduce_scatter_tensor_coalesced_": ("reduce_scatter", 1),
+    "alltoall_base_": ("all_to_all", 1),
+    "alltoall_": ("all_to_all", 1),
+    "allreduce_": ("all_reduce", 0),
+    "allreduce_coalesced_": ("all_reduce", 0),
+    "broadcast_": ("broadcast", 0),
+    "send": ("send", 0),
+    "recv_": ("recv", None),
+    "recv_any_source_": ("recv", None),
+    "barrier": ("barrier", None),
 }
-P2P_NAMES = ("send", "isend", "recv", "irecv", "batch_isend_irecv")
 
 
 @dataclass
 class CollectiveCall:
-    name: str
-    bytes_sent: int  # size of the tensor this rank contributes (or sends point to point)
-    group_size: int
-    async_op: bool = False
+    kind: str  # all_gather | reduce_scatter | all_to_all | all_reduce | broadcast | send | recv | barrier
+    bytes_sent: int  # what this rank hands to the call (a send: the message; a receive: 0)
 
 
 @dataclass
 class CollectiveLog:
     calls: list[CollectiveCall] = field(default_factory=list)
 
-    def count(self, *names: str) -> int:
-        """Calls of the given functions (all calls if none given)."""
-        return sum(1 for c in self.calls if not names or c.name in names)
+    def count(self, *kinds: str) -> int:
+        """Calls of the given kinds (all calls if none given)."""
+        return sum(1 for c in self.calls if not kinds or c.kind in kinds)
 
-    def bytes_sent(self, *names: str) -> int:
-        return sum(c.bytes_sent for c in self.calls if not names or c.name in names)
+    def bytes_sent(self, *kinds: str) -> int:
+        return sum(c.bytes_sent for c in self.calls if not kinds or c.kind in kinds)
 
-    def names(self) -> list[str]:
-        return [c.name for c in self.calls]
+    def kinds(self) -> list[str]:
+        return [c.kind for c in self.calls]
+
+    def rows(self, *kinds: str) -> list[tuple[str, int]]:
+        """[(kind, bytes)] in the order issued."""
+        return [(c.kind, c.bytes_sent) for c in self.calls if not kinds or c.kind in kinds]
 
 
-def _nbytes(t) -> int:
-    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+def _nbytes(arg) -> int:
+    if isinstance(arg, torch.Tensor):
+        return arg.numel() * arg.element_size()
+    if isinstance(arg, (list, tuple)):
+        return sum(_nbytes(a) for a in arg)
+    return 0
 
 
-def _group_size(kwargs) -> int:
-    group = kwargs.get("group")
-    return dist.get_world_size(group) if group is not None else dist.get_world_size()
+class _Counter(TorchDispatchMode):
+    def __init__(self, log: CollectiveLog):
+        super().__init__()
+        self.log = log
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d":
+            kind, sent = _OPS.get(func._opname, (func._opname, None))
+            self.log.calls.append(CollectiveCall(kind, 0 if sent is None else _nbytes(args[sent])))
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
 def count_collectives():
-    """Within the block, record every torch.distributed communication call into the log."""
+    """Within the block, record every collective and point-to-point call into the log."""
     log = CollectiveLog()
-    originals = {name: getattr(dist, name) for name in _SENT_TENSOR if hasattr(dist, name)}
-
-    def wrap(name, fn):
-        def counted(*args, **kwargs):
-            where = _SENT_TENSOR[name]
-            if name == "batch_isend_irecv":
-                for op in args[0]:
-                    sent = _nbytes(op.tensor) if op.op is c10d.isend else 0
-                    log.calls.append(CollectiveCall("isend" if sent else "irecv", sent, dist.get_world_size(op.group)))
-            else:
-                tensor = None
-                if where is not None:
-                    pos, key = where
-                    tensor = args[pos] if len(args) > pos else kwargs.get(key)
-                log.calls.append(CollectiveCall(name, _nbytes(tensor), _group_size(kwargs), bool(kwargs.get("async_op"))))
-            return fn(*args, **kwargs)
-
-        return counted
-
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(name, fn))
-    try:
+    with _Counter(log):
         yield log
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)

@@ -1,10 +1,18 @@
-"""Input checks and dispatch shared by every sequence-parallel method (before any collective)."""
+"""The one validator every sequence-parallel function calls first, before any collective.
+
+It checks the local inputs, the method's rules from its spec and the layout, and with
+validate=True also the values (a positive log decay) and that every rank of the group agrees
+(one small all-gather), so that ranks that differ all raise instead of hanging. It returns what
+the method body needs: the checked shape, the scale as a float, the chunk length, the layout.
+"""
 from __future__ import annotations
 
-from ..ops.checks import DECAY_KINDS, check_linear_attn_inputs, check_softmax_attn_inputs
-from ..ops.chunk import chunk_linear_attn, effective_chunk_size
-from ..ops.precision import without_autocast
-from ..ops.softmax_attn import softmax_attn
+from dataclasses import dataclass
+
+import torch
+
+from ..ops.checks import LinearAttnShape, SoftmaxAttnShape, check_linear_attn_inputs, check_softmax_attn_inputs
+from ..ops.chunk import effective_chunk_size
 from .comm import checked_across_group, group_rank_size
 from .layout import Layout
 
@@ -12,78 +20,79 @@ LINEAR_FIELDS = ("batch", "num_heads", "key_dim", "value_dim", "decay form", "dt
 SOFTMAX_FIELDS = ("batch", "num_heads", "num_kv_heads", "head_dim", "value_dim", "dtype", "causal", "scale")
 
 
-def _validated(fn, group, validate, check, fields, describe):
-    """check() locally; with validate=True also compare describe(...) across the group."""
-    if not validate or group_rank_size(group)[1] == 1:
-        return check()
-    return checked_across_group(fn, group, check, fields, describe)
+@dataclass(frozen=True)
+class Call:
+    """A checked call: shape (LinearAttnShape or SoftmaxAttnShape), the scale as a float, the
+    chunk length (linear), the layout over the group, this rank's index and the group size."""
+
+    shape: LinearAttnShape | SoftmaxAttnShape
+    scale: float
+    chunk_size: int
+    layout: Layout
+    rank: int
+    world: int
 
 
-def _layout(fn: str, group, layout: str, local_len: int) -> Layout:
-    lay = Layout(layout, group_rank_size(group)[1]) if isinstance(layout, str) else None
-    if lay is None:
+def _layout(fn: str, world: int, layout, local_len: int) -> Layout:
+    if not isinstance(layout, str):
         raise TypeError(f"{fn}: layout must be a string, got {type(layout).__name__}")
+    lay = Layout(layout, world)
     lay.check_local_length(local_len, fn)
     return lay
 
 
-@without_autocast
-def run_linear_method(fn, impl, q, k, v, log_decay, *, scale, causal, group, chunk_size, validate, layout,
-                      decays=DECAY_KINDS, equal_lengths=False, heads_check=None):
-    """The shared body of every sequence-parallel linear-attention function: check (before any
-    collective; `decays` lists the log-decay forms the method supports, `heads_check(shape, W)`
-    may add a rule on heads), fall back to the single-device op for group=None or a group of
-    one, else call impl(q, k, v, log_decay, kind=, scale=, causal=, chunk_size=, group=,
-    layout=Layout)."""
-    fields = LINEAR_FIELDS + (("local length",) if equal_lengths else ())
+def _checked(spec, fn: str, group, validate: bool, check, fields, describe):
+    """check() locally; with validate=True (and more than one rank) also compare describe(...)
+    across the group."""
+    fields = fields + (("local length",) if spec.equal_shards else ())
+    full = (lambda shape: describe(shape) + ((shape.seq_len,) if spec.equal_shards else ()))
+    if not validate or group_rank_size(group)[1] == 1:
+        return check()
+    return checked_across_group(fn, group, check, fields, full)
+
+
+def check_linear_call(spec, q, k, v, log_decay, *, scale, causal, group, chunk_size, validate, layout) -> Call:
+    """Checks a linear-attention call of `spec`'s method; raises TypeError/ValueError naming the
+    value and the rule."""
+    fn = spec.fn.__name__
+    rank, world = group_rank_size(group)
 
     def check():
-        shape = check_linear_attn_inputs(fn, q, k, v, log_decay, causal=causal, scale=scale)
-        if shape.decay not in decays:
-            allowed = ", ".join(d for d in DECAY_KINDS if d in decays)
-            raise ValueError(
-                f"{fn}: log decay of the {shape.decay!r} form is not supported by this method (supported: "
-                f"{allowed}); per-channel gates cannot be written as the masked (Q K^T) V it computes"
-            )
-        lay = _layout(fn, group, layout, shape.seq_len)
-        if heads_check is not None:
-            heads_check(shape, lay.world)
-        return shape, effective_chunk_size(chunk_size, shape.decay, fn), lay
+        shape = check_linear_attn_inputs(fn, q, k, v, log_decay, causal=causal, scale=scale, check_values=validate)
+        spec.check_rules(fn, shape.decay, shape.num_heads, shape.num_heads, world)
+        _layout(fn, world, layout, shape.seq_len)
+        return shape
 
-    def describe(checked):
-        s = checked[0]
-        described = (s.batch, s.num_heads, s.key_dim, s.value_dim, s.decay, s.dtype, causal, _scale(scale, 1.0))
-        return described + ((s.seq_len,) if equal_lengths else ())
+    def describe(s):
+        return (s.batch, s.num_heads, s.key_dim, s.value_dim, s.decay, s.dtype, causal, _scale(scale, 1.0))
 
-    shape, chunk_size, lay = _validated(fn, group, validate, check, fields, describe)
-    if lay.world == 1:
-        return chunk_linear_attn(q, k, v, log_decay, scale=scale, causal=causal, chunk_size=chunk_size)[0]
-    return impl(q, k, v, log_decay, kind=shape.decay, scale=_scale(scale, 1.0), causal=causal,
-                chunk_size=chunk_size, group=group, layout=lay)
+    shape = _checked(spec, fn, group, validate, check, LINEAR_FIELDS, describe)
+    return Call(shape, _scale(scale, 1.0), effective_chunk_size(chunk_size, shape.decay, fn),
+                Layout(layout, world), rank, world)
 
 
-@without_autocast
-def run_softmax_method(fn, impl, q, k, v, *, scale, causal, group, validate, layout, heads_check=None):
-    """The shared body of every sequence-parallel softmax-attention function; `heads_check(shape,
-    world)` may add a method's own rule (e.g. heads divisible by W). Calls impl(q, k, v,
-    scale=, causal=, group=, layout=Layout, shape=)."""
+def check_softmax_call(spec, q, k, v, *, scale, causal, group, validate, layout) -> Call:
+    """Checks a softmax-attention call of `spec`'s method (GQA: fewer key/value heads)."""
+    fn = spec.fn.__name__
+    rank, world = group_rank_size(group)
 
     def check():
         shape = check_softmax_attn_inputs(fn, q, k, v, causal=causal, scale=scale)
-        lay = _layout(fn, group, layout, shape.seq_len)
-        if heads_check is not None:
-            heads_check(shape, lay.world)
-        return shape, lay
+        spec.check_rules(fn, "none", shape.num_heads, shape.num_kv_heads, world)
+        _layout(fn, world, layout, shape.seq_len)
+        return shape
 
-    def describe(checked):
-        s = checked[0]
+    def describe(s):
         return (s.batch, s.num_heads, s.num_kv_heads, s.head_dim, s.value_dim, s.dtype, causal,
-                _scale(scale, s.head_dim**-0.5), s.seq_len)
+                _scale(scale, s.head_dim**-0.5))
 
-    shape, lay = _validated(fn, group, validate, check, SOFTMAX_FIELDS + ("local length",), describe)
-    if lay.world == 1:
-        return softmax_attn(q, k, v, causal=causal, scale=scale)
-    return impl(q, k, v, scale=_scale(scale, shape.head_dim**-0.5), causal=causal, group=group, layout=lay, shape=shape)
+    shape = _checked(spec, fn, group, validate, check, SOFTMAX_FIELDS, describe)
+    return Call(shape, _scale(scale, shape.head_dim**-0.5), 0, Layout(layout, world), rank, world)
+
+
+def wire_dtype(q: torch.Tensor, log_decay=None) -> torch.dtype:
+    """The dtype K/V blocks travel in: the inputs', promoted with the log decay's."""
+    return q.dtype if log_decay is None else torch.promote_types(q.dtype, log_decay.dtype)
 
 
 def _scale(scale, default: float) -> float:

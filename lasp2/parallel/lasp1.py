@@ -1,143 +1,134 @@
-"""LASP-1, the baseline LASP-2 replaces: the K x V state travels rank to rank with blocking P2P.
+"""LASP-1, the baseline LASP-2 replaces: the running state is relayed slot to slot, rank to rank.
 
-Causal forward: rank t receives S_in(t) from rank t-1, sends S_out = A_t S_in(t) + M_t to rank
-t+1, then computes its outputs: W-1 dependent hops. Causal backward: rank t receives dS_out from
-rank t+1 and sends dS_in(t) = (its outputs' gradient on S_in) + A_t dS_out to rank t-1: W-1 hops.
-Bidirectional: a prefix chain (0 -> W-1) then a suffix chain (W-1 -> 0) of partial sums, so
-2(W-1) sends per pass. Same bytes as LASP-2, serialized latency.
+Causal forward: each slot receives the state entering it from the rank holding the slot before
+(zeros for the first slot), passes A_t S_in + M_t on to the rank holding the next one: a chain of
+dependent hops (W−1 for contiguous shards, 2W−2 for zigzag, whose chain runs 0 -> W−1 and
+back). Every receive is posted before the local compute starts, so each hop waits only for the
+previous rank, not for this one's intra-chunk work (the overlap the paper describes). The
+backward relays the gradient on each slot's outgoing state the other way. Bidirectional: a
+prefix chain and a suffix chain of partial sums, 2(W−1) sends per pass. Same bytes as LASP-2,
+serialized latency. The math is LASP-2's (`engine.py`); only the exchange differs.
 """
 from __future__ import annotations
 
 import torch
 
+from ..ops.chunk import chunk_linear_attn
 from ..ops.precision import without_autocast
-from ..ops import bidirectional as bi
-from ..ops.boundary import apply_total_decay, final_state_grads, initial_state_grads, initial_state_output, total_decay
-from ..ops.chunk_kernels import grad_pass, grad_state_pass, output_pass, state_pass
-from ..ops.chunk_layout import ChunkedSeq
-from .comm import group_rank_size, recv_from, send_to
-from .inputs import run_linear_method
-from .layout import from_segments, segments, to_segments, unsegment_grads
+from .comm import irecv, isend
+from .engine import Pending, bidirectional_state_passing, causal_state_passing
+from .inputs import check_linear_call
+from .layout import Layout
+from .spec import LINEAR, Comm, MethodSpec, Plan
+from .transitions import Transition, transition_for
+
+PREFIX_TAG, SUFFIX_TAG = 0, 1
 
 
-def _relay(local: torch.Tensor, group, rank: int, world: int, forward: bool, combine) -> torch.Tensor:
-    """One chain of blocking hops along the ranks (forward: 0 -> W-1, else W-1 -> 0): receive
-    the carry from the previous rank in the chain (zeros at its head), send combine(carry) on.
-    Returns the received carry."""
-    prev, nxt = (rank - 1, rank + 1) if forward else (rank + 1, rank - 1)
-    carry = recv_from(local, group, prev) if 0 <= prev < world else torch.zeros_like(local)
-    if 0 <= nxt < world:
-        send_to(combine(carry), group, nxt)
-    return carry
+class _Relay:
+    """The exchange of LASP-1: a chain through the slots in sequence order (forward) or in
+    reverse (backward)."""
+
+    def __init__(self, group, layout: Layout, transition: Transition):
+        self.group, self.layout, self.transition = group, layout, transition
+        self.rank, self.world = torch.distributed.get_rank(group), layout.world
+        self.slots_per_rank = layout.slots_per_rank
+        self.transitions = None  # this rank's slots' A, kept for the backward
+
+    def _chain(self, local: torch.Tensor, a, forward: bool, apply) -> Pending:
+        """local [S*B, ...] this rank's slots stacked, a [S*B, H, Kg] or None. Each slot's carry
+        comes from the neighbouring slot (handed over locally when this rank holds both); the
+        slot passes local + apply(a, carry) on. wait() -> the carry that entered each slot."""
+        S, owner, n_slots = self.slots_per_rank, self.layout.slot_owner(), self.layout.n_slots
+        per_slot = local.view(S, -1, *local.shape[1:])
+        decays = [None] * S if a is None else list(a.view(S, -1, *a.shape[1:]))
+        step = 1 if forward else -1
+        order = list(enumerate(self.layout.slots(self.rank)))
+        order = order if forward else order[::-1]
+        received = {}  # posted now, before the local compute
+        for index, slot in order:
+            before = slot - step
+            if 0 <= before < n_slots and owner[before][0] != self.rank:
+                received[index] = irecv(per_slot[index], self.group, owner[before][0], tag=slot)
+
+        def relay():
+            carried, handed_over, sends = [None] * S, None, []
+            for index, slot in order:
+                before, after = slot - step, slot + step
+                if not 0 <= before < n_slots:
+                    carry = torch.zeros_like(per_slot[index])
+                elif owner[before][0] == self.rank:
+                    carry = handed_over
+                else:
+                    carry, work = received[index]
+                    work.wait()
+                carried[index] = carry
+                out = per_slot[index] + apply(decays[index], carry)
+                if 0 <= after < n_slots:
+                    if owner[after][0] == self.rank:
+                        handed_over = out
+                    else:
+                        sends.append(isend(out, self.group, owner[after][0], tag=after))
+            for work in sends:
+                work.wait()
+            return torch.cat(carried)
+
+        return Pending([], relay)
+
+    def start_forward(self, h_end, a):
+        self.transitions = a
+        return self._chain(h_end, a, True, self.transition.apply)
+
+    def start_backward(self, d_in):
+        return self._chain(d_in, self.transitions, False, self.transition.apply_transposed)
+
+    def start_sum(self, local):
+        """The sum of the other ranks' `local`: a prefix chain 0 -> W−1 of partial sums, then a
+        suffix chain W−1 -> 0; both receives posted first."""
+        rank, world = self.rank, self.world
+        before = irecv(local, self.group, rank - 1, PREFIX_TAG) if rank > 0 else None
+        after = irecv(local, self.group, rank + 1, SUFFIX_TAG) if rank < world - 1 else None
+
+        def relay():
+            sums, sends = [], []
+            for pending, nxt, tag in ((before, rank + 1, PREFIX_TAG), (after, rank - 1, SUFFIX_TAG)):
+                carry = torch.zeros_like(local) if pending is None else pending[0]
+                if pending is not None:
+                    pending[1].wait()
+                if 0 <= nxt < world:
+                    sends.append(isend(carry + local, self.group, nxt, tag))
+                sums.append(carry)
+            for work in sends:
+                work.wait()
+            return sums[0] + sums[1]
+
+        return Pending([], relay)
 
 
-def _relay_slots(local: torch.Tensor, decay, group, lay, rank: int, forward: bool) -> torch.Tensor:
-    """A chain through the layout's slots in sequence order (or reverse): each slot receives the
-    carry from the neighbouring slot's owner (handed over locally when this rank owns both),
-    and passes local + decay * carry on. local: [S*B, ...] this rank's slots stacked, decay
-    [S*B, H, Kg] or None. Returns the carry that entered each of this rank's slots."""
-    S = lay.slots_per_rank
-    per_slot = local.view(S, -1, *local.shape[1:])
-    decays = None if decay is None else decay.view(S, -1, *decay.shape[1:])
-    owner, step = lay.slot_owner(), 1 if forward else -1
-    order = list(enumerate(lay.slots(rank)))
-    carried, handed_over = [None] * S, None
-    for index, slot in (order if forward else order[::-1]):
-        before, after = slot - step, slot + step
-        if not 0 <= before < lay.n_slots:
-            carry = torch.zeros_like(per_slot[index])
-        elif owner[before][0] == rank:
-            carry = handed_over
-        else:
-            carry = recv_from(per_slot[index], group, owner[before][0])
-        carried[index] = carry
-        out = per_slot[index] + apply_total_decay(None if decays is None else decays[index], carry)
-        if 0 <= after < lay.n_slots:
-            if owner[after][0] == rank:
-                handed_over = out
-            else:
-                send_to(out, group, owner[after][0])
-    return torch.cat(carried)
-
-
-class _Lasp1Causal(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, log_decay, kind, scale, chunk_size, group, lay):
-        rank = group_rank_size(group)[0]
-        S = lay.slots_per_rank
-        seg = segments(q, k, v, log_decay, S)
-        x = ChunkedSeq.from_inputs(*seg, kind, chunk_size)
-        h_start, local_state = state_pass(x)
-        incoming = _relay_slots(local_state, total_decay(x), group, lay, rank, forward=True)
-        o = output_pass(x, h_start, scale) + initial_state_output(x, incoming, scale)
-        x.save_for_backward(ctx, *seg, incoming)
-        ctx.scale, ctx.group, ctx.lay = scale, group, lay
-        return from_segments(x.unchunk(o, q.dtype), S)
-
-    @staticmethod
-    @without_autocast
-    def backward(ctx, do):
-        x, (incoming,) = ChunkedSeq.from_ctx(ctx)
-        group, lay = ctx.group, ctx.lay
-        rank, S = group_rank_size(group)[0], lay.slots_per_rank
-        do_hat = x.output_grad(to_segments(do, S), ctx.scale)
-        delta_after, d_incoming = grad_state_pass(x, do_hat)
-        d_outgoing = _relay_slots(d_incoming, total_decay(x), group, lay, rank, forward=False)
-        h_start, _ = state_pass(x)
-        dq, dk, dv, dg = grad_pass(x, do_hat, h_start, delta_after)
-        dq_in, dg_in = initial_state_grads(x, do_hat, incoming)
-        dk_out, dv_out, dg_out, _ = final_state_grads(x, d_outgoing, incoming)
-        dg = None if dg is None else dg + dg_in + dg_out
-        grads = x.input_grads(dq + dq_in, dk + dk_out, dv + dv_out, dg)
-        return (*unsegment_grads(grads, S), None, None, None, None, None)
-
-
-def _sum_over_ranks(local: torch.Tensor, group, rank: int, world: int) -> torch.Tensor:
-    """sum over ranks s != rank of their `local`, by a prefix chain then a suffix chain."""
-    before = _relay(local, group, rank, world, True, lambda s: s + local)
-    after = _relay(local, group, rank, world, False, lambda s: s + local)
-    return before + after
-
-
-class _Lasp1Bidirectional(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, group):
-        rank, world = group_rank_size(group)
-        local_state = bi.local_state(k, v)
-        total = local_state + _sum_over_ranks(local_state, group, rank, world)
-        ctx.save_for_backward(q, k, v, total)
-        ctx.meta = (scale, group)
-        return bi.state_output(q, total, scale).to(q.dtype)
-
-    @staticmethod
-    @without_autocast
-    def backward(ctx, do):
-        q, k, v, total = ctx.saved_tensors
-        scale, group = ctx.meta
-        rank, world = group_rank_size(group)
-        d_local = bi.state_grad(q, do, scale)
-        d_total = d_local + _sum_over_ranks(d_local, group, rank, world)
-        dk, dv = bi.key_value_grads(k, v, d_total)
-        return bi.query_grad(do, total, scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
-
-
-def _lasp1(q, k, v, log_decay, *, kind, scale, causal, chunk_size, group, layout):
-    if not causal:  # every token sees every state: the layout does not matter
-        return _Lasp1Bidirectional.apply(q, k, v, scale, group)
-    return _Lasp1Causal.apply(q, k, v, log_decay, kind, scale, chunk_size, group, layout)
-
-
+@without_autocast
 def lasp1_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
                       validate=False, layout="contiguous"):
     """LASP-1 sequence-parallel linear attention; the signature and results of
-    `lasp2_linear_attn`, with the state relayed slot to slot by blocking send/recv instead of
-    all-gathered.
+    `lasp2_linear_attn`, with the state relayed slot to slot by point-to-point sends instead of
+    all-gathered. The communication is `SPEC.plan` (the README's method table)."""
+    call = check_linear_call(SPEC, q, k, v, log_decay, scale=scale, causal=causal, group=group,
+                             chunk_size=chunk_size, validate=validate, layout=layout)
+    if call.world == 1:
+        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size)[0]
+    exchange = _Relay(group, call.layout, transition_for(call.shape.decay))
+    if not causal:
+        return bidirectional_state_passing(q, k, v, scale=call.scale, exchange=exchange)
+    return causal_state_passing(q, k, v, log_decay, kind=call.shape.decay, scale=call.scale,
+                                chunk_size=call.chunk_size, exchange=exchange)
 
-    Causal, per pass across the group: W-1 dependent sends (contiguous: every rank but the last
-    sends forward, every rank but the first sends backward) or 2W-2 (zigzag: the chain runs
-    0 -> W-1 and back), B*H*K*V values each, no all-gather. Bidirectional: 2(W-1) sends.
-    """
-    return run_linear_method(
-        "lasp1_linear_attn", _lasp1, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-        chunk_size=chunk_size, validate=validate, layout=layout,
-    )
+
+_PREFIX_AND_SUFFIX = (Comm("send", "B·H·K·V", "W−1", chain="up", over="ranks"),
+                      Comm("send", "B·H·K·V", "W−1", chain="down", over="ranks"))
+SPEC = MethodSpec(
+    name="lasp1", family=LINEAR, fn=lasp1_linear_attn, equal_shards=False,
+    plan=Plan(forward=(Comm("send", "B·H·K·V", "S·(W−1)", chain="up"),),
+              backward=(Comm("send", "B·H·K·V", "S·(W−1)", chain="down"),),
+              steps="2·S·(W−1)", overlap="the intra-chunk compute (receives posted first)"),
+    bidirectional=Plan(forward=_PREFIX_AND_SUFFIX, backward=_PREFIX_AND_SUFFIX, steps="4·(W−1)"),
+    notes="the state relayed by dependent hops",
+)

@@ -1,126 +1,81 @@
-"""LASP-2: sequence-parallel linear attention with one all-gather of K x V states per pass.
+"""LASP-2: sequence-parallel linear attention with one all-gather of slot summaries per pass.
 
-The sequence is cut into slots in order (the layout: one slot per rank, or two for zigzag);
-a rank's slots are stacked into its batch. Forward: compute each slot's local state M_s and
-transition A_s, start an all-gather of them, compute the local (zero-initial-state) output while
-it travels, then add the term of each slot's incoming state S_in(s) = sum_{u<s} (prod_{u<r<s}
-A_r) M_u. Backward: gather dS_in(s), the gradient the slot's outputs put on its incoming state,
-overlap it with the local backward, then add the terms of dM_s = sum_{u>s} (prod_{s<r<u} A_r)
-dS_in(u). The scans over slots run in fp32 (fp64 for fp64 inputs).
+The sequence is cut into slots in order (the layout: one slot per rank, or two for zigzag). Each
+rank reduces each of its slots to an affine summary (M_t: its state from a zero incoming state;
+A_t: its transition), all-gathers them once, and combines the earlier slots' summaries into its
+incoming state S_in = A_{t-1} S_in(t-1) + M_{t-1}; the gather overlaps the intra-chunk compute.
+The backward all-gathers each slot's gradient on its incoming state and combines the later ones
+with the transposed transitions, overlapped with the recomputed states and query-side
+gradients. Scans over slots run in fp32 (fp64 for fp64 inputs). See `engine.py`.
 """
 from __future__ import annotations
 
 import torch
 
+from ..ops.chunk import chunk_linear_attn
 from ..ops.precision import without_autocast
-from ..ops import bidirectional as bi
-from ..ops.boundary import final_state_grads, initial_state_grads, initial_state_output, total_decay
-from ..ops.chunk_kernels import grad_pass, grad_state_pass, output_pass, state_pass
-from ..ops.chunk_layout import ChunkedSeq
-from ..ops.scan import prefix_scan, suffix_scan
-from .comm import all_gather_async, group_rank_size
-from .inputs import run_linear_method
-from .layout import from_segments, segments, slots_in_order, to_segments, unsegment_grads
-
-def slot_states(gathered: torch.Tensor, lay, state_shape, decay_shape):
-    """Unpack an all-gathered [W * n] buffer of every rank's (states, transitions) for its S
-    slots into sequence order: states [B, H, n_slots, K, V], transitions [B, H, n_slots, Kg]
-    (None without decay). state_shape is [S*B, H, K, V], decay_shape [S*B, H, Kg]."""
-    rows = gathered.view(lay.world, -1)
-    n_state = torch.Size(state_shape).numel()
-    S = lay.slots_per_rank
-
-    def ordered(part, shape):
-        per_rank = part.reshape(lay.world, S, shape[0] // S, *shape[1:])
-        return slots_in_order(per_rank, lay).movedim(0, 2).contiguous()
-
-    states = ordered(rows[:, :n_state], state_shape)
-    return states, None if decay_shape is None else ordered(rows[:, n_state:], decay_shape)
+from .comm import all_gather_async
+from .engine import Pending, bidirectional_state_passing, causal_state_passing
+from .inputs import check_linear_call
+from .layout import Layout, slots_in_order
+from .spec import LINEAR, Comm, MethodSpec, Plan
+from .transitions import Transition, transition_for
 
 
-def mine(per_slot: torch.Tensor, lay, rank: int) -> torch.Tensor:
-    """[B, H, n_slots, ...] -> this rank's slots stacked into the batch, [S*B, H, ...]."""
-    return torch.cat([per_slot[:, :, s] for s in lay.slots(rank)])
+class _AllGatherSummaries:
+    """The exchange of LASP-2: one all-gather of every slot's (M, A) forward, of every slot's
+    gradient on its incoming state backward."""
+
+    def __init__(self, group, layout: Layout, transition: Transition):
+        self.group, self.layout, self.transition = group, layout, transition
+        self.rank = torch.distributed.get_rank(group)
+        self.slots_per_rank = layout.slots_per_rank
+        self.transitions = None  # every slot's A in sequence order, kept for the backward
+
+    def _in_order(self, rows: torch.Tensor, shape) -> torch.Tensor:
+        """Rows of every rank's [S*B, H, ...] pieces -> [B, H, n_slots, ...] in sequence order."""
+        S = self.slots_per_rank
+        per_rank = rows.reshape(self.layout.world, S, shape[0] // S, *shape[1:])
+        return slots_in_order(per_rank, self.layout).movedim(0, 2).contiguous()
+
+    def _mine(self, per_slot: torch.Tensor) -> torch.Tensor:
+        """[B, H, n_slots, ...] -> this rank's slots stacked into the batch, [S*B, H, ...]."""
+        return torch.cat([per_slot[:, :, s] for s in self.layout.slots(self.rank)])
+
+    def start_forward(self, h_end, a):
+        payload = torch.cat([h_end.reshape(-1), *self.transition.pack(a)])
+        gathered, work = all_gather_async(payload, self.group)
+
+        def incoming():
+            rows = gathered.view(self.layout.world, -1)
+            n = h_end.numel()
+            states = self._in_order(rows[:, :n], h_end.shape)
+            if a is not None:
+                self.transitions = self._in_order(rows[:, n:], a.shape)
+            return self._mine(self.transition.prefix(states, self.transitions))
+
+        return Pending([work], incoming)
+
+    def start_backward(self, d_in):
+        gathered, work = all_gather_async(d_in.reshape(-1), self.group)
+
+        def outgoing():
+            per_slot = self._in_order(gathered.view(self.layout.world, -1), d_in.shape)
+            return self._mine(self.transition.suffix(per_slot, self.transitions))
+
+        return Pending([work], outgoing)
+
+    def start_sum(self, local):
+        gathered, work = all_gather_async(local.reshape(-1), self.group)
+
+        def others():
+            rows = gathered.view(self.layout.world, *local.shape)
+            return sum(rows[r] for r in range(self.layout.world) if r != self.rank)
+
+        return Pending([work], others)
 
 
-class _Lasp2Causal(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, log_decay, kind, scale, chunk_size, group, lay):
-        rank = group_rank_size(group)[0]
-        S = lay.slots_per_rank  # a rank's slots are stacked into the batch: [S*B, C/S, H, D]
-        seg = segments(q, k, v, log_decay, S)
-        x = ChunkedSeq.from_inputs(*seg, kind, chunk_size)
-        h_start, local_state = state_pass(x)  # M for each of this rank's slots
-        decay = total_decay(x)  # A for each slot, None without decay
-        payload = local_state.flatten() if decay is None else torch.cat([local_state.flatten(), decay.flatten()])
-        gathered, work = all_gather_async(payload, group)
-        o = output_pass(x, h_start, scale)  # overlaps the all-gather
-        work.wait()
-        states, decays = slot_states(gathered, lay, local_state.shape, None if decay is None else decay.shape)
-        incoming = mine(prefix_scan(states, decays)[0], lay, rank)  # S_in of each slot
-        o += initial_state_output(x, incoming, scale)
-        x.save_for_backward(ctx, *seg, incoming, decays)
-        ctx.scale, ctx.group, ctx.lay = scale, group, lay
-        return from_segments(x.unchunk(o, q.dtype), S)
-
-    @staticmethod
-    @without_autocast
-    def backward(ctx, do):
-        x, (incoming, decays) = ChunkedSeq.from_ctx(ctx)
-        group, lay = ctx.group, ctx.lay
-        rank, S = group_rank_size(group)[0], lay.slots_per_rank
-        do_hat = x.output_grad(to_segments(do, S), ctx.scale)
-        delta_after, d_incoming = grad_state_pass(x, do_hat)  # dS_in of each slot
-        gathered, work = all_gather_async(d_incoming.flatten(), group)
-        h_start, _ = state_pass(x)  # the local backward overlaps the all-gather
-        dq, dk, dv, dg = grad_pass(x, do_hat, h_start, delta_after)
-        dq_in, dg_in = initial_state_grads(x, do_hat, incoming)
-        work.wait()
-        d_states, _ = slot_states(gathered, lay, d_incoming.shape, None)
-        d_outgoing = mine(suffix_scan(d_states, decays)[0], lay, rank)  # dM of each slot
-        dk_out, dv_out, dg_out, _ = final_state_grads(x, d_outgoing, incoming)
-        dg = None if dg is None else dg + dg_in + dg_out
-        grads = x.input_grads(dq + dq_in, dk + dk_out, dv + dv_out, dg)
-        return (*unsegment_grads(grads, S), None, None, None, None, None)
-
-
-class _Lasp2Bidirectional(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, group):
-        rank, world = group_rank_size(group)
-        local_state = bi.local_state(k, v)
-        gathered, work = all_gather_async(local_state.flatten(), group)
-        o = bi.state_output(q, local_state, scale)  # this rank's own keys, while the gather runs
-        work.wait()
-        states = gathered.view(world, *local_state.shape)
-        others = sum(states[s] for s in range(world) if s != rank)
-        o += bi.state_output(q, others, scale)
-        ctx.save_for_backward(q, k, v, local_state + others)
-        ctx.meta = (scale, group)
-        return o.to(q.dtype)
-
-    @staticmethod
-    @without_autocast
-    def backward(ctx, do):
-        q, k, v, total_state = ctx.saved_tensors
-        scale, group = ctx.meta
-        rank, world = group_rank_size(group)
-        d_local = bi.state_grad(q, do, scale)
-        gathered, work = all_gather_async(d_local.flatten(), group)
-        dq = bi.query_grad(do, total_state, scale)
-        dk, dv = bi.key_value_grads(k, v, d_local)
-        work.wait()
-        d_states = gathered.view(world, *d_local.shape)
-        dk_o, dv_o = bi.key_value_grads(k, v, sum(d_states[s] for s in range(world) if s != rank))
-        return dq.to(q.dtype), (dk + dk_o).to(k.dtype), (dv + dv_o).to(v.dtype), None, None
-
-
-def _lasp2(q, k, v, log_decay, *, kind, scale, causal, chunk_size, group, layout):
-    if not causal:  # every token sees every state: the layout does not matter
-        return _Lasp2Bidirectional.apply(q, k, v, scale, group)
-    return _Lasp2Causal.apply(q, k, v, log_decay, kind, scale, chunk_size, group, layout)
-
-
+@without_autocast
 def lasp2_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
                       validate=False, layout="contiguous"):
     """LASP-2 sequence-parallel linear attention over the ranks of `group`.
@@ -136,18 +91,31 @@ def lasp2_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group
         group: the sequence-parallel process group; None or a group of size 1 runs the
             single-device op with no communication.
         chunk_size: tokens per chunk of the local computation.
-        validate: first compare B, H, K, V, dtype, decay form, causal and scale across the group
-            with one extra all-gather of 9 float64 values per rank (one collective latency), so
-            that mismatched ranks raise the same ValueError instead of hanging or exchanging
-            wrongly sized buffers. Off by default.
+        validate: first check the values (log decay <= 0) and compare B, H, K, V, dtype, decay
+            form, causal and scale across the group with one extra all-gather of 9 float64
+            values per rank (one collective latency), so that mismatched ranks raise the same
+            ValueError instead of hanging or exchanging wrongly sized buffers. Off by default.
         layout: "contiguous" (shards may differ in length) or "zigzag" (even local length).
 
     Returns:
-        o [B, C, H, V], this rank's shard of the output, in q's dtype. Exactly one all-gather in
-        the forward (S*B*H*K*V + S*B*H*Kg values per rank; S = 1 contiguous, 2 zigzag; Kg = K
-        for GLA gates, 1 for scalar decay, 0 without) and one in the backward (S*B*H*K*V).
+        o [B, C, H, V], this rank's shard of the output, in q's dtype. The communication is
+        `SPEC.plan` (the README's method table).
     """
-    return run_linear_method(
-        "lasp2_linear_attn", _lasp2, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-        chunk_size=chunk_size, validate=validate, layout=layout,
-    )
+    call = check_linear_call(SPEC, q, k, v, log_decay, scale=scale, causal=causal, group=group,
+                             chunk_size=chunk_size, validate=validate, layout=layout)
+    if call.world == 1:
+        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size)[0]
+    exchange = _AllGatherSummaries(group, call.layout, transition_for(call.shape.decay))
+    if not causal:  # every token sees every state: the layout does not matter
+        return bidirectional_state_passing(q, k, v, scale=call.scale, exchange=exchange)
+    return causal_state_passing(q, k, v, log_decay, kind=call.shape.decay, scale=call.scale,
+                                chunk_size=call.chunk_size, exchange=exchange)
+
+
+SPEC = MethodSpec(
+    name="lasp2", family=LINEAR, fn=lasp2_linear_attn, equal_shards=False,
+    plan=Plan(forward=(Comm("all_gather", "S·B·H·(K·V + Kg)"),), backward=(Comm("all_gather", "S·B·H·K·V"),),
+              steps="2", overlap="the intra-chunk compute"),
+    bidirectional=Plan(forward=(Comm("all_gather", "B·H·K·V"),), backward=(Comm("all_gather", "B·H·K·V"),), steps="2"),
+    notes="independent of N",
+)

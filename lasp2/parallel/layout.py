@@ -93,7 +93,7 @@ def unshard(x_local: torch.Tensor, group, layout: str = "contiguous", dim: int =
         return x_local.clone()
     slot_len = lay.check_local_length(x_local.shape[dim], "unshard")
     moved = x_local.movedim(dim, 0).contiguous()
-    gathered, _ = all_gather_dim0(moved, group)
+    gathered = all_gather_dim0(moved, group)
     per_rank = gathered.view(lay.world, lay.slots_per_rank, slot_len, *moved.shape[1:])
     ordered = torch.cat([per_rank[r, i] for r, i in lay.slot_owner()], dim=0)
     return ordered.movedim(0, dim)

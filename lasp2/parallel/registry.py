@@ -11,26 +11,35 @@ from __future__ import annotations
 
 import torch
 
-from .allgather import allgather_attn, allgather_linear_attn
+from . import allgather, lasp1, lasp2, ring, ulysses
 from .comm import group_rank_size
-from .lasp1 import lasp1_linear_attn
-from .lasp2 import lasp2_linear_attn
 from .layout import LAYOUTS, Layout, positions, shard, unshard
-from .ring import ring_attn, ring_linear_attn
-from .ulysses import ulysses_attn, ulysses_linear_attn
+from .spec import LINEAR, SOFTMAX, MethodSpec
 
-LINEAR_METHODS = {
-    "lasp2": lasp2_linear_attn,
-    "lasp1": lasp1_linear_attn,
-    "ring": ring_linear_attn,
-    "allgather": allgather_linear_attn,
-    "ulysses": ulysses_linear_attn,
-}
-SOFTMAX_METHODS = {
-    "allgather": allgather_attn,
-    "ring": ring_attn,
-    "ulysses": ulysses_attn,
-}
+# name -> MethodSpec, by family; the spec's `fn` is the method's function.
+LINEAR_METHODS: dict[str, MethodSpec] = {}
+SOFTMAX_METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Makes a method available by name to `SequenceParallel`, the trainer and the benchmarks
+    (a method in its own file only needs this call)."""
+    methods = {LINEAR: LINEAR_METHODS, SOFTMAX: SOFTMAX_METHODS}[spec.family]
+    methods[spec.name] = spec
+    return spec
+
+
+for _spec in (lasp2.SPEC, lasp1.SPEC, ring.SPEC, allgather.SPEC, ulysses.SPEC,
+              allgather.SOFTMAX_SPEC, ring.SOFTMAX_SPEC, ulysses.SOFTMAX_SPEC):
+    register(_spec)
+
+
+def method_spec(family: str, name: str) -> MethodSpec:
+    """The spec of a registered method; ValueError listing the valid names otherwise."""
+    methods = {LINEAR: LINEAR_METHODS, SOFTMAX: SOFTMAX_METHODS}[family]
+    if name not in methods:
+        raise ValueError(f"unknown {family} method {name!r} (valid: {', '.join(methods)})")
+    return methods[name]
 
 
 class SequenceParallel:
@@ -66,13 +75,13 @@ class SequenceParallel:
 
     def linear_attn(self, q, k, v, log_decay=None, causal: bool = True, scale=None) -> torch.Tensor:
         """[B, C, H, K|K|V] local shard -> [B, C, H, V] (see lasp2_linear_attn)."""
-        return LINEAR_METHODS[self.linear](q, k, v, log_decay, scale=scale, causal=causal, group=self.group,
-                                           chunk_size=self.chunk_size, validate=self.validate, layout=self.layout)
+        return LINEAR_METHODS[self.linear].fn(q, k, v, log_decay, scale=scale, causal=causal, group=self.group,
+                                              chunk_size=self.chunk_size, validate=self.validate, layout=self.layout)
 
     def softmax_attn(self, q, k, v, causal: bool = True, scale=None) -> torch.Tensor:
         """[B, C, Hq, D], [B, C, Hkv, D], [B, C, Hkv, Dv] local shard -> [B, C, Hq, Dv]."""
-        return SOFTMAX_METHODS[self.softmax](q, k, v, causal=causal, scale=scale, group=self.group,
-                                             layout=self.layout, validate=self.validate)
+        return SOFTMAX_METHODS[self.softmax].fn(q, k, v, causal=causal, scale=scale, group=self.group,
+                                                layout=self.layout, validate=self.validate)
 
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return shard(x, self.group, self.layout, dim)

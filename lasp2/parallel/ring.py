@@ -7,25 +7,29 @@ autograd: dQ accumulates locally, dK/dV travel with their block and arrive at it
 hops. Per pass per rank: forward W-1 exchanges of the K/V block; backward W-1 of the K/V block
 and W of its gradient.
 
-`ring_attn` merges softmax blocks with a stable log-sum-exp in fp32 (fp64 for fp64).
-`ring_linear_attn` is the paper's Ring Attention baseline for linear attention: the masked left
-product (Q K_b^T) V_b per block, summed, without the right-product trick. Per-token decays need
-the cumulative decay at each slot start: one extra small all-gather forward (reduce-scatter
-backward) of B*H values per slot.
+K/V blocks travel in the input dtype; each block is computed, and the gradients that travel
+with it are accumulated, in fp32 (fp64 for fp64 inputs). `ring_attn` merges softmax blocks with
+a stable log-sum-exp. `ring_linear_attn` is the paper's Ring Attention baseline for linear
+attention: the masked left product (Q K_b^T) V_b per block, summed, without the right-product
+trick. Per-token decays need the cumulative decay at each slot start: one extra small all-gather
+forward (reduce-scatter backward) of B*H values per slot.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
-from ..ops.precision import without_autocast
 from ..ops.checks import DECAY_HEAD, DECAY_NONE, DECAY_TOKEN, compute_dtype
+from ..ops.chunk import chunk_linear_attn
 from ..ops.left_product import head_decay_cumulative, left_product_linear_attn
+from ..ops.precision import without_autocast
 from ..ops.scan import exclusive_cumsum
-from ..ops.softmax_attn import attention_block, merge_blocks
+from ..ops.softmax_attn import attention_block, merge_blocks, softmax_attn
 from .collectives import gather_rows
-from .comm import group_rank_size, ring_exchange
-from .inputs import run_linear_method, run_softmax_method
+from .comm import ring_exchange
+from .inputs import check_linear_call, check_softmax_call, wire_dtype
 from .layout import slots_in_order
+from .spec import LINEAR, SOFTMAX, Comm, MethodSpec, Plan
 
 KV_TAG, GRAD_TAG = 0, 1
 
@@ -35,7 +39,7 @@ class _Ring(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, blocks, group, kv, *q_side):
-        rank, world = group_rank_size(group)
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
         o = lse = None
         current = kv
         for step in range(world):
@@ -60,7 +64,8 @@ class _Ring(torch.autograd.Function):
     def backward(ctx, do):
         kv, o, lse, *q_side = ctx.saved_tensors
         blocks, group = ctx.blocks, ctx.group
-        rank, world = group_rank_size(group)
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        dtype = compute_dtype(kv.dtype)
         wants = ctx.needs_input_grad[3:]
         leaves = [None if t is None else t.detach().requires_grad_(w) for t, w in zip(q_side, wants)]
         d_q_side = [None if t is None or not w else torch.zeros_like(t) for t, w in zip(q_side, wants)]
@@ -72,7 +77,7 @@ class _Ring(torch.autograd.Function):
             d_block = None
             if blocks.visible(src):
                 with torch.enable_grad():
-                    kv_leaf = current.detach().requires_grad_(True)
+                    kv_leaf = current.detach().to(dtype).requires_grad_(True)  # its gradient accumulates in fp32
                     result = blocks.block(leaves, kv_leaf, src)
                     inputs = [kv_leaf] + [t for t in leaves if t is not None and t.requires_grad]
                     grads = torch.autograd.grad(result, inputs, _block_output_grads(result, o, lse, do), allow_unused=True)
@@ -84,18 +89,18 @@ class _Ring(torch.autograd.Function):
                             d_q_side[i] += g
             if grad_handle is not None:
                 grad_handle.wait()  # the gradient of the block arriving with `current`
-            d_kv = _add_or_zeros(pending, d_block, kv)
+            d_kv = _add_or_zeros(pending, d_block, kv, dtype)
             pending, grad_handle = ring_exchange(d_kv, group, GRAD_TAG)  # the block's gradient moves on
             if step + 1 < world:
                 kv_handle.wait()
                 current = arriving
         grad_handle.wait()  # after W hops, the gradient of this rank's own block
-        return (None, None, pending, *d_q_side)
+        return (None, None, pending.to(kv.dtype), *d_q_side)
 
 
-def _add_or_zeros(a, b, like):
+def _add_or_zeros(a, b, like, dtype):
     if a is None and b is None:
-        return torch.zeros_like(like)
+        return torch.zeros_like(like, dtype=dtype)
     return b if a is None else (a if b is None else a + b)
 
 
@@ -166,22 +171,18 @@ class _LinearBlocks(_Blocks):
         return (left_product_linear_attn(q, k, v, self.q_pos, k_pos, causal=self.causal, scale=self.scale, Gq=Gq, Gk=Gk),)
 
 
-def _ring_attn(q, k, v, *, scale, causal, group, layout, shape):
-    rank = group_rank_size(group)[0]
-    dtype = compute_dtype(q.dtype)
-    blocks = _SoftmaxBlocks(layout, rank, shape.seq_len // layout.slots_per_rank, (k.shape, v.shape), causal, scale, q.device)
-    kv = torch.cat([k.reshape(-1), v.reshape(-1)]).to(dtype)
-    return _Ring.apply(blocks, group, kv, q).to(q.dtype)
-
-
+@without_autocast
 def ring_attn(q, k, v, *, causal=True, scale=None, group=None, layout="contiguous", validate=False):
     """Ring Attention (softmax) across the ranks of `group`; the signature of `allgather_attn`.
-
-    Per pass per rank: forward W-1 ring exchanges of B*C*Hkv*(D+Dv) values; backward W-1 of the
-    K/V block and W of its gradient. Computes in fp32 (fp64 for fp64 inputs), K/V travel in it.
-    """
-    return run_softmax_method("ring_attn", _ring_attn, q, k, v, scale=scale, causal=causal, group=group,
-                              validate=validate, layout=layout)
+    The communication is `SOFTMAX_SPEC.plan` (the README's method table)."""
+    call = check_softmax_call(SOFTMAX_SPEC, q, k, v, scale=scale, causal=causal, group=group, validate=validate,
+                              layout=layout)
+    if call.world == 1:
+        return softmax_attn(q, k, v, causal=causal, scale=call.scale)
+    slot_len = call.shape.seq_len // call.layout.slots_per_rank
+    blocks = _SoftmaxBlocks(call.layout, call.rank, slot_len, (k.shape, v.shape), causal, call.scale, q.device)
+    kv = torch.cat([k.reshape(-1), v.reshape(-1)])  # travels in the input dtype
+    return _Ring.apply(blocks, group, kv, q).to(q.dtype)
 
 
 def _slot_offsets(log_decay, group, layout):
@@ -193,31 +194,44 @@ def _slot_offsets(log_decay, group, layout):
     return exclusive_cumsum(slots_in_order(rows, layout), dim=0)
 
 
-def _ring_linear(q, k, v, log_decay, *, kind, scale, causal, chunk_size, group, layout):
-    rank = group_rank_size(group)[0]
-    dtype = compute_dtype(q.dtype)
-    travelling = [k, v] + ([log_decay] if kind == DECAY_TOKEN else [])
-    blocks = _LinearBlocks(layout, rank, q.shape[1] // layout.slots_per_rank, [t.shape for t in travelling],
-                           causal, scale, q.device)
-    g_local = log_decay if kind == DECAY_TOKEN else None
-    g_head = log_decay if kind == DECAY_HEAD else None
-    offsets = _slot_offsets(log_decay, group, layout) if kind == DECAY_TOKEN else None
-    kv = torch.cat([t.reshape(-1).to(dtype) for t in travelling])
-    return _Ring.apply(blocks, group, kv, q, g_local, g_head, offsets).to(q.dtype)
-
-
+@without_autocast
 def ring_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
                      validate=False, layout="contiguous"):
     """Ring Attention applied to linear attention without the right-product trick (the paper's
-    baseline); the signature of `lasp2_linear_attn` (chunk_size is unused).
+    baseline); the signature of `lasp2_linear_attn` (chunk_size is used only on one device).
+    Supports log_decay None, [H] and [B, C, H]. The communication is `SPEC.plan`."""
+    call = check_linear_call(SPEC, q, k, v, log_decay, scale=scale, causal=causal, group=group,
+                             chunk_size=chunk_size, validate=validate, layout=layout)
+    if call.world == 1:
+        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size)[0]
+    kind, lay = call.shape.decay, call.layout
+    travelling = [k, v] + ([log_decay] if kind == DECAY_TOKEN else [])
+    blocks = _LinearBlocks(lay, call.rank, q.shape[1] // lay.slots_per_rank, [t.shape for t in travelling],
+                           causal, call.scale, q.device)
+    g_local = log_decay if kind == DECAY_TOKEN else None
+    g_head = log_decay if kind == DECAY_HEAD else None
+    offsets = _slot_offsets(log_decay, group, lay) if kind == DECAY_TOKEN else None
+    kv = torch.cat([t.reshape(-1).to(wire_dtype(q, log_decay)) for t in travelling])  # the input dtype
+    return _Ring.apply(blocks, group, kv, q, g_local, g_head, offsets).to(q.dtype)
 
-    Supports log_decay None, [H] and [B, C, H]; [B, C, H, K] raises. Per pass per rank: forward
-    W-1 ring exchanges of B*C*H*(K+V) values (+B*C*H for per-token decay, which also adds one
-    all-gather of S*B*H values); backward W-1 block and W gradient exchanges (+ one
-    reduce-scatter for per-token decay).
-    """
-    return run_linear_method(
-        "ring_linear_attn", _ring_linear, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-        chunk_size=chunk_size, validate=validate, layout=layout,
-        decays=(DECAY_NONE, DECAY_HEAD, DECAY_TOKEN), equal_lengths=True,
-    )
+
+_BLOCK = "B·C·Hkv·(D + Dv)"
+SOFTMAX_SPEC = MethodSpec(
+    name="ring", family=SOFTMAX, fn=ring_attn, quadratic=True, compute="softmax_block",
+    plan=Plan(forward=(Comm("send", _BLOCK, "W−1", precision="input"),),
+              backward=(Comm("send", _BLOCK, "W−1", precision="input"), Comm("send", _BLOCK, "W")),
+              steps="3·W−2", overlap="each block's compute"),
+    notes="blocks merged with log-sum-exp in fp32; blocks entirely in the future are skipped; the gradient of a "
+          "block travels in fp32",
+)
+_LINEAR_BLOCK = "B·C·H·(K + V + Gt)"
+SPEC = MethodSpec(
+    name="ring", family=LINEAR, fn=ring_linear_attn, quadratic=True, compute="left_product", decays=(DECAY_NONE, DECAY_HEAD, DECAY_TOKEN),
+    decay_reason="per-channel gates cannot be written as the masked (Q K^T) V it computes",
+    plan=Plan(forward=(Comm("all_gather", "S·B·H", precision="fp64", when=(DECAY_TOKEN,)),
+                       Comm("send", _LINEAR_BLOCK, "W−1", precision="input")),
+              backward=(Comm("send", _LINEAR_BLOCK, "W−1", precision="input"), Comm("send", _LINEAR_BLOCK, "W"),
+                        Comm("reduce_scatter", "W·S·B·H", precision="fp64", when=(DECAY_TOKEN,))),
+              steps="3·W−2", overlap="each block's compute"),
+    notes="masked (Q K^T) V per block, without the right-product trick; the gradient of a block travels in fp32",
+)

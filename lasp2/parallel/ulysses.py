@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.checks import DECAY_HEAD, DECAY_KINDS
+from ..ops.checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_TOKEN
 from ..ops.chunk import chunk_linear_attn
-from ..ops.softmax_attn import sdpa
+from ..ops.precision import without_autocast
+from ..ops.softmax_attn import sdpa, softmax_attn
 from .collectives import exchange_rows
-from .comm import group_rank_size
-from .inputs import run_linear_method, run_softmax_method
+from .inputs import check_linear_call, check_softmax_call, wire_dtype
 from .layout import to_global_order, to_rank_order
+from .spec import LINEAR, SOFTMAX, Comm, MethodSpec, Plan
 
 
 def _to_head_shards(tensors, group, layout):
@@ -44,56 +45,69 @@ def _to_sequence_shard(o, group, layout):
     return rows.view(w, b, c, h, d).permute(1, 2, 0, 3, 4).reshape(b, c, w * h, d)
 
 
-def _check_heads(fn):
-    def check(shape, world):
-        hq, hkv = shape.num_heads, getattr(shape, "num_kv_heads", shape.num_heads)
-        if hq % world:
-            raise ValueError(f"{fn}: {hq} heads do not divide among {world} ranks; Ulysses needs heads divisible by W")
-        if hkv % world and world % hkv:
-            raise ValueError(
-                f"{fn}: {hkv} key/value heads can neither be split among {world} ranks (W divides them) nor "
-                f"replicated to them (their count divides W)"
-            )
-    return check
+def _heads_rule(num_heads: int, num_kv_heads: int, world: int) -> str | None:
+    if num_heads % world:
+        return f"{num_heads} heads do not divide among {world} ranks; Ulysses needs heads divisible by W"
+    if num_kv_heads % world and world % num_kv_heads:
+        return (f"{num_kv_heads} key/value heads can neither be split among {world} ranks (W divides them) nor "
+                f"replicated to them (their count divides W)")
+    return None
 
 
-def _ulysses_attn(q, k, v, *, scale, causal, group, layout, shape):
-    world = layout.world
-    if shape.num_kv_heads % world:  # fewer KV heads than ranks: replicate each to its ranks
-        k, v = (x.repeat_interleave(world // shape.num_kv_heads, dim=2) for x in (k, v))
-    q_all, k_all, v_all = _to_head_shards([q, k, v], group, layout)
-    return _to_sequence_shard(sdpa(q_all, k_all, v_all, scale=scale, is_causal=causal), group, layout)
-
-
+@without_autocast
 def ulysses_attn(q, k, v, *, causal=True, scale=None, group=None, layout="contiguous", validate=False):
     """DeepSpeed-Ulysses softmax attention; the signature of `allgather_attn`. Query heads must
-    divide by W; KV heads must divide by W or divide W (then they are replicated)."""
-    return run_softmax_method("ulysses_attn", _ulysses_attn, q, k, v, scale=scale, causal=causal, group=group,
-                              validate=validate, layout=layout, heads_check=_check_heads("ulysses_attn"))
+    divide by W; KV heads must divide by W or divide W (then they are replicated). The
+    communication is `SOFTMAX_SPEC.plan`."""
+    call = check_softmax_call(SOFTMAX_SPEC, q, k, v, scale=scale, causal=causal, group=group, validate=validate,
+                              layout=layout)
+    if call.world == 1:
+        return softmax_attn(q, k, v, causal=causal, scale=call.scale)
+    world, kv_heads = call.world, call.shape.num_kv_heads
+    if kv_heads % world:  # fewer KV heads than ranks: replicate each to its ranks
+        k, v = (x.repeat_interleave(world // kv_heads, dim=2) for x in (k, v))
+    q_all, k_all, v_all = _to_head_shards([q, k, v], group, call.layout)
+    return _to_sequence_shard(sdpa(q_all, k_all, v_all, scale=call.scale, causal=causal), group, call.layout)
 
 
-def _ulysses_linear(q, k, v, log_decay, *, kind, scale, causal, chunk_size, group, layout):
-    rank, world = group_rank_size(group)
-    heads = q.shape[2] // world
-    travelling = [q, k, v]
-    if log_decay is not None and kind != DECAY_HEAD:
-        travelling.append(log_decay if log_decay.dim() == 4 else log_decay.unsqueeze(-1))
-    q_all, k_all, v_all, *g_all = _to_head_shards(travelling, group, layout)
-    if kind == DECAY_HEAD:
-        g = log_decay[rank * heads:(rank + 1) * heads]
-    else:
-        g = None if not g_all else (g_all[0] if log_decay.dim() == 4 else g_all[0].squeeze(-1))
-    o, _ = chunk_linear_attn(q_all, k_all, v_all, g, scale=scale, causal=causal, chunk_size=chunk_size)
-    return _to_sequence_shard(o, group, layout)
-
-
+@without_autocast
 def ulysses_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
                         validate=False, layout="contiguous"):
     """Ulysses for linear attention: all-to-all to head shards, the single-device chunked op on
     the whole sequence, all-to-all back; the signature of `lasp2_linear_attn`. Every decay form;
-    heads must divide by W. Per pass: two all-to-alls (q, k, v and per-token decays in; o out)."""
-    return run_linear_method(
-        "ulysses_linear_attn", _ulysses_linear, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-        chunk_size=chunk_size, validate=validate, layout=layout, decays=DECAY_KINDS, equal_lengths=True,
-        heads_check=_check_heads("ulysses_linear_attn"),
-    )
+    heads must divide by W. The communication is `SPEC.plan`."""
+    call = check_linear_call(SPEC, q, k, v, log_decay, scale=scale, causal=causal, group=group,
+                             chunk_size=chunk_size, validate=validate, layout=layout)
+    if call.world == 1:
+        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size)[0]
+    heads, kind = q.shape[2] // call.world, call.shape.decay
+    dtype = wire_dtype(q, log_decay)
+    travelling = [q.to(dtype), k.to(dtype), v.to(dtype)]
+    if kind in (DECAY_TOKEN, DECAY_CHANNEL):
+        travelling.append((log_decay if kind == DECAY_CHANNEL else log_decay.unsqueeze(-1)).to(dtype))
+    q_all, k_all, v_all, *g_all = _to_head_shards(travelling, group, call.layout)
+    if kind == DECAY_HEAD:
+        g = log_decay[call.rank * heads:(call.rank + 1) * heads]
+    else:
+        g = None if not g_all else (g_all[0] if kind == DECAY_CHANNEL else g_all[0].squeeze(-1))
+    o, _ = chunk_linear_attn(q_all, k_all, v_all, g, scale=call.scale, causal=causal, chunk_size=call.chunk_size)
+    return _to_sequence_shard(o.to(q.dtype), group, call.layout)
+
+
+SOFTMAX_SPEC = MethodSpec(
+    name="ulysses", family=SOFTMAX, fn=ulysses_attn, quadratic=True, heads_rule=_heads_rule, compute="sdpa_causal",
+    plan=Plan(forward=(Comm("all_to_all", "B·C·(Hq·D + Hkv'·(D + Dv))", precision="input"),
+                       Comm("all_to_all", "B·C·Hq·Dv", precision="input")),
+              backward=(Comm("all_to_all", "B·C·Hq·Dv", precision="input"),
+                        Comm("all_to_all", "B·C·(Hq·D + Hkv'·(D + Dv))", precision="input")), steps="4"),
+    notes="Hq % W == 0; KV heads split (Hkv' = Hkv) when W divides them, else replicated to Hkv' = W when Hkv "
+          "divides W",
+)
+SPEC = MethodSpec(
+    name="ulysses", family=LINEAR, fn=ulysses_linear_attn, heads_rule=_heads_rule,
+    plan=Plan(forward=(Comm("all_to_all", "B·C·H·(2·K + V + Gt)", precision="input"),
+                       Comm("all_to_all", "B·C·H·V", precision="input")),
+              backward=(Comm("all_to_all", "B·C·H·V", precision="input"),
+                        Comm("all_to_all", "B·C·H·(2·K + V + Gt)", precision="input")), steps="4"),
+    notes="H % W == 0; the single-device op on whole sequences of H/W heads",
+)

@@ -1,10 +1,10 @@
-"""`python -m lasp2.bench attn|model` end to end at toy sizes: tables, CSV and plots written,
+"""`python -m lasp2_bench attn|model` end to end at toy sizes: tables, CSV and plots written,
 every measured byte count equal to the formula, and a configuration that does not fit reported
 as out of memory instead of failing the run."""
 import csv
 
-from lasp2.bench.__main__ import main
-from lasp2.bench.model import longest_fitting, merge_rows
+from lasp2_bench.__main__ import main
+from lasp2_bench.model import longest_fitting, merge_rows
 
 
 def read(path):
@@ -20,6 +20,20 @@ def test_attn_command(tmp_path):
     assert all(r["bytes_per_rank"] == r["formula_bytes"] for r in rows)
     assert all(float(r["min_ms"]) <= float(r["median_ms"]) <= float(r["max_ms"]) for r in rows)
     assert (tmp_path / "attn-time.png").stat().st_size > 0 and (tmp_path / "machine.json").is_file()
+
+
+def test_attn_weak_command_times_each_pass_against_independent_runs(tmp_path):
+    main(["attn", "--world", "2", "--weak", "128", "--linear", "lasp2", "ring", "--H", "2", "--D", "8", "--warmup", "0",
+          "--repeats", "1", "--out", str(tmp_path)])
+    rows = read(tmp_path / "attn-weak.csv")
+    # every decay form for LASP-2; ring cannot express per-channel gates, so it has three
+    assert sorted((r["method"], r["decay"]) for r in rows) == sorted(
+        [("lasp2", d) for d in ("none", "head", "token", "channel")] + [("ring", d) for d in ("none", "head", "token")])
+    for r in rows:
+        assert r["world"] == "2" and r["tokens_per_rank"] == "128"
+        for p in ("fwd", "bwd"):
+            sp, alone = float(r[f"sp_{p}_ms"]), float(r[f"alone_{p}_ms"])
+            assert sp > 0 and alone > 0 and float(r[f"{p}_ratio"]) == sp / alone
 
 
 def test_model_command_and_memory_limit(tmp_path):

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from lasp2.bench import costs, project
-from lasp2.bench.machine import write_csv
+from lasp2_bench import project
+from lasp2_bench.machine import write_csv
 
 
 def test_fit_reproduces_its_cells_and_predicts_the_rest():
@@ -42,8 +42,9 @@ def test_local_calibration_predicts_from_the_runs_own_parameters(tmp_path):
               "p2p_alpha": 1e-4, "p2p_beta": 1e9, **{f"rate_{k}": rate for k in
                                                       ("chunk", "left_product", "softmax_block", "sdpa_masked", "sdpa_causal")}}]
     (tmp_path / "attn-calibration.json").write_text(json.dumps(calib))
-    layer = costs.Layer(B=1, N=4096, W=2, H=8, K=64, V=64)
-    want = costs.layer_time("linear", "lasp2", layer, costs.Network(1e-4, 1e9, 1e-4, 1e9, 2, 1e-4, 1e9), rate)["seconds"]
+    # LASP-2 at C = 2048 tokens per rank, H = 8, K = V = 64: the gather (2 x (α + 64·64·8·4 bytes / β)
+    # ≈ 0.5 ms) hides behind the intra-chunk compute, so the time is the compute at `rate`.
+    want = 3 * 8 * 2048 * (2 * 64 * 128 + 4 * 64 * 64) / rate
     write_csv(tmp_path / "attn.csv", [dict(family="linear", method="lasp2", world=2, T=4096, layout="contiguous",
                                            status="ok", median_ms=2e3 * want)], ["family", "method", "world", "T", "layout",
                                                                                  "status", "median_ms"])

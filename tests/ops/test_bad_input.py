@@ -33,6 +33,8 @@ CASES = [
 @pytest.mark.parametrize("name,change,exc,message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_raises(fn, name, change, exc, message):
     kwargs = {**good(), **change}
+    if fn is chunk_linear_attn:
+        kwargs["validate"] = True  # values (a positive decay) are checked only on request
     with pytest.raises(exc, match=message):
         fn(**kwargs)
 
@@ -45,4 +47,4 @@ def test_bad_chunk_size(chunk_size):
 
 def test_error_message_names_the_value():
     with pytest.raises(ValueError, match="largest value is 0.25"):
-        chunk_linear_attn(**good(), log_decay=torch.full((H,), 0.25))
+        chunk_linear_attn(**good(), log_decay=torch.full((H,), 0.25), validate=True)

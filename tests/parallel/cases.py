@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lasp2.ops import chunk_linear_attn
-from lasp2.parallel.comm import ALL_GATHER
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lasp2.ops import naive_recurrent_linear_attn
 from lasp2.parallel import count_collectives, lasp1_linear_attn, lasp2_linear_attn
 from tests.helpers import leaf
 
@@ -41,14 +42,15 @@ def run_shard(group, method, inputs, do, bounds, causal=True, scale=0.9, chunk_s
 
 
 def single_device(inputs, do, causal=True, scale=0.9):
-    """The reference: one device, fp64, the whole sequence. A [H] decay is expanded to
-    [B, T, H] so that each rank's share of its gradient can be read off its slice."""
+    """The reference: the fp64 token-by-token recurrence over the whole sequence (an oracle that
+    shares no code with the chunked kernels). A [H] decay is expanded to [B, T, H] so that each
+    rank's share of its gradient can be read off its slice."""
     x = {n: None if t is None else t.double() for n, t in inputs.items()}
     if x["g"] is not None and x["g"].dim() == 1:
         B, T = x["q"].shape[:2]
         x["g"] = x["g"].expand(B, T, -1)
     x = {n: leaf(t) for n, t in x.items()}
-    o, _ = chunk_linear_attn(x["q"], x["k"], x["v"], x["g"], scale=scale, causal=causal)
+    o, _ = naive_recurrent_linear_attn(x["q"], x["k"], x["v"], x["g"], scale=scale, causal=causal)
     o.backward(do.double())
     return {"o": o.detach(), **{f"d{n}": None if t is None else t.grad for n, t in x.items()}}
 
@@ -66,49 +68,45 @@ def count_passes(group, method, inputs, bounds, causal=True, validate=False):
         o = METHODS[method](x["q"], x["k"], x["v"], x["g"], causal=causal, group=group, validate=validate)
     with count_collectives() as backward:
         o.sum().backward()
-    as_rows = lambda log: [(c.name, c.bytes_sent, c.group_size, c.async_op) for c in log.calls]  # noqa: E731
-    return {"forward": as_rows(forward), "backward": as_rows(backward)}
+    return {"forward": forward.rows(), "backward": backward.rows()}
 
 
-class _RecordedWork:
-    def __init__(self, work, events):
-        self._work, self._events = work, events
+class _Overlap(TorchDispatchMode):
+    """Watches the ops of a pass: after each collective or receive is issued, how many matmuls
+    run before the first op that reads what it brought (its output buffer)."""
 
-    def wait(self):
-        self._events.append("wait")
-        return self._work.wait()
+    def __init__(self):
+        super().__init__()
+        self.waiting = {}  # data_ptr of a buffer still in flight -> [kind, matmuls since]
+        self.done = []  # (kind, matmuls that ran while it travelled)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for a in list(args) + list(kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else [a])
+                   if isinstance(t, torch.Tensor)]
+        if func.namespace != "c10d":
+            for t in tensors:
+                entry = self.waiting.pop(t.untyped_storage().data_ptr(), None)
+                if entry is not None:
+                    self.done.append(tuple(entry))
+            if func._opname in ("bmm", "baddbmm", "mm", "addmm", "matmul"):
+                for entry in self.waiting.values():
+                    entry[1] += 1
+        elif func._opname in ("_allgather_base_", "recv_"):
+            self.waiting[tensors[0].untyped_storage().data_ptr()] = [func._opname, 0]
+        return func(*args, **kwargs)
 
 
-def overlap_order(group, inputs, bounds):
-    """The order of: gather issued, local compute, gather waited, in each LASP-2 pass."""
-    import lasp2.parallel.lasp2 as module
-
+def overlap_order(group, method, inputs, bounds, layout="contiguous"):
+    """For each pass of a state-passing method on this rank: (collective or receive, matmuls
+    that ran while it was in flight), in the order their results were first read."""
     lo, hi = bounds[dist.get_rank(group)]
     x = shard_inputs(inputs, lo, hi)
-    events = []
-    real_gather, real_output, real_grad = getattr(dist, ALL_GATHER), module.output_pass, module.grad_pass
-
-    def gather(*args, **kwargs):
-        events.append("gather async" if kwargs.get("async_op") else "gather blocking")
-        return _RecordedWork(real_gather(*args, **kwargs), events)
-
-    def traced(name, fn):
-        def run(*args, **kwargs):
-            events.append(name)
-            return fn(*args, **kwargs)
-        return run
-
-    setattr(dist, ALL_GATHER, gather)
-    module.output_pass, module.grad_pass = traced("output_pass", real_output), traced("grad_pass", real_grad)
-    try:
-        o = lasp2_linear_attn(x["q"], x["k"], x["v"], x["g"], group=group)
-        forward = list(events)
-        events.clear()
+    with _Overlap() as forward:
+        o = METHODS[method](x["q"], x["k"], x["v"], x["g"], group=group, layout=layout)
+    with _Overlap() as backward:
         o.sum().backward()
-        return {"forward": forward, "backward": list(events)}
-    finally:
-        setattr(dist, ALL_GATHER, real_gather)
-        module.output_pass, module.grad_pass = real_output, real_grad
+    return {"forward": forward.done, "backward": backward.done}
 
 
 def call_and_catch(group, method, per_rank_inputs, validate, causal_per_rank=None):
@@ -133,14 +131,25 @@ def run_registered(group, family, method, inputs, do, layout, causal=True, valid
          for n, t in inputs.items()}
     do_local = shard(do, group, layout)
     if family == "linear":
-        o = LINEAR_METHODS[method](x["q"], x["k"], x["v"], x["g"], scale=0.9, causal=causal, group=group,
+        o = LINEAR_METHODS[method].fn(x["q"], x["k"], x["v"], x["g"], scale=0.9, causal=causal, group=group,
                                    chunk_size=16, layout=layout, validate=validate)
     else:
-        o = SOFTMAX_METHODS[method](x["q"], x["k"], x["v"], causal=causal, scale=0.7, group=group,
+        o = SOFTMAX_METHODS[method].fn(x["q"], x["k"], x["v"], causal=causal, scale=0.7, group=group,
                                     layout=layout, validate=validate)
     o.backward(do_local)
     grads = {f"d{n}": None if t is None else t.grad for n, t in x.items()}
     return {"o": o.detach(), **grads, "positions": positions(do.shape[1], group, layout)}
+
+
+def rejected(group, *args):
+    """`run_registered` expected to refuse its inputs: -> (error type, message, collectives
+    issued before it), caught here so that the pool of ranks stays up."""
+    with count_collectives() as log:
+        try:
+            run_registered(group, *args)
+        except (TypeError, ValueError) as exc:
+            return type(exc).__name__, str(exc), log.count()
+    return None, None, log.count()
 
 
 def softmax_reference(inputs, do, causal=True, scale=0.7):
@@ -164,14 +173,13 @@ def count_registered(group, family, method, inputs, layout, causal=True):
 
     x = {n: None if t is None else leaf(t if (n == "g" and t.dim() == 1) else shard(t, group, layout))
          for n, t in inputs.items()}
-    fn = LINEAR_METHODS[method] if family == "linear" else SOFTMAX_METHODS[method]
+    fn = (LINEAR_METHODS if family == "linear" else SOFTMAX_METHODS)[method].fn
     extra = {"log_decay": x["g"]} if family == "linear" else {}
     with count_collectives() as forward:
         o = fn(x["q"], x["k"], x["v"], causal=causal, group=group, layout=layout, **extra)
     with count_collectives() as backward:
         o.sum().backward()
-    as_rows = lambda log: [(c.name, c.bytes_sent) for c in log.calls]  # noqa: E731
-    return {"forward": as_rows(forward), "backward": as_rows(backward)}
+    return {"forward": forward.rows(), "backward": backward.rows()}
 
 
 def layout_roundtrip(group, x, layout):
@@ -191,9 +199,9 @@ def call_registered_and_catch(group, family, method, per_rank_inputs, layout, va
     with count_collectives() as log:
         try:
             if family == "linear":
-                LINEAR_METHODS[method](x["q"], x["k"], x["v"], x.get("g"), group=group, layout=layout, validate=validate)
+                LINEAR_METHODS[method].fn(x["q"], x["k"], x["v"], x.get("g"), group=group, layout=layout, validate=validate)
             else:
-                SOFTMAX_METHODS[method](x["q"], x["k"], x["v"], group=group, layout=layout, validate=validate)
+                SOFTMAX_METHODS[method].fn(x["q"], x["k"], x["v"], group=group, layout=layout, validate=validate)
         except (TypeError, ValueError) as exc:
             return type(exc).__name__, str(exc), log.count()
     return None, None, log.count()

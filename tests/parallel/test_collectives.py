@@ -1,8 +1,7 @@
-"""The collectives each method issues per pass: kind, count, bytes, and LASP-2's overlap."""
+"""The collectives each state-passing method issues per pass: kind, count, bytes, and what
+overlaps them."""
 import pytest
 import torch
-
-from lasp2.parallel.comm import ALL_GATHER
 
 from tests.helpers import make_inputs
 from tests.parallel.cases import count_passes, even_bounds, overlap_order
@@ -25,8 +24,8 @@ def test_lasp2_one_all_gather_per_pass(dist_workers, world, kind):
     results = _counts(dist_workers, "lasp2", world, kind, causal)
     for rank in range(world):
         forward, backward = results[rank]["forward"], results[rank]["backward"]
-        assert forward == [(ALL_GATHER, STATE_BYTES + DECAY_BYTES[kind], world, True)], (rank, forward)
-        assert backward == [(ALL_GATHER, STATE_BYTES, world, True)], (rank, backward)
+        assert forward == [("all_gather", STATE_BYTES + DECAY_BYTES[kind])], (rank, forward)
+        assert backward == [("all_gather", STATE_BYTES)], (rank, backward)
 
 
 @pytest.mark.parametrize("kind", ["none", "token", "channel"])
@@ -35,10 +34,8 @@ def test_lasp1_relays_state_point_to_point(dist_workers, world, kind):
     results = _counts(dist_workers, "lasp1", world, kind)
     for rank in range(world):
         forward, backward = results[rank]["forward"], results[rank]["backward"]
-        want_fwd = ([("recv", 0, world, False)] if rank > 0 else []) + (
-            [("send", STATE_BYTES, world, False)] if rank < world - 1 else [])
-        want_bwd = ([("recv", 0, world, False)] if rank < world - 1 else []) + (
-            [("send", STATE_BYTES, world, False)] if rank > 0 else [])
+        want_fwd = ([("recv", 0)] if rank > 0 else []) + ([("send", STATE_BYTES)] if rank < world - 1 else [])
+        want_bwd = ([("recv", 0)] if rank < world - 1 else []) + ([("send", STATE_BYTES)] if rank > 0 else [])
         assert forward == want_fwd, (rank, forward)
         assert backward == want_bwd, (rank, backward)
     for which in ("forward", "backward"):
@@ -60,15 +57,33 @@ def test_validate_adds_one_small_all_gather(dist_workers, method):
     plain = _counts(dist_workers, method, 2, "token")
     checked = _counts(dist_workers, method, 2, "token", validate=True)
     for rank in range(2):
-        assert checked[rank]["forward"][0] == (ALL_GATHER, 9 * 8, 2, True)
+        assert checked[rank]["forward"][0] == ("all_gather", 9 * 8)
         assert checked[rank]["forward"][1:] == plain[rank]["forward"]
         assert checked[rank]["backward"] == plain[rank]["backward"]
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("kind", ["none", "channel"])
-def test_lasp2_overlaps_gather_with_local_compute(dist_workers, kind):
+def test_lasp2_overlaps_gather_with_local_compute(dist_workers, kind, layout):
+    """Forward: the intra-chunk output (two matmuls per chunk) runs while the states travel;
+    backward: the recomputed states and the query-side gradients."""
     inputs = make_inputs(kind, B=B, T=T, H=H, K=K, V=V, dtype=torch.float32)
-    results = dist_workers.run(overlap_order, (0, 1, 2), inputs, even_bounds(T, 3))
+    results = dist_workers.run(overlap_order, (0, 1, 2), "lasp2", inputs, even_bounds(T, 3), layout)
     for rank in range(3):
-        assert results[rank]["forward"] == ["gather async", "output_pass", "wait"]
-        assert results[rank]["backward"] == ["gather async", "grad_pass", "wait"]
+        (fwd_kind, fwd_matmuls), = results[rank]["forward"]
+        (bwd_kind, bwd_matmuls), = results[rank]["backward"]
+        assert fwd_kind == bwd_kind == "_allgather_base_"
+        assert fwd_matmuls >= 2 and bwd_matmuls >= 4, (rank, fwd_matmuls, bwd_matmuls)
+
+
+@pytest.mark.parametrize("kind", ["none", "token"])
+def test_lasp1_posts_its_receives_before_the_local_compute(dist_workers, kind):
+    """LASP-1 is the baseline the paper describes: a rank waits on its predecessor only after
+    its own intra-chunk work, so each hop overlaps it."""
+    inputs = make_inputs(kind, B=B, T=T, H=H, K=K, V=V, dtype=torch.float32)
+    results = dist_workers.run(overlap_order, (0, 1, 2), "lasp1", inputs, even_bounds(T, 3))
+    for rank in range(3):
+        forward, backward = results[rank]["forward"], results[rank]["backward"]
+        assert [k for k, _ in forward] == (["recv_"] if rank > 0 else []), (rank, forward)
+        assert [k for k, _ in backward] == (["recv_"] if rank < 2 else []), (rank, backward)
+        assert all(matmuls >= 2 for _, matmuls in forward + backward), (rank, forward, backward)

@@ -1,4 +1,4 @@
-"""`python -m lasp2.bench model`: full training steps (forward, backward, gradient all-reduce,
+"""`python -m lasp2_bench model`: full training steps (forward, backward, gradient all-reduce,
 AdamW) of a preset Linear-Llama3, pure ("L") and 1/4-hybrid ("LLLN"), under each linear method.
 
 Every configuration runs on --sp freshly spawned ranks (so each peak is its own): tokens/s is
@@ -15,6 +15,7 @@ rewritten after every configuration, so a sweep stopped part-way keeps what it m
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -29,9 +30,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from ..model import LinearLlama, count_parameters, preset
-from ..parallel import LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel, count_collectives
-from . import costs
+from lasp2.model import LinearLlama, count_parameters, preset
+from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS, Problem, SequenceParallel, count_collectives
 from .machine import describe, free_port, peak_memory_bytes, reset_peak_memory, sync
 
 FIELDS = ["preset", "pattern", "linear", "softmax", "sp", "seq_len", "batch", "status", "step_s", "tokens_per_s",
@@ -67,15 +67,16 @@ def _limit_address_space(limit_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (mapped + max(0, limit_bytes - resident), resource.RLIM_INFINITY))
 
 
-def _formula_bytes(cfg, linear, softmax, seq_len, sp, batch, slots) -> int:
-    """The README formula summed over the model's layers (fp32 values)."""
-    layer = dict(B=batch, N=seq_len, W=sp, H=cfg.num_heads, K=cfg.dim_per_head, V=cfg.dim_per_head, slots=slots)
+def _formula_bytes(cfg, linear, softmax, seq_len, sp, batch, slots, dtype_bytes) -> int:
+    """The methods' spec formulas summed over the model's layers."""
+    layer = dict(B=batch, N=seq_len, W=sp, S=slots, H=cfg.num_heads, K=cfg.dim_per_head, V=cfg.dim_per_head,
+                 dtype_bytes=dtype_bytes)
     total = 0
     for kind in cfg.layer_types():
         if kind == "L":
-            total += costs.bytes_per_rank("linear", linear, costs.Layer(**layer))
+            total += LINEAR_METHODS[linear].bytes_per_rank(Problem(**layer, decay=cfg.decay_form))
         else:
-            total += costs.bytes_per_rank("softmax", softmax, costs.Layer(**layer, kv_heads=cfg.num_kv_heads))
+            total += SOFTMAX_METHODS[softmax].bytes_per_rank(Problem(**layer, Hkv=cfg.num_kv_heads))
     return total
 
 
@@ -105,7 +106,8 @@ def _worker(rank, world, port, conf, args, out_path, use_cuda):
     for step in range(args.steps):
         sync(device)
         start = time.perf_counter()
-        with count_collectives() as counted:
+        # Counting passes every op through Python: only the first step, which the median skips.
+        with count_collectives() if step == 0 else contextlib.nullcontext() as counted:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
                 logits = model(inputs, positions, sp)
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum") / (B * T)
@@ -136,7 +138,8 @@ def run_one(conf, args, use_cuda) -> dict:
     cfg = preset(args.preset, vocab_size=256, layer_pattern=conf["pattern"])
     slots = 1 if args.layout == "contiguous" else 2
     row = dict(preset=args.preset, softmax=args.softmax, sp=args.sp, batch=args.batch, params_m=count_parameters(cfg) / 1e6,
-               formula_bytes=_formula_bytes(cfg, conf["linear"], args.softmax, conf["seq_len"], args.sp, args.batch, slots), **conf)
+               formula_bytes=_formula_bytes(cfg, conf["linear"], args.softmax, conf["seq_len"], args.sp, args.batch, slots,
+                                             dtype_bytes=2 if use_cuda else 4), **conf)
     # A rank killed by a signal other than an allocation failure (a gloo transport abort, seen once
     # in a long sweep and not reproducible) says nothing about the method: run it once more and
     # keep the first failure in the printed log.

@@ -1,10 +1,10 @@
 """lasp2-bench: measure the sequence-parallel methods and project them to larger clusters.
 
-    python -m lasp2.bench attn                       # one attention layer, every method, W in {2, 4}
-    python -m lasp2.bench attn --world 1 2 --T 4096 --weak 8192
-    python -m lasp2.bench model --preset debug       # full training steps: tokens/s, peak memory
-    python -m lasp2.bench project                    # the cost model against the paper's 64-GPU figures
-    python -m lasp2.bench project --calibrate benchmarks/results/<date>-<machine>/attn.csv
+    python -m lasp2_bench attn                       # one attention layer, every method, W in {2, 4}
+    python -m lasp2_bench attn --world 2 --weak 8192 # SP at 8192 tokens per rank vs as many single-device runs
+    python -m lasp2_bench model --preset debug       # full training steps: tokens/s, peak memory
+    python -m lasp2_bench project                    # the cost model against the paper's 64-GPU figures
+    python -m lasp2_bench project --calibrate benchmarks/results/<date>-<machine>/attn.csv
 
 Each command prints a table and writes CSV, PNG and machine.json under
 benchmarks/results/<date>-<machine>/ (or --out).
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from . import attn, model, project
-from .machine import read_csv, results_dir, write_csv
+from . import attn, model, project, weak
+from .machine import describe, read_csv, results_dir, write_csv
 from .plots import lines_by_method
 
 
@@ -36,21 +36,26 @@ def _device(args) -> torch.device:
 
 
 def cmd_attn(args) -> None:
-    rows, machine = attn.run(args)
     out = _out_dir(args, _device(args))
-    suffix = "" if args.weak is None else "-weak"
+    if args.weak is not None:
+        rows = weak.run(sorted(set(args.world) - {1}), args.linear, weak.DECAYS, args.weak, H=args.H, D=args.D,
+                        repeats=args.repeats, warmup=args.warmup)
+        weak.print_table(rows, sys.stdout)
+        write_csv(out / "attn-weak.csv", rows, weak.FIELDS)
+        (out / "machine.json").write_text(json.dumps(describe(torch.device("cpu")), indent=1))
+        print(f"wrote {out}/attn-weak.csv")
+        return
+    rows, machine = attn.run(args)
     attn.print_table(rows, sys.stdout)
-    write_csv(out / f"attn{suffix}.csv", [r for r in rows if r["family"] != "calibration"], attn.FIELDS)
-    (out / f"attn{suffix}-calibration.json").write_text(json.dumps([r for r in rows if r["family"] == "calibration"], indent=1))
+    write_csv(out / "attn.csv", [r for r in rows if r["family"] != "calibration"], attn.FIELDS)
+    (out / "attn-calibration.json").write_text(json.dumps([r for r in rows if r["family"] == "calibration"], indent=1))
     (out / "machine.json").write_text(json.dumps(machine, indent=1))
     ok = [r for r in rows if r["family"] != "calibration" and r["status"] == "ok"]
     for r in ok:
         r["seconds"] = r["median_ms"] / 1e3
-    lines_by_method(ok, "T", "seconds", "fwd+bwd seconds (median)", out / f"attn{suffix}-time.png", "one layer")
-    lines_by_method(ok, "T", "peak_mb", "peak MB per rank", out / f"attn{suffix}-memory.png", "one layer")
-    if args.weak is not None:
-        attn.print_weak_scaling(rows, sys.stdout)
-    print(f"machine: {machine}\nwrote {out}/attn{suffix}.csv, attn{suffix}-time.png, attn{suffix}-memory.png")
+    lines_by_method(ok, "T", "seconds", "fwd+bwd seconds (median)", out / "attn-time.png", "one layer")
+    lines_by_method(ok, "T", "peak_mb", "peak MB per rank", out / "attn-memory.png", "one layer")
+    print(f"machine: {machine}\nwrote {out}/attn.csv, attn-time.png, attn-memory.png")
 
 
 def cmd_model(args) -> None:

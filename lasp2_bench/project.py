@@ -1,4 +1,4 @@
-"""`python -m lasp2.bench project`: the α–β cost model of lasp2.bench.costs, checked two ways.
+"""`python -m lasp2_bench project`: the α–β cost model of lasp2_bench.costs, checked two ways.
 
 1. --calibrate ATTN_CSV: predicts every measured `attn` row (W > 1) from that run's own
    calibration (the group's all-gather and point-to-point α/β, the per-rank matmul rate, and
@@ -15,7 +15,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from ..model import count_parameters, preset
+from lasp2.model import count_parameters, preset
+from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS, Problem
 from . import costs
 from .machine import read_csv, write_csv
 from .plots import _pyplot
@@ -62,9 +63,9 @@ def calibrate_local(attn_csv: Path, stream) -> list[dict]:
         c = calib[world]
         net = costs.Network(c["allgather_alpha"], c["allgather_beta"], c["allgather_alpha"], c["allgather_beta"], world,
                             p2p_alpha=c["p2p_alpha"], p2p_beta=c["p2p_beta"])
-        layer = costs.Layer(B=1, N=int(r["T"]), W=world, H=8, K=64, V=64, slots=1 if r["layout"] == "contiguous" else 2)
-        rate = c["rate_" + costs.kernel(r["family"], r["method"])]
-        pred = costs.layer_time(r["family"], r["method"], layer, net, rate)
+        layer = Problem(B=1, N=int(r["T"]), W=world, S=1 if r["layout"] == "contiguous" else 2, H=8, K=64, V=64)
+        spec = (LINEAR_METHODS if r["family"] == "linear" else SOFTMAX_METHODS)[r["method"]]
+        pred = costs.layer_time(spec, layer, net, c["rate_" + costs.kernel(spec)])
         measured = float(r["median_ms"]) / 1e3
         out.append(dict(family=r["family"], method=r["method"], world=world, T=int(r["T"]), measured_s=measured,
                         predicted_s=pred["seconds"], comm_s=pred["comm_s"], ratio=pred["seconds"] / measured))
@@ -97,8 +98,9 @@ def step_seconds(method: str, N: int, W: int, hw: dict, overhead: float, mfu: fl
                         p2p_alpha=hw["alpha_intra"] + hop_extra)
     if hop_extra:
         net = replace(net, alpha_inter=hw["alpha_inter"] + hop_extra)
-    layer = costs.Layer(B=1, N=N, W=W, H=cfg.num_heads, K=cfg.dim_per_head, V=cfg.dim_per_head, elem=hw["state_bytes"])
-    attn = costs.layer_time("linear", method, layer, net, rate)
+    layer = Problem(B=1, N=N, W=W, H=cfg.num_heads, K=cfg.dim_per_head, V=cfg.dim_per_head,
+                    dtype_bytes=hw["state_bytes"], state_bytes=hw["state_bytes"])
+    attn = costs.layer_time(LINEAR_METHODS[method], layer, net, rate)
     dense = terms["dense_flops_per_token"] * layer.C / rate
     alpha, beta = net.link(W)
     allreduce = 2 * (W - 1) * (alpha + terms["params"] * hw["grad_bytes"] / W / beta)

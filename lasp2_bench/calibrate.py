@@ -8,10 +8,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..ops import chunk_linear_attn
-from ..parallel.comm import ALL_GATHER
-from ..ops.left_product import left_product_linear_attn
-from ..ops.softmax_attn import attention_block, sdpa, softmax_attn
+from lasp2.ops import chunk_linear_attn
+from lasp2.ops.left_product import left_product_linear_attn
+from lasp2.ops.softmax_attn import attention_block, sdpa, softmax_attn
 from .costs import CHUNK
 from .machine import sync
 
@@ -48,7 +47,7 @@ def measure_network(group, device) -> dict:
     def gather(nbytes):
         x = torch.zeros(nbytes // 4, device=device)
         buf = torch.empty(world * x.numel(), device=device)
-        return lambda: getattr(dist, ALL_GATHER)(buf, x, group=group)
+        return lambda: dist.all_gather_into_tensor(buf, x, group=group)
 
     def exchange(nbytes):
         x, y = torch.zeros(nbytes // 4, device=device), torch.empty(nbytes // 4, device=device)
@@ -65,7 +64,7 @@ def measure_network(group, device) -> dict:
 
 
 def measure_kernels(device, H=8, D=64, T=4096, q_len=1024) -> dict:
-    """FLOP/s one rank reaches in fwd+bwd (FLOPs as lasp2.bench.costs counts them), measured
+    """FLOP/s one rank reaches in fwd+bwd (FLOPs as lasp2_bench.costs counts them), measured
     while the other ranks of the run measure too: the chunked linear op over T tokens, and the
     quadratic kernels for q_len queries against T keys (masked left product; a softmax block
     with log-sum-exp as Ring uses; SDPA with a mask as the all-gather path uses; causal SDPA over
@@ -85,7 +84,6 @@ def measure_kernels(device, H=8, D=64, T=4096, q_len=1024) -> dict:
     q, k, v = leafs((1, T, H, D), (1, T, H, D), (1, T, H, D))
     q_short = leafs((1, q_len, H, D))[0]
     q_pos, k_pos = torch.arange(T - q_len, T, device=device), torch.arange(T, device=device)
-    mask = k_pos.view(1, -1) <= q_pos.view(-1, 1)
     quad = 3.5 * H * q_len * T * 2 * 2 * D
     kernels = {
         "chunk": (lambda a, b, c: chunk_linear_attn(a, b, c)[0], (q, k, v), 3.0 * H * T * (2 * CHUNK * 2 * D + 4 * D * D)),
@@ -93,7 +91,7 @@ def measure_kernels(device, H=8, D=64, T=4096, q_len=1024) -> dict:
                          (q_short, k, v), quad),
         "softmax_block": (lambda a, b, c: attention_block(a, b, c, q_pos, k_pos, causal=True, scale=0.125),
                           (q_short, k, v), quad),
-        "sdpa_masked": (lambda a, b, c: sdpa(a, b, c, scale=0.125, attn_mask=mask), (q_short, k, v), quad),
+        "sdpa_masked": (lambda a, b, c: sdpa(a, b, c, scale=0.125, causal=True), (q_short, k, v), quad),
         "sdpa_causal": (lambda a, b, c: softmax_attn(a, b, c, causal=True), (q, k, v), 3.5 * H * T * T * 2 * 2 * D / 2),
     }
     return {f"rate_{name}": flops / _timed(fwd_bwd(op, *xs), device) for name, (op, xs, flops) in kernels.items()}

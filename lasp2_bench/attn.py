@@ -1,10 +1,10 @@
-"""`python -m lasp2.bench attn`: one attention layer, forward + backward, under every
+"""`python -m lasp2_bench attn`: one attention layer, forward + backward, under every
 sequence-parallel method, over W ranks and global sequence lengths.
 
 Each W runs on W freshly spawned processes (gloo on CPU; NCCL with one GPU per rank when the
 machine has W GPUs, so W=1 on a one-GPU machine). Time is the slowest rank's fwd+bwd, median of
 --repeats after --warmup, with min and max. Bytes are the largest any rank hands to
-torch.distributed in one fwd+bwd (counted by wrapping it) next to the README formula; calls are
+torch.distributed in one fwd+bwd (`count_collectives`) next to its spec's formula; calls are
 that rank's count; memory is the largest rank's peak (CUDA max allocated, CPU RSS high-water).
 A configuration whose estimated time (its own time at the previous length scaled by
 (T/T_prev)^2 for quadratic methods, T/T_prev otherwise; at the first length FLOPs at half the
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..parallel import LINEAR_METHODS, SOFTMAX_METHODS, count_collectives, shard
+from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS, Problem, count_collectives, shard
 from . import costs
 from .calibrate import measure_kernels, measure_network
 from .machine import describe, free_port, matmul_rate, peak_memory_bytes, reset_peak_memory, sync
@@ -53,22 +53,29 @@ def add_arguments(p) -> None:
     p.add_argument("--mem-gb", type=float, default=8.0, help="skip a configuration estimated to need more per rank")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--weak", type=int, default=None, metavar="C",
-                   help="weak scaling instead: W ranks x C tokens against 1 rank x C tokens, one thread per rank")
+                   help="instead: each linear method at C tokens per rank, forward and backward apart, every decay "
+                        "form, against W independent single-device runs of C tokens side by side (CPU, one thread "
+                        "per rank; --repeats, --warmup)")
 
 
-def _estimate(family, method, layer, rate, last):
+def spec_of(family, method):
+    return (LINEAR_METHODS if family == "linear" else SOFTMAX_METHODS)[method]
+
+
+def _estimate(spec, layer, rate, last):
     """(seconds per fwd+bwd, bytes of the largest live tensors per rank)."""
-    quadratic = (family, method) in costs.QUADRATIC
     if last is not None:
-        seconds = last[1] * (layer.N / last[0]) ** (2 if quadratic else 1)
+        seconds = last[1] * (layer.N / last[0]) ** (2 if spec.quadratic else 1)
     else:
-        seconds = sum(costs.flops(family, method, layer)) / (rate / 2)
+        seconds = sum(costs.flops(spec, layer)) / (rate / 2)
     per_token = layer.B * layer.H * (layer.K + layer.V) * 4
     live = 8 * layer.C * per_token
-    if (family, method) == ("softmax", "allgather") and layer.W > 1:
-        live += layer.B * layer.C * layer.N * 4  # SDPA's [C, N] mask
-    elif method in ("allgather", "ulysses"):
-        live += 8 * layer.N * per_token // (layer.W if method == "ulysses" else 1)
+    if spec.compute == "sdpa_bottom_right" and layer.W > 1 and layer.dtype_bytes and not torch.cuda.is_available():
+        live += layer.B * layer.C * layer.N  # the CPU kernels' [C, N] boolean mask
+    if spec.compute in ("left_product", "sdpa_bottom_right"):  # the whole sequence's keys and values on each rank
+        live += 8 * layer.N * per_token
+    elif spec.compute == "sdpa_causal":  # whole sequences of H/W heads
+        live += 8 * layer.N * per_token // layer.W
     return seconds, live
 
 
@@ -79,7 +86,7 @@ def _step_fn(family, method, T, args, group, device):
     if family == "softmax":
         full[1], full[2] = full[1][:, :, : args.kv_heads], full[2][:, :, : args.kv_heads]
     q, k, v = (shard(x, group, args.layout).to(device, dtype).requires_grad_() for x in full)
-    fn = LINEAR_METHODS[method] if family == "linear" else SOFTMAX_METHODS[method]
+    fn = spec_of(family, method).fn
 
     def step():
         for t in (q, k, v):
@@ -97,12 +104,13 @@ def _max_over_ranks(values, group, device):
 
 
 def run_config(family, method, T, world, group, device, args, rate, last):
-    layer = costs.Layer(B=args.B, N=T, W=world, H=args.H, K=args.D, V=args.D,
-                        kv_heads=args.kv_heads if family == "softmax" else None, slots=1 if args.layout == "contiguous" else 2)
-    est_s, live = _estimate(family, method, layer, rate, last)
+    spec = spec_of(family, method)
+    layer = Problem(B=args.B, N=T, W=world, S=1 if args.layout == "contiguous" else 2, H=args.H, K=args.D, V=args.D,
+                    Hkv=args.kv_heads if family == "softmax" else None, dtype_bytes=getattr(torch, args.dtype).itemsize)
+    est_s, live = _estimate(spec, layer, rate, last)
     row = dict(family=family, method=method, world=world, T=T, layout=args.layout, est_seconds=round(est_s, 3),
-               formula_bytes=costs.bytes_per_rank(family, method, layer),
-               steps_formula=costs.sequential_steps(family, method, layer), threads=torch.get_num_threads())
+               formula_bytes=spec.bytes_per_rank(layer), steps_formula=spec.sequential_steps(layer),
+               threads=torch.get_num_threads())
     if est_s * (args.warmup + args.repeats) > args.budget_seconds or live > args.mem_gb * 2**30:
         return {**row, "status": f"skipped (est. {est_s:.0f} s/iter, {live / 2**30:.1f} GB/rank)"}
     step = _step_fn(family, method, T, args, group, device)
@@ -168,29 +176,11 @@ def run(args) -> tuple[list[dict], dict]:
     if use_cuda and max(args.world) > torch.cuda.device_count():
         raise SystemExit(f"--world {max(args.world)} needs that many GPUs; this machine has {torch.cuda.device_count()}")
     rows = []
-    if args.weak is not None:  # same tokens per rank at every W, one thread each
-        args.threads = 1
-        for world in sorted({1, *args.world}):
-            configs = [("linear", m, world * args.weak) for m in args.linear]
-            configs += [("softmax", m, world * args.weak) for m in args.softmax]
-            rows += spawn(world, configs, args, use_cuda)
-        return rows, describe(device)
     configs = ([("linear", m, T) for m in args.linear for T in sorted(args.T)]
                + [("softmax", m, T) for m in args.softmax for T in sorted(args.T)])
     for world in args.world:
         rows += spawn(world, configs, args, use_cuda)
     return rows, describe(device)
-
-
-def print_weak_scaling(rows, stream) -> None:
-    """time(W ranks x C tokens) / time(1 rank x C tokens); the ideal is 1.0."""
-    ok = [r for r in rows if r["family"] != "calibration" and r["status"] == "ok"]
-    base = {(r["family"], r["method"]): r["median_ms"] for r in ok if r["world"] == 1}
-    stream.write("\nweak scaling (one thread per rank): time(W x C) / time(1 x C)\n")
-    for r in ok:
-        if r["world"] > 1 and (r["family"], r["method"]) in base:
-            stream.write(f"  {r['family']:7s} {r['method']:9s} W={r['world']} T={r['T']:7d}: {r['median_ms']:9.1f} ms "
-                         f"/ {base[(r['family'], r['method'])]:9.1f} ms = {r['median_ms'] / base[(r['family'], r['method'])]:.2f}\n")
 
 
 def print_table(rows, stream) -> None:

@@ -1,0 +1,112 @@
+"""The shared engine of the state-passing methods (LASP-2, LASP-1): one autograd skeleton per
+direction, with the exchange between ranks plugged in.
+
+Causal (Alg. 2 forward / Alg. 4 backward of the LASP-2 paper, per rank and slot): the slot's
+chunk states with a zero incoming state give its summary (M_t, A_t); the exchange starts
+carrying summaries between ranks and, while that travels, the intra-chunk output is computed;
+then the incoming state S_in arrives, is folded into the chunk states with one element-wise
+step, and one inter-chunk matmul adds its term. The backward mirrors it: each slot's gradient
+on its incoming state travels while the chunk states are recomputed and the query-side
+gradients formed; the gradient arriving on its outgoing state is folded into the chunk
+gradients before the key-side matmuls. So a rank does the matmuls of the single-device op on
+its tokens and nothing more.
+
+An exchange is an object with
+    start_forward(h_end, a) -> Pending   h_end [S*B, H, K, V] each slot's state from zero,
+                                          a [S*B, H, Kg] or None its transition; wait() -> S_in
+    start_backward(d_in) -> Pending       d_in [S*B, H, K, V] each slot's gradient on its
+                                          incoming state; wait() -> the gradient on its outgoing state
+    start_sum(local) -> Pending           bidirectional: wait() -> the sum of the other ranks' `local`
+    slots_per_rank                        slots a rank holds, stacked into its batch
+A rank's slots are stacked into the batch: [S*B, C/S, H, D].
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import bidirectional as bi
+from ..ops.chunk_kernels import (add_incoming, add_inter_output, add_outgoing_grad, grad_state_pass, intra_output,
+                                 key_side_grads, query_side_grads, state_pass)
+from ..ops.chunk_layout import ChunkedSeq
+from ..ops.precision import without_autocast
+from .layout import from_segments, segments, to_segments, unsegment_grads
+
+
+class Pending:
+    """A started exchange: wait() waits for the communication, then returns finish()."""
+
+    def __init__(self, works, finish):
+        self._works, self._finish = works, finish
+
+    def wait(self):
+        for work in self._works:
+            work.wait()
+        return self._finish()
+
+
+class _Causal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, kind, scale, chunk_size, exchange):
+        S = exchange.slots_per_rank
+        seg = segments(q, k, v, log_decay, S)
+        x = ChunkedSeq.from_inputs(*seg, kind, chunk_size)
+        h_start, h_end = state_pass(x)  # M_t: each slot's state from a zero incoming state
+        pending = exchange.start_forward(h_end, x.total_decay)  # share [M_t, A_t], asynchronously
+        o = intra_output(x)  # O_intra = [(Q K^T) . Psi] V, while the states travel
+        S_in = pending.wait()  # M_{1:t-1} combined: the state entering each slot
+        h_start, _ = add_incoming(x, h_start, None, S_in)
+        o = add_inter_output(x, o, h_start, scale)  # O_inter = Q_hat S, one matmul for all of it
+        x.save_for_backward(ctx, *seg, S_in)
+        ctx.scale, ctx.exchange = scale, exchange
+        return from_segments(x.unchunk(o, q.dtype), S)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, do):
+        x, (S_in,) = ChunkedSeq.from_ctx(ctx)
+        exchange, S = ctx.exchange, ctx.exchange.slots_per_rank
+        do_hat = x.output_grad(to_segments(do, S), ctx.scale)
+        delta_after, d_in = grad_state_pass(x, do_hat)  # dM_t: each slot's gradient on its S_in
+        pending = exchange.start_backward(d_in)  # share dM_t, asynchronously
+        h_start, _ = state_pass(x)  # recomputed while the gradients travel
+        h_start, _ = add_incoming(x, h_start, None, S_in)
+        grads = query_side_grads(x, do_hat, h_start)
+        d_out = pending.wait()  # dM_{t+1:T} combined: the gradient on each slot's outgoing state
+        delta_after, _ = add_outgoing_grad(x, delta_after, None, d_out)
+        grads = key_side_grads(x, h_start, delta_after, *grads)
+        return (*unsegment_grads(x.input_grads(*grads), S), None, None, None, None)
+
+
+class _Bidirectional(torch.autograd.Function):
+    """o = scale * q (sum over every rank of k^T v). Nothing of the output is independent of the
+    other ranks' states, so the forward waits for them; the backward forms dq meanwhile."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, exchange):
+        local = bi.local_state(k, v)
+        total = local + exchange.start_sum(local).wait()
+        ctx.save_for_backward(q, k, v, total)
+        ctx.scale, ctx.exchange = scale, exchange
+        return bi.state_output(q, total, scale).to(q.dtype)
+
+    @staticmethod
+    @without_autocast
+    def backward(ctx, do):
+        q, k, v, total = ctx.saved_tensors
+        d_local = bi.state_grad(q, do, ctx.scale)
+        pending = ctx.exchange.start_sum(d_local)
+        dq = bi.query_grad(do, total, ctx.scale)
+        dk, dv = bi.key_value_grads(k, v, d_local + pending.wait())
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def causal_state_passing(q, k, v, log_decay, *, kind: str, scale: float, chunk_size: int, exchange) -> torch.Tensor:
+    """This rank's output [B, C, H, V] of causal linear attention, its slots' incoming states
+    brought by `exchange`."""
+    return _Causal.apply(q, k, v, log_decay, kind, scale, chunk_size, exchange)
+
+
+def bidirectional_state_passing(q, k, v, *, scale: float, exchange) -> torch.Tensor:
+    """This rank's output [B, C, H, V] of bidirectional linear attention; `exchange.start_sum`
+    brings the other ranks' states."""
+    return _Bidirectional.apply(q, k, v, scale, exchange)

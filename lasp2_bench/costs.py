@@ -1,0 +1,112 @@
+"""How long a sequence-parallel method takes per attention layer: an α–β model of its
+communication, read from the method's spec (`lasp2.parallel.MethodSpec`), and its compute.
+
+Bytes and calls are the spec's (`MethodSpec.calls`, the README's method table; the
+collective-count tests check them against what the methods issue). Times: a collective of n
+bytes costs its steps × (α + bytes per step / β), with the α and β of the slowest link it
+crosses (intra-node or inter-node); a chain of dependent hops costs one hop each; compute costs
+FLOPs / rate. A method whose plan overlaps its communication hides it behind the overlappable
+compute: the intra-chunk work of a chunked method, every block of a quadratic one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lasp2.parallel import MethodSpec, Problem
+from lasp2.parallel.spec import evaluate
+
+CHUNK = 64
+# The measured kernel rate (`calibrate.measure_kernels`) each kind of local compute runs at.
+KERNEL = {"chunk": "chunk", "left_product": "left_product", "softmax_block": "softmax_block",
+          "sdpa_bottom_right": "sdpa_masked", "sdpa_causal": "sdpa_causal"}
+
+
+def flops(spec: MethodSpec, x: Problem) -> tuple[float, float]:
+    """(matmul FLOPs on the busiest rank that can overlap the method's communication, the rest),
+    for forward+backward (backward counted as twice the forward).
+
+    Chunked methods: intra-chunk B·H·C·2·64·(K+V) (overlappable when the plan overlaps) and the
+    state terms B·H·C·4·K·V. Quadratic methods: scores and values of the local queries against
+    all N keys, B·H·C·N·2·(K+V), recomputed blocks in backward (×3.5); halved for a causal
+    whole-sequence kernel, which skips the masked half (the busiest rank of the contiguous
+    layout sees every key in the others)."""
+    BHC = x.B * x.H * x.C
+    if not spec.quadratic:
+        intra, state = 3.0 * BHC * 2 * CHUNK * (x.K + x.V), 3.0 * BHC * 4 * x.K * x.V
+        return (intra, state) if spec.plan.overlap else (0.0, intra + state)
+    causal_share = 0.5 if spec.compute == "sdpa_causal" else 1.0
+    total = causal_share * 3.5 * BHC * x.N * 2 * (x.K + x.V)
+    return (total, 0.0) if spec.plan.overlap else (0.0, total)
+
+
+def kernel(spec: MethodSpec) -> str:
+    """Which measured kernel rate (`lasp2_bench.calibrate`) a method's compute runs at."""
+    return KERNEL[spec.compute]
+
+
+@dataclass(frozen=True)
+class Network:
+    """α (s) and β (bytes/s, one direction per rank) within a node and between nodes; point-to-
+    point messages within a node may have their own (p2p_alpha, p2p_beta), e.g. gloo's."""
+
+    alpha_intra: float
+    beta_intra: float
+    alpha_inter: float
+    beta_inter: float
+    ranks_per_node: int
+    p2p_alpha: float | None = None
+    p2p_beta: float | None = None
+
+    def hop(self, nbytes: int, inter: bool) -> float:
+        if inter:
+            return self.alpha_inter + nbytes / self.beta_inter
+        return (self.p2p_alpha or self.alpha_intra) + nbytes / (self.p2p_beta or self.beta_intra)
+
+    def link(self, W: int) -> tuple[float, float]:
+        """(α, β) of the slowest link a W-rank ring or collective crosses."""
+        return (self.alpha_intra, self.beta_intra) if W <= self.ranks_per_node else (self.alpha_inter, self.beta_inter)
+
+    def collective(self, kind: str, nbytes: int, W: int) -> float:
+        """Seconds for one call handing over nbytes, ring algorithms (W−1 steps of 1/W of the data)."""
+        alpha, beta = self.link(W)
+        if kind == "all_gather":
+            return (W - 1) * (alpha + nbytes / beta)
+        if kind == "reduce_scatter":
+            return (W - 1) * (alpha + nbytes / W / beta)
+        if kind == "all_to_all":
+            return alpha + nbytes * (W - 1) / W / beta
+        if kind == "send":
+            return self.hop(nbytes, W > self.ranks_per_node)
+        raise ValueError(f"no time model for a {kind!r} call")
+
+    def chain(self, nbytes: int, hops: int) -> float:
+        """A chain of dependent hops around W ranks: a hop crosses nodes every ranks_per_node."""
+        inter = hops // self.ranks_per_node
+        return (hops - inter) * self.hop(nbytes, False) + inter * self.hop(nbytes, True)
+
+
+def comm_seconds(spec: MethodSpec, x: Problem, net: Network) -> float:
+    """Seconds of the causal plan's communication per forward+backward on the busiest rank: a
+    chain costs its hops one after another (the last rank waits for every one)."""
+    if x.W == 1:
+        return 0.0
+    symbols, plan, total = x.symbols(), spec.plan, 0.0
+    for c in plan.forward + plan.backward:
+        if not c.applies(x.decay):
+            continue
+        nbytes = evaluate(c.values, symbols) * x.value_bytes(c.precision)
+        if c.chain is not None:
+            total += net.chain(nbytes, evaluate(c.count, symbols))
+        else:
+            total += evaluate(c.count, symbols) * net.collective(c.kind, nbytes, x.W)
+    return total
+
+
+def layer_time(spec: MethodSpec, x: Problem, net: Network, rate: float) -> dict:
+    """Predicted forward+backward seconds of one layer on the busiest rank: compute at `rate`
+    FLOP/s; communication the plan overlaps hides behind the overlappable compute, the rest
+    waits."""
+    overlap_flops, rest_flops = flops(spec, x)
+    overlap_s, rest_s = overlap_flops / rate, rest_flops / rate
+    comm = comm_seconds(spec, x, net)
+    return {"seconds": max(overlap_s, comm) + rest_s, "compute_s": overlap_s + rest_s, "comm_s": comm}
