@@ -4,7 +4,7 @@ from .counting import CollectiveLog, count_collectives
 from .lasp1 import lasp1_linear_attn
 from .lasp2 import lasp2_linear_attn
 from .layout import LAYOUTS, positions, shard, unshard
-from .registry import LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel, method_spec, register
+from .registry import LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel, method_spec, method_table, register
 from .ring import ring_attn, ring_linear_attn
 from .spec import Comm, MethodSpec, Plan, Problem
 from .ulysses import ulysses_attn, ulysses_linear_attn
@@ -25,6 +25,7 @@ __all__ = [
     "lasp1_linear_attn",
     "lasp2_linear_attn",
     "method_spec",
+    "method_table",
     "positions",
     "register",
     "ring_attn",

@@ -14,7 +14,7 @@ import torch
 from . import allgather, lasp1, lasp2, ring, ulysses
 from .comm import group_rank_size
 from .layout import LAYOUTS, Layout, positions, shard, unshard
-from .spec import LINEAR, SOFTMAX, MethodSpec
+from .spec import LINEAR, SOFTMAX, TABLE_HEADER, MethodSpec
 
 # name -> MethodSpec, by family; the spec's `fn` is the method's function.
 LINEAR_METHODS: dict[str, MethodSpec] = {}
@@ -40,6 +40,11 @@ def method_spec(family: str, name: str) -> MethodSpec:
     if name not in methods:
         raise ValueError(f"unknown {family} method {name!r} (valid: {', '.join(methods)})")
     return methods[name]
+
+
+def method_table() -> str:
+    """The README's method table, one row per registered method, from the specs."""
+    return "\n".join([TABLE_HEADER] + [spec.table_row() for spec in [*LINEAR_METHODS.values(), *SOFTMAX_METHODS.values()]])
 
 
 class SequenceParallel:

@@ -204,7 +204,7 @@ class MethodSpec:
         return 0 if problem.W == 1 else evaluate(self.plan.steps, problem.symbols())
 
     def table_row(self) -> str:
-        """This method's row of the README's method table."""
+        """This method's row of the README's method table (`registry.method_table`)."""
         def cell(comms):
             return " + ".join(c.describe() for c in comms) or "—"
 
@@ -216,5 +216,12 @@ class MethodSpec:
             notes.insert(0, "quadratic in N")
         if not self.equal_shards:
             notes.append("shards may differ in length")
+        if self.bidirectional is not None:
+            notes.append(f"causal=False: {cell(self.bidirectional.forward)} forward, "
+                         f"{cell(self.bidirectional.backward)} backward")
         return (f"| `{self.name}` ({self.family}) | {cell(self.plan.forward)} | {cell(self.plan.backward)} | {steps} | "
                 f"{decays if self.family == LINEAR else '—'} | {'; '.join(notes)} |")
+
+
+TABLE_HEADER = ("| method | forward | backward | dependent steps per forward+backward | decays | notes |\n"
+                "|---|---|---|---|---|---|")

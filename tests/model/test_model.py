@@ -1,3 +1,6 @@
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -44,10 +47,31 @@ def test_layer_pattern_and_hybrid_ratios():
         tiny(pattern="LLX")
 
 
-def test_preset_sizes():
+def _closed_form_parameters(cfg) -> int:
+    """Linear-Llama3's parameters written out from the architecture: untied embedding and head,
+    per block two RMSNorms and a SwiGLU MLP; a linear layer has q, k, v, an output gate and o
+    at full width plus a per-head RMSNorm; a softmax layer q and o at full width, k and v at the
+    KV heads' width."""
+    hidden, d, heads, kv = cfg.hidden_size, cfg.dim_per_head, cfg.num_heads, cfg.num_kv_heads
+    linear = 5 * hidden * heads * d + d
+    softmax = 2 * hidden * heads * d + 2 * hidden * kv * d
+    block = 2 * hidden + 3 * hidden * cfg.ffn_hidden
+    layers = sum(block + (linear if t == "L" else softmax) for t in cfg.layer_types())
+    return 2 * cfg.vocab_size * hidden + hidden + layers
+
+
+def _short(n: int) -> str:
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+
+
+def test_preset_sizes_are_exact_and_the_readme_prints_them():
     counts = {name: count_parameters(cfg) for name, cfg in PRESETS.items()}
-    assert 1e6 < counts["debug"] < 1e7
-    # 16 layers, hidden 2048, 16 heads: 1.1B in the blocks, plus 0.53B of untied 128256-token embeddings
-    assert 1.5e9 < counts["1b"] < 1.7e9
-    # Llama 3 8B is 8.0B; its linear layers carry full-width q, k, v and an output gate (no GQA)
-    assert 8.5e9 < counts["8b"] < 9.5e9
+    assert counts == {"debug": 3_475_904, "0.3b": 537_429_760, "1b": 1_632_701_952, "8b": 9_036_897_280}
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for name, cfg in PRESETS.items():
+        assert counts[name] == _closed_form_parameters(cfg), name
+        byte_vocab = count_parameters(dataclasses.replace(cfg, vocab_size=256))
+        assert byte_vocab == _closed_form_parameters(dataclasses.replace(cfg, vocab_size=256)), name
+        llama_vocab = "—" if cfg.vocab_size == 256 else _short(counts[name])
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}`"))
+        assert row.endswith(f"| {llama_vocab} | {_short(byte_vocab)} |"), (row, llama_vocab, _short(byte_vocab))
