@@ -65,6 +65,20 @@ def decay_kind(log_decay, q_shape: torch.Size, fn: str) -> str:
     )
 
 
+def _check_qkv(fn: str, q, k, v) -> None:
+    """q, k, v: floating 4-D tensors, none empty, of one dtype on one device."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(fn, name, x)
+        if x.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D [B, T, H, D], got shape {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"{fn}: {name} is empty (shape {tuple(x.shape)}); every dimension must be >= 1")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{fn}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{fn}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
 def check_linear_attn_inputs(
     fn: str,
     q,
@@ -84,16 +98,7 @@ def check_linear_attn_inputs(
     metadata and always checked; the positivity of log_decay is data and checked only with
     `check_values` (one reduction, and on a GPU a host sync: never on the hot path by default).
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(fn, name, x)
-        if x.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be 4-D [B, T, H, D], got shape {tuple(x.shape)}")
-        if x.numel() == 0:
-            raise ValueError(f"{fn}: {name} is empty (shape {tuple(x.shape)}); every dimension must be >= 1")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{fn}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{fn}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    _check_qkv(fn, q, k, v)
     if q.shape != k.shape:
         raise ValueError(f"{fn}: q and k must have the same shape [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}")
     if v.shape[:3] != q.shape[:3]:
@@ -156,16 +161,7 @@ class SoftmaxAttnShape:
 
 def check_softmax_attn_inputs(fn: str, q, k, v, *, causal: bool = True, scale=None) -> SoftmaxAttnShape:
     """q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv] with Hq % Hkv == 0 (GQA/MQA)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(fn, name, x)
-        if x.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be 4-D [B, T, H, D], got shape {tuple(x.shape)}")
-        if x.numel() == 0:
-            raise ValueError(f"{fn}: {name} is empty (shape {tuple(x.shape)}); every dimension must be >= 1")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{fn}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{fn}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    _check_qkv(fn, q, k, v)
     b, t, hq, d = q.shape
     if k.shape[:2] != (b, t) or k.shape[3] != d:
         raise ValueError(f"{fn}: k must be [B, T, Hkv, D] with B, T, D of q {(b, t, d)}, got {tuple(k.shape)}")
