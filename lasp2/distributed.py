@@ -92,7 +92,7 @@ def reduce_gradients(params, dims: ParallelDims) -> None:
         if p.grad is not None:
             p.grad.copy_(g)
         elif n > 0:
-            p.grad = g.clone()
+            p.grad = g.to(dtype=p.dtype, copy=True)
 
 
 def sum_over_ranks(value: torch.Tensor, dims: ParallelDims) -> torch.Tensor:

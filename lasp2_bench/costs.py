@@ -85,28 +85,35 @@ class Network:
         return (hops - inter) * self.hop(nbytes, False) + inter * self.hop(nbytes, True)
 
 
-def comm_seconds(spec: MethodSpec, x: Problem, net: Network) -> float:
-    """Seconds of the causal plan's communication per forward+backward on the busiest rank: a
-    chain costs its hops one after another (the last rank waits for every one)."""
+def _comm_parts(spec: MethodSpec, x: Problem, net: Network) -> tuple[float, float]:
+    """(seconds of collectives, seconds of chains) of the causal plan per forward+backward on
+    the busiest rank; a chain costs its hops one after another (the last rank waits for each)."""
     if x.W == 1:
-        return 0.0
-    symbols, plan, total = x.symbols(), spec.plan, 0.0
+        return 0.0, 0.0
+    symbols, plan, collectives, chains = x.symbols(), spec.plan, 0.0, 0.0
     for c in plan.forward + plan.backward:
         if not c.applies(x.decay):
             continue
         nbytes = evaluate(c.values, symbols) * x.value_bytes(c.precision)
         if c.chain is not None:
-            total += net.chain(nbytes, evaluate(c.count, symbols))
+            chains += net.chain(nbytes, evaluate(c.count, symbols))
         else:
-            total += evaluate(c.count, symbols) * net.collective(c.kind, nbytes, x.W)
-    return total
+            collectives += evaluate(c.count, symbols) * net.collective(c.kind, nbytes, x.W)
+    return collectives, chains
+
+
+def comm_seconds(spec: MethodSpec, x: Problem, net: Network) -> float:
+    """Seconds of the causal plan's communication per forward+backward on the busiest rank."""
+    return sum(_comm_parts(spec, x, net))
 
 
 def layer_time(spec: MethodSpec, x: Problem, net: Network, rate: float) -> dict:
     """Predicted forward+backward seconds of one layer on the busiest rank: compute at `rate`
-    FLOP/s; communication the plan overlaps hides behind the overlappable compute, the rest
-    waits."""
+    FLOP/s; collectives the plan overlaps hide behind the overlappable compute, the rest waits.
+    A chain (LASP-1) waits too: each rank forwards after its own intra-chunk compute, so all
+    hops but the first follow it (the first is not credited)."""
     overlap_flops, rest_flops = flops(spec, x)
     overlap_s, rest_s = overlap_flops / rate, rest_flops / rate
-    comm = comm_seconds(spec, x, net)
-    return {"seconds": max(overlap_s, comm) + rest_s, "compute_s": overlap_s + rest_s, "comm_s": comm}
+    collectives, chains = _comm_parts(spec, x, net)
+    return {"seconds": max(overlap_s, collectives) + chains + rest_s, "compute_s": overlap_s + rest_s,
+            "comm_s": collectives + chains}

@@ -69,14 +69,17 @@ def _limit_address_space(limit_bytes: int) -> None:
 
 def _formula_bytes(cfg, linear, softmax, seq_len, sp, batch, slots, dtype_bytes) -> int:
     """The methods' spec formulas summed over the model's layers."""
-    layer = dict(B=batch, N=seq_len, W=sp, S=slots, H=cfg.num_heads, K=cfg.dim_per_head, V=cfg.dim_per_head,
-                 dtype_bytes=dtype_bytes)
+    key_dim = cfg.feature_dim if cfg.linear_kind in ("based", "rebased") else cfg.dim_per_head
+    if cfg.linear_kind == "based":  # the 2nd-order Taylor map widens q and k to 1 + f + f^2
+        key_dim = 1 + key_dim + key_dim ** 2
+    layer = dict(B=batch, N=seq_len, W=sp, S=slots, H=cfg.num_heads, V=cfg.dim_per_head, dtype_bytes=dtype_bytes,
+                 decay_bytes=4)  # log decays are computed in fp32
     total = 0
     for kind in cfg.layer_types():
         if kind == "L":
-            total += LINEAR_METHODS[linear].bytes_per_rank(Problem(**layer, decay=cfg.decay_form))
+            total += LINEAR_METHODS[linear].bytes_per_rank(Problem(**layer, K=key_dim, decay=cfg.decay_form))
         else:
-            total += SOFTMAX_METHODS[softmax].bytes_per_rank(Problem(**layer, Hkv=cfg.num_kv_heads))
+            total += SOFTMAX_METHODS[softmax].bytes_per_rank(Problem(**layer, K=cfg.dim_per_head, Hkv=cfg.num_kv_heads))
     return total
 
 

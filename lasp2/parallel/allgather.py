@@ -95,7 +95,7 @@ SPEC = MethodSpec(
     name="allgather", family=LINEAR, fn=allgather_linear_attn, quadratic=True, compute="left_product",
     decays=(DECAY_NONE, DECAY_HEAD, DECAY_TOKEN),
     decay_reason="per-channel gates cannot be written as the masked (Q K^T) V it computes",
-    plan=Plan(forward=(Comm("all_gather", "B·C·H·(K + V + Gt)", precision="input"),),
-              backward=(Comm("reduce_scatter", "W·B·C·H·(K + V + Gt)", precision="input"),), steps="2"),
+    plan=Plan(forward=(Comm("all_gather", "B·C·H·(K + V + Gt)", precision="promoted"),),
+              backward=(Comm("reduce_scatter", "W·B·C·H·(K + V + Gt)", precision="promoted"),), steps="2"),
     notes="Megatron-SP: full K/V on every rank, the masked left product",
 )

@@ -3,8 +3,8 @@ direction, with the exchange between ranks plugged in.
 
 Causal (Alg. 2 forward / Alg. 4 backward of the LASP-2 paper, per rank and slot): the slot's
 chunk states with a zero incoming state give its summary (M_t, A_t); the exchange starts
-carrying summaries between ranks and, while that travels, the intra-chunk output is computed;
-then the incoming state S_in arrives, is folded into the chunk states with one element-wise
+(LASP-2: the all-gather of every summary; LASP-1: the hops that need no remote state) and,
+while that travels, the intra-chunk output is computed; then the incoming state S_in arrives, is folded into the chunk states with one element-wise
 step, and one inter-chunk matmul adds its term. The backward mirrors it: each slot's gradient
 on its incoming state travels while the chunk states are recomputed and the query-side
 gradients formed; the gradient arriving on its outgoing state is folded into the chunk

@@ -61,6 +61,7 @@ def check_linear_call(spec, q, k, v, log_decay, *, scale, causal, group, chunk_s
         shape = check_linear_attn_inputs(fn, q, k, v, log_decay, causal=causal, scale=scale, check_values=validate)
         spec.check_rules(fn, shape.decay, shape.num_heads, shape.num_heads, world)
         _layout(fn, world, layout, shape.seq_len)
+        effective_chunk_size(chunk_size, shape.decay, fn)  # raises on a bad chunk_size, before any collective
         return shape
 
     def describe(s):

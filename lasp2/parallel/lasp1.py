@@ -3,9 +3,10 @@
 Causal forward: each slot receives the state entering it from the rank holding the slot before
 (zeros for the first slot), passes A_t S_in + M_t on to the rank holding the next one: a chain of
 dependent hops (W−1 for contiguous shards, 2W−2 for zigzag, whose chain runs 0 -> W−1 and
-back). Every receive is posted before the local compute starts, so each hop waits only for the
-previous rank, not for this one's intra-chunk work (the overlap the paper describes). The
-backward relays the gradient on each slot's outgoing state the other way. Bidirectional: a
+back). The hops that need no remote state (the chain's first) leave before the local
+intra-chunk compute; every later hop waits for its rank to finish that compute and then for the
+previous rank, so the chain's latency adds to the compute (the serialization LASP-2 removes).
+The backward relays the gradient on each slot's outgoing state the other way. Bidirectional: a
 prefix chain and a suffix chain of partial sums, 2(W−1) sends per pass. Same bytes as LASP-2,
 serialized latency. The math is LASP-2's (`engine.py`); only the exchange differs.
 """
@@ -35,40 +36,53 @@ class _Relay:
         self.slots_per_rank = layout.slots_per_rank
         self.transitions = None  # this rank's slots' A, kept for the backward
 
+    def _receive(self, like: torch.Tensor, group_rank: int, tag: int) -> torch.Tensor:
+        received, work = irecv(like, self.group, group_rank, tag)
+        work.wait()
+        return received
+
     def _chain(self, local: torch.Tensor, a, forward: bool, apply) -> Pending:
         """local [S*B, ...] this rank's slots stacked, a [S*B, H, Kg] or None. Each slot's carry
         comes from the neighbouring slot (handed over locally when this rank holds both); the
-        slot passes local + apply(a, carry) on. wait() -> the carry that entered each slot."""
+        slot passes local + apply(a, carry) on. wait() -> the carry that entered each slot.
+
+        Every rank issues its sends and receives in chain order (each pair of ranks then
+        matches them in the same order, as NCCL requires). The hops that need no remote carry
+        (the chain's first slot, and what follows it on the same rank) go out now, before the
+        local compute; the rest run when the engine waits, after it."""
         S, owner, n_slots = self.slots_per_rank, self.layout.slot_owner(), self.layout.n_slots
         per_slot = local.view(S, -1, *local.shape[1:])
         decays = [None] * S if a is None else list(a.view(S, -1, *a.shape[1:]))
         step = 1 if forward else -1
         order = list(enumerate(self.layout.slots(self.rank)))
-        order = order if forward else order[::-1]
-        received = {}  # posted now, before the local compute
-        for index, slot in order:
-            before = slot - step
-            if 0 <= before < n_slots and owner[before][0] != self.rank:
-                received[index] = irecv(per_slot[index], self.group, owner[before][0], tag=slot)
+        remaining = order if forward else order[::-1]
+        carried, sends, handed_over = [None] * S, [], [None]
 
-        def relay():
-            carried, handed_over, sends = [None] * S, None, []
-            for index, slot in order:
+        def advance(may_receive: bool) -> None:
+            while remaining:
+                index, slot = remaining[0]
                 before, after = slot - step, slot + step
                 if not 0 <= before < n_slots:
                     carry = torch.zeros_like(per_slot[index])
                 elif owner[before][0] == self.rank:
-                    carry = handed_over
+                    carry = handed_over[0]
+                elif may_receive:
+                    carry = self._receive(per_slot[index], owner[before][0], tag=slot)
                 else:
-                    carry, work = received[index]
-                    work.wait()
+                    return
+                remaining.pop(0)
                 carried[index] = carry
-                out = per_slot[index] + apply(decays[index], carry)
+                out = per_slot[index] + apply(decays[index], carry)  # S_out = A_t S_in + M_t
                 if 0 <= after < n_slots:
                     if owner[after][0] == self.rank:
-                        handed_over = out
+                        handed_over[0] = out
                     else:
                         sends.append(isend(out, self.group, owner[after][0], tag=after))
+
+        advance(may_receive=False)
+
+        def relay():
+            advance(may_receive=True)
             for work in sends:
                 work.wait()
             return torch.cat(carried)
@@ -84,23 +98,26 @@ class _Relay:
 
     def start_sum(self, local):
         """The sum of the other ranks' `local`: a prefix chain 0 -> W−1 of partial sums, then a
-        suffix chain W−1 -> 0; both receives posted first."""
-        rank, world = self.rank, self.world
-        before = irecv(local, self.group, rank - 1, PREFIX_TAG) if rank > 0 else None
-        after = irecv(local, self.group, rank + 1, SUFFIX_TAG) if rank < world - 1 else None
+        suffix chain W−1 -> 0, in that order on every rank; rank 0 starts the prefix chain now."""
+        rank, world, sends = self.rank, self.world, []
+
+        def pass_on(carry, nxt: int, tag: int) -> None:
+            if 0 <= nxt < world:
+                sends.append(isend(carry + local, self.group, nxt, tag))
+
+        prefix = torch.zeros_like(local) if rank == 0 else None
+        if prefix is not None:
+            pass_on(prefix, rank + 1, PREFIX_TAG)
 
         def relay():
-            sums, sends = [], []
-            for pending, nxt, tag in ((before, rank + 1, PREFIX_TAG), (after, rank - 1, SUFFIX_TAG)):
-                carry = torch.zeros_like(local) if pending is None else pending[0]
-                if pending is not None:
-                    pending[1].wait()
-                if 0 <= nxt < world:
-                    sends.append(isend(carry + local, self.group, nxt, tag))
-                sums.append(carry)
+            before = prefix if prefix is not None else self._receive(local, rank - 1, PREFIX_TAG)
+            if prefix is None:
+                pass_on(before, rank + 1, PREFIX_TAG)
+            after = torch.zeros_like(local) if rank == world - 1 else self._receive(local, rank + 1, SUFFIX_TAG)
+            pass_on(after, rank - 1, SUFFIX_TAG)
             for work in sends:
                 work.wait()
-            return sums[0] + sums[1]
+            return before + after
 
         return Pending([], relay)
 
@@ -128,7 +145,7 @@ SPEC = MethodSpec(
     name="lasp1", family=LINEAR, fn=lasp1_linear_attn, equal_shards=False,
     plan=Plan(forward=(Comm("send", "B·H·K·V", "S·(W−1)", chain="up"),),
               backward=(Comm("send", "B·H·K·V", "S·(W−1)", chain="down"),),
-              steps="2·S·(W−1)", overlap="the intra-chunk compute (receives posted first)"),
+              steps="2·S·(W−1)", overlap="the intra-chunk compute for the first hop only (a chain)"),
     bidirectional=Plan(forward=_PREFIX_AND_SUFFIX, backward=_PREFIX_AND_SUFFIX, steps="4·(W−1)"),
     notes="the state relayed by dependent hops",
 )

@@ -229,9 +229,10 @@ SPEC = MethodSpec(
     name="ring", family=LINEAR, fn=ring_linear_attn, quadratic=True, compute="left_product", decays=(DECAY_NONE, DECAY_HEAD, DECAY_TOKEN),
     decay_reason="per-channel gates cannot be written as the masked (Q K^T) V it computes",
     plan=Plan(forward=(Comm("all_gather", "S·B·H", precision="fp64", when=(DECAY_TOKEN,)),
-                       Comm("send", _LINEAR_BLOCK, "W−1", precision="input")),
-              backward=(Comm("send", _LINEAR_BLOCK, "W−1", precision="input"), Comm("send", _LINEAR_BLOCK, "W"),
+                       Comm("send", _LINEAR_BLOCK, "W−1", precision="promoted")),
+              backward=(Comm("send", _LINEAR_BLOCK, "W−1", precision="promoted"), Comm("send", _LINEAR_BLOCK, "W"),
                         Comm("reduce_scatter", "W·S·B·H", precision="fp64", when=(DECAY_TOKEN,))),
               steps="3·W−2", overlap="each block's compute"),
-    notes="masked (Q K^T) V per block, without the right-product trick; the gradient of a block travels in fp32",
+    notes="masked (Q K^T) V per block, without the right-product trick; the gradient of a block travels in fp32; "
+          "the per-token decay's reduce-scatter runs when the decay requires grad",
 )

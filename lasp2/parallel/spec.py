@@ -40,7 +40,8 @@ class Comm:
         the sequence or "down" it, through its slots or `over` the ranks alone), the hops of
         the whole group, which the layout spreads over the ranks.
     precision: what one value weighs: "state" (fp32, fp64 for fp64 inputs), "input" (the input
-        dtype, promoted with the log decay's) or "fp64".
+        dtype), "promoted" (the input dtype promoted with the log decay's, when there is one) or
+        "fp64".
     when: decay forms this call is made for (None: always).
     """
 
@@ -88,7 +89,8 @@ class Plan:
 class Problem:
     """One attention layer: B sequences of N tokens over W ranks, S slots per rank. Linear: H
     heads, head dims K, V, a decay form. Softmax: Hq query and Hkv key/value heads, dims D, Dv.
-    dtype_bytes: bytes of one input value; state_bytes: of one state value."""
+    dtype_bytes: bytes of one input value; state_bytes: of one state value; decay_bytes: of one
+    log-decay value (None: as the inputs)."""
 
     B: int
     N: int
@@ -101,6 +103,7 @@ class Problem:
     Hkv: int | None = None
     dtype_bytes: int = 4
     state_bytes: int = 4
+    decay_bytes: int | None = None
 
     @property
     def C(self) -> int:
@@ -114,7 +117,8 @@ class Problem:
                     Hq=self.H, Hkv=hkv, Hkv_p=hkv if hkv % self.W == 0 else self.W, D=self.K, Dv=self.V)
 
     def value_bytes(self, precision: str) -> int:
-        return {"state": self.state_bytes, "input": self.dtype_bytes, "fp64": 8}[precision]
+        promoted = self.dtype_bytes if self.decay == DECAY_NONE else max(self.dtype_bytes, self.decay_bytes or 0)
+        return {"state": self.state_bytes, "input": self.dtype_bytes, "promoted": promoted, "fp64": 8}[precision]
 
 
 def chain_sends(W: int, S: int) -> list[tuple[int, int]]:

@@ -105,9 +105,9 @@ SOFTMAX_SPEC = MethodSpec(
 )
 SPEC = MethodSpec(
     name="ulysses", family=LINEAR, fn=ulysses_linear_attn, heads_rule=_heads_rule,
-    plan=Plan(forward=(Comm("all_to_all", "B·C·H·(2·K + V + Gt)", precision="input"),
+    plan=Plan(forward=(Comm("all_to_all", "B·C·H·(2·K + V + Gt)", precision="promoted"),
                        Comm("all_to_all", "B·C·H·V", precision="input")),
               backward=(Comm("all_to_all", "B·C·H·V", precision="input"),
-                        Comm("all_to_all", "B·C·H·(2·K + V + Gt)", precision="input")), steps="4"),
+                        Comm("all_to_all", "B·C·H·(2·K + V + Gt)", precision="promoted")), steps="4"),
     notes="H % W == 0; the single-device op on whole sequences of H/W heads",
 )

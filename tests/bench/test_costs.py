@@ -42,6 +42,8 @@ def test_lasp2_hides_its_gather_behind_compute_and_lasp1_pays_its_chain():
     lasp1 = costs.layer_time(LINEAR_METHODS["lasp1"], problem, NET, slow)
     hop = gather  # the same state, hop by hop: 56 of the 63 stay inside a node
     assert lasp1["comm_s"] == pytest.approx(2 * (56 * (1e-5 + hop / 1e11) + 7 * (2e-5 + hop / 1e10)))
+    # a chain's hops follow each rank's own compute: not hidden
+    assert lasp1["seconds"] == pytest.approx(lasp1["compute_s"] + lasp1["comm_s"])
     ring = costs.layer_time(LINEAR_METHODS["ring"], problem, NET, slow)
     assert ring["compute_s"] == pytest.approx(3.5 * 16 * 16384 * 2**20 * 2 * 256 / slow)  # quadratic
 

@@ -109,6 +109,37 @@ def overlap_order(group, method, inputs, bounds, layout="contiguous"):
     return {"forward": forward.done, "backward": backward.done}
 
 
+class _PointToPoint(TorchDispatchMode):
+    """Records a pass's sends and receives in the order issued: (kind, peer, matmuls run after
+    it within the pass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []  # [kind, peer, matmuls after]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d" and func._opname in ("send", "recv_"):
+            self.events.append([func._opname.rstrip("_"), int(args[2]), 0])
+        elif func._opname in ("bmm", "baddbmm", "mm", "addmm", "matmul"):
+            for event in self.events:
+                event[2] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def point_to_point_order(group, method, inputs, layout, causal=True):
+    """For each pass of a method on this rank's layout shard: [(send|recv, peer's global rank,
+    matmuls that ran after it was issued)] in issue order."""
+    from lasp2.parallel import LINEAR_METHODS, shard
+
+    x = {n: None if t is None else leaf(t if (n == "g" and t.dim() == 1) else shard(t, group, layout))
+         for n, t in inputs.items()}
+    with _PointToPoint() as forward:
+        o = LINEAR_METHODS[method].fn(x["q"], x["k"], x["v"], x["g"], causal=causal, group=group, layout=layout)
+    with _PointToPoint() as backward:
+        o.sum().backward()
+    return {"forward": [tuple(e) for e in forward.events], "backward": [tuple(e) for e in backward.events]}
+
+
 def call_and_catch(group, method, per_rank_inputs, validate, causal_per_rank=None):
     """Calls the method with this rank's own inputs; returns (error type, message, collectives
     issued) instead of raising, so the pool stays usable."""

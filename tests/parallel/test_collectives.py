@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.helpers import make_inputs
-from tests.parallel.cases import count_passes, even_bounds, overlap_order
+from tests.parallel.cases import count_passes, even_bounds, overlap_order, point_to_point_order
 
 B, T, H, K, V = 2, 48, 3, 6, 5
 STATE_BYTES = B * H * K * V * 4  # fp32
@@ -76,14 +76,31 @@ def test_lasp2_overlaps_gather_with_local_compute(dist_workers, kind, layout):
         assert fwd_matmuls >= 2 and bwd_matmuls >= 4, (rank, fwd_matmuls, bwd_matmuls)
 
 
-@pytest.mark.parametrize("kind", ["none", "token"])
-def test_lasp1_posts_its_receives_before_the_local_compute(dist_workers, kind):
-    """LASP-1 is the baseline the paper describes: a rank waits on its predecessor only after
-    its own intra-chunk work, so each hop overlaps it."""
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_lasp1_pairs_its_sends_and_receives_in_one_order(dist_workers, world, layout, causal):
+    """Between any two ranks, the i-th point-to-point op one issues to the other is a send
+    exactly when the other's i-th is a receive: NCCL runs a pair's operations in issue order
+    (tags do not reorder them), so two receives issued first would wait for each other."""
+    kind = "token" if causal else "none"
     inputs = make_inputs(kind, B=B, T=T, H=H, K=K, V=V, dtype=torch.float32)
-    results = dist_workers.run(overlap_order, (0, 1, 2), "lasp1", inputs, even_bounds(T, 3))
-    for rank in range(3):
-        forward, backward = results[rank]["forward"], results[rank]["backward"]
-        assert [k for k, _ in forward] == (["recv_"] if rank > 0 else []), (rank, forward)
-        assert [k for k, _ in backward] == (["recv_"] if rank < 2 else []), (rank, backward)
-        assert all(matmuls >= 2 for _, matmuls in forward + backward), (rank, forward, backward)
+    results = dist_workers.run(point_to_point_order, tuple(range(world)), "lasp1", inputs, layout, causal)
+    for which in ("forward", "backward"):
+        for a in range(world):
+            for b in range(a + 1, world):
+                a_to_b = [k for k, peer, _ in results[a][which] if peer == b]
+                b_to_a = [k for k, peer, _ in results[b][which] if peer == a]
+                assert len(a_to_b) == len(b_to_a) and all(x != y for x, y in zip(a_to_b, b_to_a)), (which, a, b)
+
+
+@pytest.mark.parametrize("kind", ["none", "token"])
+def test_lasp1_first_hop_leaves_before_the_local_compute(dist_workers, kind):
+    """The chain's first hop needs no remote state: rank 0 sends it (and the last rank the
+    backward's) before its intra-chunk matmuls, which then overlap it."""
+    inputs = make_inputs(kind, B=B, T=T, H=H, K=K, V=V, dtype=torch.float32)
+    results = dist_workers.run(point_to_point_order, (0, 1, 2), "lasp1", inputs, "contiguous")
+    (first, peer, matmuls_after), = results[0]["forward"]
+    assert (first, peer) == ("send", 1) and matmuls_after >= 2
+    (first, peer, matmuls_after), = results[2]["backward"]
+    assert (first, peer) == ("send", 1) and matmuls_after >= 4

@@ -134,3 +134,15 @@ def test_ring_blocks_travel_in_the_input_dtype(dist_workers, family):
         assert _sent(got["forward"]) == [("send", 2 * block)]
         assert _sent(got["backward"]) == sorted([("send", 2 * block)] + [("send", 4 * block)] * 2)
         assert [sorted(c) for c in spec.calls(problem, rank=rank)] == [_sent(got["forward"]), _sent(got["backward"])]
+
+
+@pytest.mark.parametrize("method", ["allgather", "ring", "ulysses"])
+def test_bf16_inputs_with_an_fp32_decay_send_what_the_spec_says(dist_workers, method):
+    """K/V travel promoted with the fp32 log decay, Ulysses' output in the input dtype."""
+    inputs = make_inputs("token", B=B, T=T, H=H, K=K, V=V, dtype=torch.float32)
+    inputs = {n: t if n == "g" else t.bfloat16() for n, t in inputs.items()}
+    results = dist_workers.run(count_registered, (0, 1), "linear", method, inputs, "contiguous")
+    problem = Problem(B=B, N=T, W=2, H=H, K=K, V=V, decay="token", dtype_bytes=2, decay_bytes=4)
+    for rank, got in results.items():
+        spec_fwd, spec_bwd = LINEAR_METHODS[method].calls(problem, rank=rank)
+        assert _sent(got["forward"]) == sorted(spec_fwd) and _sent(got["backward"]) == sorted(spec_bwd), (rank, got)
