@@ -39,11 +39,12 @@ def cmd_attn(args) -> None:
     out = _out_dir(args, _device(args))
     if args.weak is not None:
         rows = weak.run(sorted(set(args.world) - {1}), args.linear, weak.DECAYS, args.weak, H=args.H, D=args.D,
-                        repeats=args.repeats, warmup=args.warmup)
+                        repeats=args.repeats, warmup=args.warmup, heap=args.heap)
         weak.print_table(rows, sys.stdout)
-        write_csv(out / "attn-weak.csv", rows, weak.FIELDS)
+        name = "attn-weak-heap.csv" if args.heap else "attn-weak.csv"
+        write_csv(out / name, rows, weak.FIELDS)
         (out / "machine.json").write_text(json.dumps(describe(torch.device("cpu")), indent=1))
-        print(f"wrote {out}/attn-weak.csv")
+        print(f"wrote {out}/{name}")
         return
     rows, machine = attn.run(args)
     attn.print_table(rows, sys.stdout)

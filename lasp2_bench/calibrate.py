@@ -47,7 +47,8 @@ def measure_network(group, device) -> dict:
     def gather(nbytes):
         x = torch.zeros(nbytes // 4, device=device)
         buf = torch.empty(world * x.numel(), device=device)
-        return lambda: dist.all_gather_into_tensor(buf, x, group=group)
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+        return lambda: all_gather(buf, x, group=group)
 
     def exchange(nbytes):
         x, y = torch.zeros(nbytes // 4, device=device), torch.empty(nbytes // 4, device=device)

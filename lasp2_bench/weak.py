@@ -25,7 +25,7 @@ from .machine import free_port, sync
 
 DECAYS = ("none", "head", "token", "channel")
 FIELDS = ["method", "decay", "world", "tokens_per_rank", "sp_fwd_ms", "alone_fwd_ms", "fwd_ratio", "sp_bwd_ms",
-          "alone_bwd_ms", "bwd_ratio"]
+          "alone_bwd_ms", "bwd_ratio", "heap"]
 
 
 def _inputs(decay: str, C: int, H: int, D: int, seed: int):
@@ -38,11 +38,13 @@ def _inputs(decay: str, C: int, H: int, D: int, seed: int):
 
 def _time_passes(fns, inputs, group, repeats: int, warmup: int):
     """[(forward ms, backward ms)] per fn: medians over repeats of the slowest rank's time per pass.
-    The fns take turns within each repeat, so that drift in the machine's speed hits them alike."""
+    The fns take turns within each repeat, starting one further along each time, so that drift in
+    the machine's speed and the allocator's state left by the previous fn hit them alike."""
     do = torch.ones(1, inputs[0].shape[1], inputs[0].shape[2], inputs[2].shape[3])
     times = [([], []) for _ in fns]
     for i in range(warmup + repeats):
-        for fn, (fwd, bwd) in zip(fns, times):
+        turn = [(i + j) % len(fns) for j in range(len(fns))]
+        for fn, (fwd, bwd) in ((fns[j], times[j]) for j in turn):
             for t in inputs:
                 if t is not None:
                     t.grad = None
@@ -99,21 +101,42 @@ def _worker(rank, world, port, methods, decays, C, H, D, repeats, warmup, out_pa
     dist.destroy_process_group()
 
 
-def run(worlds, methods, decays, C: int, H: int = 8, D: int = 64, repeats: int = 7, warmup: int = 1) -> list[dict]:
+# glibc settings that keep freed memory in the heap: without them every large temporary is
+# mapped afresh and page-faulted in, a cost that depends on what ran before and swamps the
+# methods' own differences (see benchmarks/README.md, bench_ops).
+HEAP_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+               "MALLOC_TOP_PAD_": "1073741824"}
+
+
+def run(worlds, methods, decays, C: int, H: int = 8, D: int = 64, repeats: int = 7, warmup: int = 1,
+        heap: bool = False) -> list[dict]:
+    """heap: start the ranks with HEAP_MALLOC (glibc reads it when a process starts)."""
     rows = []
-    for world in worlds:
-        with tempfile.TemporaryDirectory() as tmp:
-            out_path = os.path.join(tmp, "rows.json")
-            mp.spawn(_worker, args=(world, free_port(), methods, decays, C, H, D, repeats, warmup, out_path),
-                     nprocs=world, join=True)
-            rows += json.loads(Path(out_path).read_text())
+    saved = {name: os.environ.get(name) for name in HEAP_MALLOC}
+    if heap:
+        os.environ.update(HEAP_MALLOC)
+    try:
+        for world in worlds:
+            with tempfile.TemporaryDirectory() as tmp:
+                out_path = os.path.join(tmp, "rows.json")
+                mp.spawn(_worker, args=(world, free_port(), methods, decays, C, H, D, repeats, warmup, out_path),
+                         nprocs=world, join=True)
+                rows += [dict(r, heap=heap) for r in json.loads(Path(out_path).read_text())]
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return rows
 
 
 def print_table(rows, stream) -> None:
     head = (f"{'method':9s} {'decay':8s} {'W':>2s} {'C':>6s} {'fwd sp ms':>10s} {'alone':>8s} {'ratio':>6s} "
             f"{'bwd sp ms':>10s} {'alone':>8s} {'ratio':>6s}")
-    stream.write("\nsequence parallel vs the same tokens per rank alone, side by side (one thread per rank)\n")
+    heap = " freed memory kept in the heap;" if rows and rows[0].get("heap") else ""
+    stream.write(f"\nsequence parallel vs the same tokens per rank alone, side by side (one thread per rank;{heap} "
+                 "medians, slowest rank)\n")
     stream.write(head + "\n" + "-" * len(head) + "\n")
     for r in rows:
         stream.write(f"{r['method']:9s} {r['decay']:8s} {r['world']:2d} {r['tokens_per_rank']:6d} {r['sp_fwd_ms']:10.1f} "
