@@ -1,5 +1,6 @@
 """Sequence parallelism: every function here takes this rank's shard and an explicit `group=`."""
 from .allgather import allgather_attn, allgather_linear_attn
+from .conv import causal_conv1d
 from .counting import CollectiveLog, count_collectives
 from .lasp1 import lasp1_linear_attn
 from .lasp2 import lasp2_linear_attn
@@ -21,6 +22,7 @@ __all__ = [
     "SequenceParallel",
     "allgather_attn",
     "allgather_linear_attn",
+    "causal_conv1d",
     "count_collectives",
     "lasp1_linear_attn",
     "lasp2_linear_attn",

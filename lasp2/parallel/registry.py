@@ -13,6 +13,7 @@ import torch
 
 from . import allgather, lasp1, lasp2, ring, ulysses
 from .comm import group_rank_size
+from .conv import causal_conv1d
 from .layout import LAYOUTS, Layout, positions, shard, unshard
 from .spec import LINEAR, SOFTMAX, TABLE_HEADER, MethodSpec
 
@@ -87,6 +88,11 @@ class SequenceParallel:
         """[B, C, Hq, D], [B, C, Hkv, D], [B, C, Hkv, Dv] local shard -> [B, C, Hq, Dv]."""
         return SOFTMAX_METHODS[self.softmax].fn(q, k, v, causal=causal, scale=scale, group=self.group,
                                                 layout=self.layout, validate=self.validate)
+
+    def causal_conv1d(self, x, weight, bias=None, activation="silu") -> torch.Tensor:
+        """[B, C, D] local shard -> [B, C, D]: the short depthwise convolution over the whole
+        sequence (see lasp2.parallel.conv)."""
+        return causal_conv1d(x, weight, bias, activation=activation, group=self.group, layout=self.layout)
 
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return shard(x, self.group, self.layout, dim)

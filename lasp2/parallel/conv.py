@@ -1,0 +1,47 @@
+"""The short causal convolution across ranks: each slot takes the last w−1 inputs of the slot
+before it in sequence order as its halo (the sequence's first slot: zeros).
+
+One all-gather of every slot's last w−1 inputs forward (S·B·(w−1)·D values per rank), the
+reduce-scatter of their gradients backward; the layout's slot order (zigzag included) decides
+which tail each slot reads. Slots must hold at least w−1 tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops.conv import causal_conv1d as local_causal_conv1d
+from ..ops.conv import check_conv_inputs
+from .collectives import gather_rows
+from .comm import group_rank_size
+from .layout import Layout, slots_in_order
+
+
+def causal_conv1d(x, weight, bias=None, *, activation="silu", group=None, layout="contiguous"):
+    """Depthwise causal convolution of this rank's shard x [B, C, D] as if over the whole
+    sequence (see `lasp2.ops.conv.causal_conv1d`; weight [D, w], bias [D] or None)."""
+    fn = "causal_conv1d"
+    w = check_conv_inputs(fn, x, weight, bias, activation)
+    rank, world = group_rank_size(group)
+    if world == 1:
+        return local_causal_conv1d(x, weight, bias, activation=activation)
+    lay = Layout(layout, world)
+    lay.check_local_length(x.shape[1], fn)
+    S = lay.slots_per_rank
+    slot_len = x.shape[1] // S
+    if slot_len < w - 1:
+        raise ValueError(f"{fn}: each slot holds {slot_len} tokens, fewer than the w-1 = {w - 1} a kernel of width {w} "
+                         f"reads before each token; use shorter kernels or longer shards")
+    if w == 1:  # no halo to bring
+        return local_causal_conv1d(x, weight, bias, activation=activation)
+    b, _, d = x.shape
+    slots = x.view(b, S, slot_len, d)
+    tails = slots[:, :, slot_len - (w - 1):].transpose(0, 1)  # [S, B, w-1, D]
+    rows = gather_rows(tails.contiguous(), group).view(world, S, b, w - 1, d)  # one all-gather
+    in_order = slots_in_order(rows, lay)  # [n_slots, B, w-1, D]
+    # Slot s reads the tail of slot s-1, the first slot zeros. Taken from one tensor built from the
+    # gathered rows on every rank, so that every rank's backward reaches the gather and issues its
+    # reduce-scatter (rank 0 of the contiguous layout reads only zeros, yet must take part).
+    halos = torch.cat([torch.zeros_like(in_order[:1]), in_order[:-1]])
+    outputs = [local_causal_conv1d(slots[:, index], weight, bias, activation=activation, halo=halos[slot])
+               for index, slot in enumerate(lay.slots(rank))]
+    return torch.cat(outputs, dim=1)
