@@ -2,15 +2,17 @@
 from .allgather import allgather_attn, allgather_linear_attn
 from .conv import causal_conv1d
 from .counting import CollectiveLog, count_collectives
+from .delta import lasp2_delta_rule
 from .lasp1 import lasp1_linear_attn
 from .lasp2 import lasp2_linear_attn
 from .layout import LAYOUTS, positions, shard, unshard
-from .registry import LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel, method_spec, method_table, register
+from .registry import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel, method_spec, method_table, register
 from .ring import ring_attn, ring_linear_attn
 from .spec import Comm, MethodSpec, Plan, Problem
 from .ulysses import ulysses_attn, ulysses_linear_attn
 
 __all__ = [
+    "DELTA_METHODS",
     "LAYOUTS",
     "LINEAR_METHODS",
     "SOFTMAX_METHODS",
@@ -25,6 +27,7 @@ __all__ = [
     "causal_conv1d",
     "count_collectives",
     "lasp1_linear_attn",
+    "lasp2_delta_rule",
     "lasp2_linear_attn",
     "method_spec",
     "method_table",

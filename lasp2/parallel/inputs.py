@@ -13,10 +13,12 @@ import torch
 
 from ..ops.checks import LinearAttnShape, SoftmaxAttnShape, check_linear_attn_inputs, check_softmax_attn_inputs
 from ..ops.chunk import effective_chunk_size
+from ..ops.delta_checks import DeltaRuleShape, check_delta_rule_inputs
 from .comm import checked_across_group, group_rank_size
 from .layout import Layout
 
 LINEAR_FIELDS = ("batch", "num_heads", "key_dim", "value_dim", "decay form", "dtype", "causal", "scale")
+DELTA_FIELDS = ("batch", "key_heads", "value_heads", "key_dim", "value_dim", "decay form", "dtype", "scale")
 SOFTMAX_FIELDS = ("batch", "num_heads", "num_kv_heads", "head_dim", "value_dim", "dtype", "causal", "scale")
 
 
@@ -25,7 +27,7 @@ class Call:
     """A checked call: shape (LinearAttnShape or SoftmaxAttnShape), the scale as a float, the
     chunk length (linear), the layout over the group, this rank's index and the group size."""
 
-    shape: LinearAttnShape | SoftmaxAttnShape
+    shape: LinearAttnShape | SoftmaxAttnShape | DeltaRuleShape
     scale: float
     chunk_size: int
     layout: Layout
@@ -70,6 +72,27 @@ def check_linear_call(spec, q, k, v, log_decay, *, scale, causal, group, chunk_s
     shape = _checked(spec, fn, group, validate, check, LINEAR_FIELDS, describe)
     return Call(shape, _scale(scale, 1.0), effective_chunk_size(chunk_size, shape.decay, fn),
                 Layout(layout, world), rank, world)
+
+
+def check_delta_call(spec, q, k, v, beta, log_decay, *, scale, group, chunk_size, validate, layout) -> Call:
+    """Checks a delta-rule call of `spec`'s method (grouped value heads, gates none, per head or
+    per key channel); raises TypeError/ValueError naming the value and the rule."""
+    fn = spec.fn.__name__
+    rank, world = group_rank_size(group)
+
+    def check():
+        shape = check_delta_rule_inputs(fn, q, k, v, beta, log_decay, scale=scale, check_values=validate)
+        spec.check_rules(fn, shape.decay, shape.value_heads, shape.key_heads, world)
+        _layout(fn, world, layout, shape.seq_len)
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
+        return shape
+
+    def describe(s):
+        return (s.batch, s.key_heads, s.value_heads, s.key_dim, s.value_dim, s.decay, s.dtype, _scale(scale, 1.0))
+
+    shape = _checked(spec, fn, group, validate, check, DELTA_FIELDS, describe)
+    return Call(shape, _scale(scale, 1.0), chunk_size, Layout(layout, world), rank, world)
 
 
 def check_softmax_call(spec, q, k, v, *, scale, causal, group, validate, layout) -> Call:

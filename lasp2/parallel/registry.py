@@ -3,6 +3,7 @@
     sp = SequenceParallel(group, linear="lasp2", softmax="allgather", layout="zigzag")  # LASP-2H
     o = sp.linear_attn(q, k, v, log_decay)        # linear-attention layers
     o = sp.softmax_attn(q, k, v)                  # softmax-attention layers
+    o = sp.delta_rule(q, k, v, beta, log_decay)   # delta-rule layers (DeltaNet, Gated DeltaNet, KDA)
     x_local = sp.shard(x); pos = sp.positions(seq_len)
 
 group=None means one device: every call runs the single-device op.
@@ -11,33 +12,34 @@ from __future__ import annotations
 
 import torch
 
-from . import allgather, lasp1, lasp2, ring, ulysses
+from . import allgather, delta, lasp1, lasp2, ring, ulysses
 from .comm import group_rank_size
 from .conv import causal_conv1d
 from .layout import LAYOUTS, Layout, positions, shard, unshard
-from .spec import LINEAR, SOFTMAX, TABLE_HEADER, MethodSpec
+from .spec import DELTA, LINEAR, SOFTMAX, TABLE_HEADER, MethodSpec
 
 # name -> MethodSpec, by family; the spec's `fn` is the method's function.
 LINEAR_METHODS: dict[str, MethodSpec] = {}
 SOFTMAX_METHODS: dict[str, MethodSpec] = {}
+DELTA_METHODS: dict[str, MethodSpec] = {}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
     """Makes a method available by name to `SequenceParallel`, the trainer and the benchmarks
     (a method in its own file only needs this call)."""
-    methods = {LINEAR: LINEAR_METHODS, SOFTMAX: SOFTMAX_METHODS}[spec.family]
+    methods = {LINEAR: LINEAR_METHODS, SOFTMAX: SOFTMAX_METHODS, DELTA: DELTA_METHODS}[spec.family]
     methods[spec.name] = spec
     return spec
 
 
 for _spec in (lasp2.SPEC, lasp1.SPEC, ring.SPEC, allgather.SPEC, ulysses.SPEC,
-              allgather.SOFTMAX_SPEC, ring.SOFTMAX_SPEC, ulysses.SOFTMAX_SPEC):
+              allgather.SOFTMAX_SPEC, ring.SOFTMAX_SPEC, ulysses.SOFTMAX_SPEC, delta.SPEC):
     register(_spec)
 
 
 def method_spec(family: str, name: str) -> MethodSpec:
     """The spec of a registered method; ValueError listing the valid names otherwise."""
-    methods = {LINEAR: LINEAR_METHODS, SOFTMAX: SOFTMAX_METHODS}[family]
+    methods = {LINEAR: LINEAR_METHODS, SOFTMAX: SOFTMAX_METHODS, DELTA: DELTA_METHODS}[family]
     if name not in methods:
         raise ValueError(f"unknown {family} method {name!r} (valid: {', '.join(methods)})")
     return methods[name]
@@ -45,7 +47,8 @@ def method_spec(family: str, name: str) -> MethodSpec:
 
 def method_table() -> str:
     """The README's method table, one row per registered method, from the specs."""
-    return "\n".join([TABLE_HEADER] + [spec.table_row() for spec in [*LINEAR_METHODS.values(), *SOFTMAX_METHODS.values()]])
+    specs = [*LINEAR_METHODS.values(), *SOFTMAX_METHODS.values(), *DELTA_METHODS.values()]
+    return "\n".join([TABLE_HEADER] + [spec.table_row() for spec in specs])
 
 
 class SequenceParallel:
@@ -57,12 +60,15 @@ class SequenceParallel:
         softmax: method for softmax-attention layers, one of SOFTMAX_METHODS.
         layout: "contiguous" or "zigzag"; one layout for every layer of a model.
         validate: every call first checks that the ranks agree on shapes (one small all-gather).
-        chunk_size: tokens per chunk of the linear-attention kernels.
+        chunk_size: tokens per chunk of the linear-attention and delta-rule kernels.
+        delta: method for delta-rule layers, one of DELTA_METHODS.
     """
 
     def __init__(self, group=None, linear: str = "lasp2", softmax: str = "allgather", layout: str = "contiguous",
-                 *, validate: bool = False, chunk_size: int = 64):
+                 *, validate: bool = False, chunk_size: int = 64, delta: str = "lasp2"):
         problems = []
+        if delta not in DELTA_METHODS:
+            problems.append(f"delta={delta!r} (valid: {', '.join(DELTA_METHODS)})")
         if linear not in LINEAR_METHODS:
             problems.append(f"linear={linear!r} (valid: {', '.join(LINEAR_METHODS)})")
         if softmax not in SOFTMAX_METHODS:
@@ -71,7 +77,7 @@ class SequenceParallel:
             problems.append(f"layout={layout!r} (valid: {', '.join(LAYOUTS)})")
         if problems:
             raise ValueError("SequenceParallel: unknown " + "; ".join(problems))
-        self.group, self.linear, self.softmax, self.layout = group, linear, softmax, layout
+        self.group, self.linear, self.softmax, self.delta, self.layout = group, linear, softmax, delta, layout
         self.validate, self.chunk_size = validate, chunk_size
         self.rank, self.world = group_rank_size(group)
 
@@ -88,6 +94,12 @@ class SequenceParallel:
         """[B, C, Hq, D], [B, C, Hkv, D], [B, C, Hkv, Dv] local shard -> [B, C, Hq, Dv]."""
         return SOFTMAX_METHODS[self.softmax].fn(q, k, v, causal=causal, scale=scale, group=self.group,
                                                 layout=self.layout, validate=self.validate)
+
+    def delta_rule(self, q, k, v, beta, log_decay=None, scale=None) -> torch.Tensor:
+        """[B, C, Hk, K|K], [B, C, Hv, V], beta [B, C, Hv] local shard -> [B, C, Hv, V] (see
+        lasp2_delta_rule)."""
+        return DELTA_METHODS[self.delta].fn(q, k, v, beta, log_decay, scale=scale, group=self.group,
+                                            layout=self.layout, chunk_size=self.chunk_size, validate=self.validate)
 
     def causal_conv1d(self, x, weight, bias=None, activation="silu") -> torch.Tensor:
         """[B, C, D] local shard -> [B, C, D]: the short depthwise convolution over the whole

@@ -18,7 +18,7 @@ from typing import Callable
 
 from ..ops.checks import DECAY_CHANNEL, DECAY_KINDS, DECAY_NONE, DECAY_TOKEN
 
-LINEAR, SOFTMAX = "linear", "softmax"
+LINEAR, SOFTMAX, DELTA = "linear", "softmax", "delta"
 PLURAL = {"all_gather": "all-gathers", "reduce_scatter": "reduce-scatters", "all_to_all": "all-to-alls",
           "send": "sends"}
 SINGULAR = {"all_gather": "all-gather", "reduce_scatter": "reduce-scatter", "all_to_all": "all-to-all", "send": "send"}
@@ -139,7 +139,8 @@ class MethodSpec:
 
     fn: the public function (linear: fn(q, k, v, log_decay, *, scale, causal, group,
         chunk_size, validate, layout); softmax: fn(q, k, v, *, causal, scale, group, layout,
-        validate)).
+        validate); delta: fn(q, k, v, beta, log_decay, *, scale, group, layout, chunk_size,
+        validate), H meaning the value heads).
     heads_rule(num_heads, num_kv_heads, world) -> None, or the problem in words.
     bidirectional: the plan for causal=False when it differs from `plan`.
     compute: the single-device kernel its local work runs: "chunk" (the chunked linear op),
@@ -224,7 +225,7 @@ class MethodSpec:
             notes.append(f"causal=False: {cell(self.bidirectional.forward)} forward, "
                          f"{cell(self.bidirectional.backward)} backward")
         return (f"| `{self.name}` ({self.family}) | {cell(self.plan.forward)} | {cell(self.plan.backward)} | {steps} | "
-                f"{decays if self.family == LINEAR else '—'} | {'; '.join(notes)} |")
+                f"{decays if self.family in (LINEAR, DELTA) else '—'} | {'; '.join(notes)} |")
 
 
 TABLE_HEADER = ("| method | forward | backward | dependent steps per forward+backward | decays | notes |\n"

@@ -8,6 +8,7 @@ recurrence"). The kinds differ only in how A is stored and multiplied:
     identity  no decay                      A = I             nothing travels
     scalar    one decay per head (and token) A = a I, a [.., 1]  1 value per head
     diagonal  per key channel (GLA)          A = Diag(a) [.., K] K values per head
+    dense     the delta rule                 A [.., K, K]       K·K values per head
 
 A transition `a` is a tensor [..., Kg] (None for the identity); states are [..., K, V]. Scans run
 in the state precision (fp32, fp64 for fp64 inputs).
@@ -66,9 +67,45 @@ class Transition:
         return suffix_scan(d, a)[0]
 
 
+class DenseTransition(Transition):
+    """A full K x K matrix per head (the delta rule: products of rank-one corrected diagonals);
+    `a` is [..., K, K] and slot scans are short loops of matmuls."""
+
+    def width(self, key_dim: int) -> int:
+        return key_dim * key_dim
+
+    def apply(self, a, state):
+        return a @ state
+
+    def apply_transposed(self, a, state):
+        return a.transpose(-1, -2) @ state
+
+    def compose(self, later, earlier):
+        return later @ earlier
+
+    def unpack(self, flat, lead, key_dim):
+        return flat.view(*lead, key_dim, key_dim)
+
+    def prefix(self, h, a):
+        entering, state = [], torch.zeros_like(h[..., 0, :, :])
+        for s in range(h.shape[-3]):
+            entering.append(state)
+            state = a[..., s, :, :] @ state + h[..., s, :, :]
+        return torch.stack(entering, dim=-3)
+
+    def suffix(self, d, a):
+        n = d.shape[-3]
+        leaving, grad = [None] * n, torch.zeros_like(d[..., 0, :, :])
+        for s in range(n - 1, -1, -1):
+            leaving[s] = grad
+            grad = d[..., s, :, :] + a[..., s, :, :].transpose(-1, -2) @ grad
+        return torch.stack(leaving, dim=-3)
+
+
 IDENTITY = Transition("identity", stored=False)
 SCALAR = Transition("scalar", stored=True)
 DIAGONAL = Transition("diagonal", stored=True, per_key=True)
+DENSE = DenseTransition("dense", stored=True)
 
 _BY_DECAY = {DECAY_NONE: IDENTITY, DECAY_HEAD: SCALAR, DECAY_TOKEN: SCALAR, DECAY_CHANNEL: DIAGONAL}
 

@@ -1,0 +1,97 @@
+"""LASP-2 for the delta rule: every rank's output and the gradients of q, k, v, beta and the gate
+equal the token-by-token recurrence (fp64) on its tokens, W in {1, 2, 3, 4}, both layouts,
+every gate form, grouped and plain heads; the collectives are the spec's."""
+import functools
+
+import pytest
+import torch
+
+from lasp2.parallel import DELTA_METHODS, Problem
+from tests.helpers import leaf, rel_err
+from tests.ops.test_delta_rule import delta_inputs
+
+T = 48
+
+
+def delta_shard(group, method, x, do, layout, chunk_size=8):
+    from lasp2.parallel import count_collectives, positions, shard
+
+    local = {n: None if t is None else leaf(shard(t, group, layout)) for n, t in x.items() if n != "s0"}
+    with count_collectives() as forward:
+        o = DELTA_METHODS[method].fn(local["q"], local["k"], local["v"], local["beta"], local["g"], scale=0.7,
+                                     group=group, layout=layout, chunk_size=chunk_size)
+    with count_collectives() as backward:
+        o.backward(shard(do, group, layout))
+    return {"o": o.detach(), **{f"d{n}": None if t is None else t.grad for n, t in local.items()},
+            "positions": positions(x["q"].shape[1], group, layout), "forward": forward.rows(),
+            "backward": backward.rows()}
+
+
+@functools.lru_cache(maxsize=None)
+def _case(decay, heads):
+    from lasp2.ops import naive_recurrent_delta_rule
+
+    x = delta_inputs(decay, T=T, Hk=heads[0], Hv=heads[1], seed=3)
+    do = torch.randn(2, T, heads[1], 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    leaves = {n: leaf(t) for n, t in x.items() if n != "s0" and t is not None}
+    o, _ = naive_recurrent_delta_rule(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], leaves.get("g"), scale=0.7)
+    o.backward(do)
+    return x, do, {"o": o.detach(), **{f"d{n}": t.grad for n, t in leaves.items()}}
+
+
+@pytest.mark.parametrize("heads", [(2, 4), (2, 2)], ids=["gva", "plain"])
+@pytest.mark.parametrize("decay", ["none", "token", "channel"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_lasp2_delta_rule_equals_the_recurrence(dist_workers, world, layout, decay, heads):
+    x, do, ref = _case(decay, heads)
+    results = dist_workers.run(delta_shard, tuple(range(world)), "lasp2", x, do, layout)
+    problem = Problem(B=2, N=T, W=world, S=1 if layout == "contiguous" else 2, H=heads[1], K=5, V=3, decay=decay,
+                      state_bytes=8)
+    for rank, got in results.items():
+        pos = got["positions"]
+        for name, want in ref.items():
+            assert rel_err(got[name], want[:, pos]) < 1e-10, (rank, name)
+        spec_fwd, spec_bwd = DELTA_METHODS["lasp2"].calls(problem, rank=rank)
+        assert (got["forward"], got["backward"]) == (spec_fwd, spec_bwd), rank
+        if world > 1:  # one all-gather of S·B·Hv·K·(V + K) values forward, of S·B·Hv·K·V backward
+            S = problem.S
+            assert got["forward"] == [("all_gather", S * 2 * heads[1] * 5 * (3 + 5) * 8)]
+            assert got["backward"] == [("all_gather", S * 2 * heads[1] * 5 * 3 * 8)]
+
+
+def delta_unequal(group, x, do, bounds):
+    import torch.distributed as dist
+
+    lo, hi = bounds[dist.get_rank(group)]
+    local = {n: None if t is None else leaf(t[:, lo:hi]) for n, t in x.items() if n != "s0"}
+    o = DELTA_METHODS["lasp2"].fn(local["q"], local["k"], local["v"], local["beta"], local["g"], scale=0.7,
+                                  group=group, chunk_size=8)
+    o.backward(do[:, lo:hi])
+    return {"o": o.detach(), **{f"d{n}": None if t is None else t.grad for n, t in local.items()}}
+
+
+def test_contiguous_shards_may_differ_in_length(dist_workers):
+    x, do, ref = _case("channel", (2, 4))
+    bounds = [(0, 5), (5, 30), (30, 48)]
+    for rank, got in dist_workers.run(delta_unequal, (0, 1, 2), x, do, bounds).items():
+        lo, hi = bounds[rank]
+        for name, want in ref.items():
+            assert rel_err(got[name], want[:, lo:hi]) < 1e-10, (rank, name)
+
+
+def delta_rejected(group, x):
+    from lasp2.parallel import count_collectives
+
+    with count_collectives() as log:
+        try:
+            DELTA_METHODS["lasp2"].fn(x["q"], x["k"], x["v"][:, :, :3], x["beta"][:, :, :3], None, group=group)
+        except ValueError as exc:
+            return str(exc), log.count()
+    return None, log.count()
+
+
+def test_bad_input_raises_before_any_collective(dist_workers):
+    x, _, _ = _case("none", (2, 4))
+    for message, collectives in dist_workers.run(delta_rejected, (0, 1), x).values():
+        assert "multiple of the key heads" in message and collectives == 0
