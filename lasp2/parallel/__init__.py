@@ -2,14 +2,14 @@
 from .allgather import allgather_attn, allgather_linear_attn
 from .conv import causal_conv1d
 from .counting import CollectiveLog, count_collectives
-from .delta import lasp2_delta_rule
+from .delta import lasp1_delta_rule, lasp2_delta_rule
 from .lasp1 import lasp1_linear_attn
 from .lasp2 import lasp2_linear_attn
 from .layout import LAYOUTS, positions, shard, unshard
 from .registry import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel, method_spec, method_table, register
 from .ring import ring_attn, ring_linear_attn
 from .spec import Comm, MethodSpec, Plan, Problem
-from .ulysses import ulysses_attn, ulysses_linear_attn
+from .ulysses import ulysses_attn, ulysses_delta_rule, ulysses_linear_attn
 
 __all__ = [
     "DELTA_METHODS",
@@ -26,6 +26,7 @@ __all__ = [
     "allgather_linear_attn",
     "causal_conv1d",
     "count_collectives",
+    "lasp1_delta_rule",
     "lasp1_linear_attn",
     "lasp2_delta_rule",
     "lasp2_linear_attn",
@@ -37,6 +38,7 @@ __all__ = [
     "ring_linear_attn",
     "shard",
     "ulysses_attn",
+    "ulysses_delta_rule",
     "ulysses_linear_attn",
     "unshard",
 ]

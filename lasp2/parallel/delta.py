@@ -1,5 +1,6 @@
-"""LASP-2 for the delta rule (DeltaNet, Gated DeltaNet, KDA): one all-gather of slot summaries
-per pass, as for linear attention, with a dense K x K transition.
+"""The delta rule (DeltaNet, Gated DeltaNet, KDA) across ranks by state passing: LASP-2 (one
+all-gather of slot summaries per pass, as for linear attention, with a dense K x K transition)
+and LASP-1 (the running state relayed rank to rank) share one body.
 
 Each slot of C tokens is an affine map of the state entering it, S_out = M S_in + h (h: its
 state from zero; M: the product of its chunks' (Γ_L − K̂^T W), `ops.delta_chunk`). A rank
@@ -20,6 +21,7 @@ from ..ops.checks import DECAY_CHANNEL, DECAY_NONE, DECAY_TOKEN
 from ..ops.delta_chunk import chunk_delta_rule, delta_chunks
 from ..ops.precision import without_autocast
 from .inputs import check_delta_call
+from .lasp1 import _Relay
 from .lasp2 import _AllGatherSummaries
 from .layout import from_segments, to_segments
 from .spec import DELTA, Comm, MethodSpec, Plan
@@ -44,6 +46,21 @@ class _IncomingStates(torch.autograd.Function):
         return d_out, d_out @ S_in.transpose(-1, -2), None
 
 
+def _state_passing(call, q, k, v, beta, log_decay, exchange):
+    """This rank's output of the delta rule, its slots' incoming states brought by `exchange`."""
+    S = call.layout.slots_per_rank
+    seg = [None if t is None else to_segments(t, S) for t in (q, k, v, beta, log_decay)]
+    shape = dataclasses.replace(call.shape, batch=S * call.shape.batch, seq_len=call.shape.seq_len // S)
+    chunks = delta_chunks(shape, *seg, call.chunk_size)
+    outputs, h = chunks.carry(chunks.zero_state())  # each slot from a zero state
+    before, M = chunks.transitions()
+    S_in = _IncomingStates.apply(h, M, exchange)
+    for c in range(chunks.n_chunks):  # S_in's share: (Q̃ − P W) M_before S_in
+        entering = before[c] @ S_in
+        outputs[c] = outputs[c] + chunks.qg[:, :, c] @ entering - chunks.P[:, :, c] @ (chunks.W[:, :, c] @ entering)
+    return from_segments(chunks.unchunk(outputs, call.scale, v.dtype), S)
+
+
 @without_autocast
 def lasp2_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
                      validate=False):
@@ -58,29 +75,39 @@ def lasp2_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, l
             all-gather), so that mismatched ranks raise instead of hanging.
     Returns:
         o [B, C, Hv, V], this rank's shard of the output, in v's dtype. The communication is
-        `SPEC.plan` (the README's method table).
+        `LASP2_SPEC.plan` (the README's method table).
     """
-    call = check_delta_call(SPEC, q, k, v, beta, log_decay, scale=scale, group=group, chunk_size=chunk_size,
+    call = check_delta_call(LASP2_SPEC, q, k, v, beta, log_decay, scale=scale, group=group, chunk_size=chunk_size,
                             validate=validate, layout=layout)
     if call.world == 1:
         return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size)[0]
-    S = call.layout.slots_per_rank
-    seg = [None if t is None else to_segments(t, S) for t in (q, k, v, beta, log_decay)]
-    shape = dataclasses.replace(call.shape, batch=S * call.shape.batch, seq_len=call.shape.seq_len // S)
-    chunks = delta_chunks(shape, *seg, call.chunk_size)
-    outputs, h = chunks.carry(chunks.zero_state())  # each slot from a zero state
-    before, M = chunks.transitions()
-    S_in = _IncomingStates.apply(h, M, _AllGatherSummaries(group, call.layout, DENSE))
-    for c in range(chunks.n_chunks):  # S_in's share: (Q̃ − P W) M_before S_in
-        entering = before[c] @ S_in
-        outputs[c] = outputs[c] + chunks.qg[:, :, c] @ entering - chunks.P[:, :, c] @ (chunks.W[:, :, c] @ entering)
-    return from_segments(chunks.unchunk(outputs, call.scale, v.dtype), S)
+    return _state_passing(call, q, k, v, beta, log_decay, _AllGatherSummaries(group, call.layout, DENSE))
 
 
-SPEC = MethodSpec(
-    name="lasp2", family=DELTA, fn=lasp2_delta_rule, equal_shards=False, decays=(DECAY_NONE, DECAY_TOKEN, DECAY_CHANNEL),
-    decay_reason="the delta rule's gates are per head and token or per key channel",
+@without_autocast
+def lasp1_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
+                     validate=False):
+    """LASP-1 for the delta rule, the baseline: the signature and results of `lasp2_delta_rule`,
+    with the running state relayed slot to slot (`lasp1._Relay`; the maps stay on their ranks).
+    The communication is `LASP1_SPEC.plan`."""
+    call = check_delta_call(LASP1_SPEC, q, k, v, beta, log_decay, scale=scale, group=group, chunk_size=chunk_size,
+                            validate=validate, layout=layout)
+    if call.world == 1:
+        return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size)[0]
+    return _state_passing(call, q, k, v, beta, log_decay, _Relay(group, call.layout, DENSE))
+
+
+_GATES = (DECAY_NONE, DECAY_TOKEN, DECAY_CHANNEL)
+_GATE_REASON = "the delta rule's gates are per head and token or per key channel"
+LASP2_SPEC = MethodSpec(
+    name="lasp2", family=DELTA, fn=lasp2_delta_rule, equal_shards=False, decays=_GATES, decay_reason=_GATE_REASON,
     plan=Plan(forward=(Comm("all_gather", "S·B·H·K·(V + K)"),), backward=(Comm("all_gather", "S·B·H·K·V"),),
               steps="2"),
     notes="H: value heads; the slot's dense K×K transition travels with its state; independent of N",
+)
+LASP1_SPEC = MethodSpec(
+    name="lasp1", family=DELTA, fn=lasp1_delta_rule, equal_shards=False, decays=_GATES, decay_reason=_GATE_REASON,
+    plan=Plan(forward=(Comm("send", "B·H·K·V", "S·(W−1)", chain="up"),),
+              backward=(Comm("send", "B·H·K·V", "S·(W−1)", chain="down"),), steps="2·S·(W−1)"),
+    notes="H: value heads; the running state relayed by dependent hops",
 )

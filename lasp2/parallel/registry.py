@@ -33,7 +33,8 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 
 for _spec in (lasp2.SPEC, lasp1.SPEC, ring.SPEC, allgather.SPEC, ulysses.SPEC,
-              allgather.SOFTMAX_SPEC, ring.SOFTMAX_SPEC, ulysses.SOFTMAX_SPEC, delta.SPEC):
+              allgather.SOFTMAX_SPEC, ring.SOFTMAX_SPEC, ulysses.SOFTMAX_SPEC,
+              delta.LASP2_SPEC, delta.LASP1_SPEC, ulysses.DELTA_SPEC):
     register(_spec)
 
 

@@ -8,7 +8,8 @@ configuration check, the benchmarks' cost model, the collective-count tests and 
 method table (a test compares the two).
 
 Formulas are written as they are printed, with `·` for products and `−` for minus, over the
-symbols of `Problem.symbols` (B, C, N, W, S, H, K, V, Kg, Gt, Hq, Hkv, Hkv', D, Dv).
+symbols of `Problem.symbols` (B, C, N, W, S, H, K, V, Kg, Gt, Hq, Hkv, Hkv', Hk, D, Dv; for the
+delta rule H counts the value heads and Hk = Hkv the key heads).
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ class Problem:
         return dict(B=self.B, C=self.C, N=self.N, W=self.W, S=self.S, H=self.H, K=self.K, V=self.V,
                     Kg={DECAY_NONE: 0, DECAY_CHANNEL: self.K}.get(self.decay, 1),
                     Gt={DECAY_TOKEN: 1, DECAY_CHANNEL: self.K}.get(self.decay, 0),
-                    Hq=self.H, Hkv=hkv, Hkv_p=hkv if hkv % self.W == 0 else self.W, D=self.K, Dv=self.V)
+                    Hq=self.H, Hkv=hkv, Hk=hkv, Hkv_p=hkv if hkv % self.W == 0 else self.W, D=self.K, Dv=self.V)
 
     def value_bytes(self, precision: str) -> int:
         promoted = self.dtype_bytes if self.decay == DECAY_NONE else max(self.dtype_bytes, self.decay_bytes or 0)

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_TOKEN
+from ..ops.checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_NONE, DECAY_TOKEN
 from ..ops.chunk import chunk_linear_attn
+from ..ops.delta_chunk import chunk_delta_rule
 from ..ops.precision import without_autocast
 from ..ops.softmax_attn import sdpa, softmax_attn
 from .collectives import exchange_rows
-from .inputs import check_linear_call, check_softmax_call, wire_dtype
+from .inputs import check_delta_call, check_linear_call, check_softmax_call, wire_dtype
 from .layout import to_global_order, to_rank_order
-from .spec import LINEAR, SOFTMAX, Comm, MethodSpec, Plan
+from .spec import DELTA, LINEAR, SOFTMAX, Comm, MethodSpec, Plan
 
 
 def _to_head_shards(tensors, group, layout):
@@ -110,4 +111,43 @@ SPEC = MethodSpec(
               backward=(Comm("all_to_all", "B·C·H·V", precision="input"),
                         Comm("all_to_all", "B·C·H·(2·K + V + Gt)", precision="promoted")), steps="4"),
     notes="H % W == 0; the single-device op on whole sequences of H/W heads",
+)
+
+
+def _key_heads_rule(num_value_heads: int, num_key_heads: int, world: int) -> str | None:
+    if num_key_heads % world:
+        return (f"{num_key_heads} key heads do not divide among {world} ranks; Ulysses needs key heads divisible by W "
+                f"(each rank takes whole groups of value heads with their key head)")
+    return None
+
+
+@without_autocast
+def ulysses_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
+                       validate=False):
+    """DeepSpeed-Ulysses for the delta rule; the signature of `lasp2_delta_rule`. The key heads
+    (and so the value heads) must divide by W; each rank runs `chunk_delta_rule` on whole
+    sequences of its heads. The communication is `DELTA_SPEC.plan`."""
+    call = check_delta_call(DELTA_SPEC, q, k, v, beta, log_decay, scale=scale, group=group, chunk_size=chunk_size,
+                            validate=validate, layout=layout)
+    if call.world == 1:
+        return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size)[0]
+    dtype = torch.promote_types(wire_dtype(q, log_decay), beta.dtype)
+    per_head = [beta.unsqueeze(-1)] + ([] if log_decay is None else
+                                       [log_decay if log_decay.dim() == 4 else log_decay.unsqueeze(-1)])
+    q_all, k_all, v_all, beta_all, *g_all = _to_head_shards([t.to(dtype) for t in [q, k, v, *per_head]], group,
+                                                            call.layout)
+    g = None if not g_all else (g_all[0] if log_decay.dim() == 4 else g_all[0].squeeze(-1))
+    o, _ = chunk_delta_rule(q_all, k_all, v_all, beta_all.squeeze(-1), g, scale=call.scale, chunk_size=call.chunk_size)
+    return _to_sequence_shard(o.to(v.dtype), group, call.layout)
+
+
+DELTA_SPEC = MethodSpec(
+    name="ulysses", family=DELTA, fn=ulysses_delta_rule, heads_rule=_key_heads_rule,
+    decays=(DECAY_NONE, DECAY_TOKEN, DECAY_CHANNEL), decay_reason="the delta rule's gates are per head and token or "
+                                                                  "per key channel",
+    plan=Plan(forward=(Comm("all_to_all", "B·C·(2·Hk·K + H·(V + 1 + Gt))", precision="promoted"),
+                       Comm("all_to_all", "B·C·H·V", precision="input")),
+              backward=(Comm("all_to_all", "B·C·H·V", precision="input"),
+                        Comm("all_to_all", "B·C·(2·Hk·K + H·(V + 1 + Gt))", precision="promoted")), steps="4"),
+    notes="H: value heads, Hk: key heads, Hk % W == 0; the single-device op on whole sequences of 1/W of the heads",
 )

@@ -39,22 +39,42 @@ def _case(decay, heads):
     return x, do, {"o": o.detach(), **{f"d{n}": t.grad for n, t in leaves.items()}}
 
 
+def delta_refused(group, method, x, layout):
+    from lasp2.parallel import count_collectives, shard
+
+    local = {n: None if t is None else shard(t, group, layout) for n, t in x.items() if n != "s0"}
+    with count_collectives() as log:
+        try:
+            DELTA_METHODS[method].fn(local["q"], local["k"], local["v"], local["beta"], local["g"], group=group,
+                                     layout=layout)
+        except ValueError as exc:
+            return str(exc), log.count()
+    return None, log.count()
+
+
 @pytest.mark.parametrize("heads", [(2, 4), (2, 2)], ids=["gva", "plain"])
 @pytest.mark.parametrize("decay", ["none", "token", "channel"])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_lasp2_delta_rule_equals_the_recurrence(dist_workers, world, layout, decay, heads):
+@pytest.mark.parametrize("method", ["lasp2", "lasp1", "ulysses"])
+def test_delta_rule_methods_equal_the_recurrence(dist_workers, method, world, layout, decay, heads):
     x, do, ref = _case(decay, heads)
-    results = dist_workers.run(delta_shard, tuple(range(world)), "lasp2", x, do, layout)
-    problem = Problem(B=2, N=T, W=world, S=1 if layout == "contiguous" else 2, H=heads[1], K=5, V=3, decay=decay,
-                      state_bytes=8)
+    ranks = tuple(range(world))
+    if method == "ulysses" and heads[0] % world:
+        for message, collectives in dist_workers.run(delta_refused, ranks, method, x, layout).values():
+            assert "key heads do not divide" in message and collectives == 0
+        return
+    results = dist_workers.run(delta_shard, ranks, method, x, do, layout)
+    problem = Problem(B=2, N=T, W=world, S=1 if layout == "contiguous" else 2, H=heads[1], Hkv=heads[0], K=5, V=3,
+                      decay=decay, dtype_bytes=8, state_bytes=8)
     for rank, got in results.items():
         pos = got["positions"]
         for name, want in ref.items():
             assert rel_err(got[name], want[:, pos]) < 1e-10, (rank, name)
-        spec_fwd, spec_bwd = DELTA_METHODS["lasp2"].calls(problem, rank=rank)
-        assert (got["forward"], got["backward"]) == (spec_fwd, spec_bwd), rank
-        if world > 1:  # one all-gather of S·B·Hv·K·(V + K) values forward, of S·B·Hv·K·V backward
+        spec_fwd, spec_bwd = DELTA_METHODS[method].calls(problem, rank=rank)
+        sent = [sorted(r for r in rows if r[0] != "recv") for rows in (got["forward"], got["backward"])]
+        assert sent == [sorted(spec_fwd), sorted(spec_bwd)], rank
+        if world > 1 and method == "lasp2":  # one all-gather of S·B·Hv·K·(V + K) values forward, S·B·Hv·K·V back
             S = problem.S
             assert got["forward"] == [("all_gather", S * 2 * heads[1] * 5 * (3 + 5) * 8)]
             assert got["backward"] == [("all_gather", S * 2 * heads[1] * 5 * 3 * 8)]
