@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from . import checkpoint
 from .data import DataError, batch_for_step, load_tokens
 from .distributed import ConfigError, ParallelDims, init_parallel, reduce_gradients, shutdown, sum_over_ranks
-from .model import LINEAR_KINDS, PRESETS, LinearLlama, count_parameters, pattern_for_ratio, preset
-from .parallel import LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel
+from .model import DELTA_KINDS, LINEAR_KINDS, PRESETS, LinearLlama, count_parameters, pattern_for_ratio, preset
+from .parallel import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel
 from .parallel.layout import LAYOUTS, Layout
 from .report import MetricsLog, Progress, plot_losses
 
@@ -103,14 +103,23 @@ def check_args(args, dims: ParallelDims, cfg) -> None:
             raise ConfigError(f"{flag} {value} must be >= 1")
     # The methods' own rules (decay forms, heads), stated once in their specs.
     layer_types = set(cfg.layer_types())
-    for layer, flag, spec, decay, kv_heads in (
-            ("L", "--sp-linear", LINEAR_METHODS[args.sp_linear], cfg.decay_form, cfg.num_heads),
-            ("N", "--sp-softmax", SOFTMAX_METHODS[args.sp_softmax], "none", cfg.num_kv_heads)):
+    delta = cfg.linear_kind in DELTA_KINDS
+    if delta and "L" in layer_types and args.sp_linear not in DELTA_METHODS:
+        raise ConfigError(f"--sp-linear {args.sp_linear} has no delta-rule form for --linear-kind {cfg.linear_kind} "
+                          f"(choose one of {', '.join(DELTA_METHODS)})")
+    linear = DELTA_METHODS[args.sp_linear] if delta else LINEAR_METHODS[args.sp_linear]
+    heads = (cfg.value_heads, cfg.num_heads) if delta else (cfg.num_heads, cfg.num_heads)
+    for layer, flag, spec, decay, (num_heads, kv_heads) in (
+            ("L", "--sp-linear", linear, cfg.decay_form, heads),
+            ("N", "--sp-softmax", SOFTMAX_METHODS[args.sp_softmax], "none", (cfg.num_heads, cfg.num_kv_heads))):
         if layer in layer_types:
             try:
-                spec.check_rules(f"{flag} {spec.name}", decay, cfg.num_heads, kv_heads, args.sp)
+                spec.check_rules(f"{flag} {spec.name}", decay, num_heads, kv_heads, args.sp)
             except ValueError as exc:
                 raise ConfigError(f"{exc} (--linear-kind {cfg.linear_kind}, --preset {args.preset}, --sp {args.sp})") from None
+    if delta and "L" in layer_types and args.seq_len // slots < cfg.conv_size - 1:
+        raise ConfigError(f"--seq-len {args.seq_len} leaves {args.seq_len // slots} tokens per slot, fewer than the "
+                          f"{cfg.conv_size - 1} the short convolution of --linear-kind {cfg.linear_kind} reads before each")
 
 
 def lr_at(step: int, args) -> float:
@@ -166,8 +175,9 @@ def train(args, dims: ParallelDims, stream=sys.stdout) -> dict:
     run_dir = Path(args.out or f"runs/{args.preset}-{cfg.linear_kind}-{cfg.layer_pattern}")
     torch.manual_seed(args.seed)
     model = LinearLlama(cfg).to(dims.device)
+    delta = args.sp_linear if cfg.linear_kind in DELTA_KINDS else "lasp2"  # --sp-linear serves either family
     sp = SequenceParallel(dims.sp_group, linear=args.sp_linear, softmax=args.sp_softmax, layout=args.layout,
-                          chunk_size=args.chunk_size)
+                          chunk_size=args.chunk_size, delta=delta)
     optimizer = make_optimizer(model, args)
     progress, start = Progress(args.steps, dims.is_main, args.log_every, stream), 0
     resume_from = checkpoint.latest(run_dir) if args.resume else None

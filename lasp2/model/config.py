@@ -5,11 +5,14 @@ import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
 
-LINEAR_KINDS = ("basic", "lightning", "retention", "simple_gla", "gla", "based", "rebased")
+LINEAR_KINDS = ("basic", "lightning", "retention", "simple_gla", "gla", "based", "rebased", "deltanet",
+                "gated_deltanet", "kda")
+# The delta-rule kinds (DeltaNet, Gated DeltaNet, KDA): a short convolution, then the delta rule.
+DELTA_KINDS = ("deltanet", "gated_deltanet", "kda")
 # The log-decay form each linear kind hands to the attention op (see `layers.LinearAttention`):
 # none, per head [H], per token [B, T, H] or per key channel [B, T, H, K].
 DECAY_OF_KIND = {"basic": "none", "lightning": "head", "retention": "head", "simple_gla": "token", "gla": "channel",
-                 "based": "none", "rebased": "none"}
+                 "based": "none", "rebased": "none", "deltanet": "none", "gated_deltanet": "token", "kda": "channel"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     checkpointing: bool = False
+    num_value_heads: int | None = None  # delta-rule kinds: value heads (grouped values), default num_heads
+    conv_size: int = 4  # delta-rule kinds: width of the short causal convolution on q, k, v
+    allow_neg_eigval: bool = False  # delta-rule kinds: beta in [0, 2] instead of [0, 1]
 
     def __post_init__(self):
         if self.linear_kind not in LINEAR_KINDS:
@@ -47,7 +53,10 @@ class ModelConfig:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must divide by num_heads={self.num_heads}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "feature_dim", "gate_rank"):
+        if self.value_heads % self.num_heads:
+            raise ValueError(f"num_value_heads={self.value_heads} must be a multiple of num_heads={self.num_heads}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "feature_dim", "gate_rank",
+                     "conv_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -55,6 +64,11 @@ class ModelConfig:
     def decay_form(self) -> str:
         """The log-decay form of the linear layers: none, head, token or channel."""
         return DECAY_OF_KIND[self.linear_kind]
+
+    @property
+    def value_heads(self) -> int:
+        """Heads of v (and beta, gates) in the delta-rule kinds; q and k have num_heads."""
+        return self.num_value_heads or self.num_heads
 
     @property
     def dim_per_head(self) -> int:

@@ -1,8 +1,9 @@
 """Llama 3 building blocks and the linear-attention token mixers of Linear-Llama3.
 
 Attention layers take this rank's hidden states [B, C, hidden], the global positions of its
-tokens [C] and an attention context `ctx` with `linear_attn(q, k, v, log_decay, causal, scale)`
-and `softmax_attn(q, k, v, causal, scale)` (a `lasp2.parallel.SequenceParallel`, or
+tokens [C] and an attention context `ctx` with `linear_attn(q, k, v, log_decay, causal, scale)`,
+`softmax_attn(q, k, v, causal, scale)`, `delta_rule(q, k, v, beta, log_decay, scale)` and
+`causal_conv1d(x, weight, bias, activation)` (a `lasp2.parallel.SequenceParallel`, or
 `LocalAttention` on one device); they never talk to other ranks themselves.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.feature_maps import rebased_feature_map, taylor_feature_map
-from .config import ModelConfig
+from .config import DELTA_KINDS, ModelConfig
 
 # GLA's gate temperature: log decay = logsigmoid(gate) / 16 keeps gates near 1 at init.
 GATE_TEMPERATURE = 16.0
@@ -150,13 +151,82 @@ class LinearAttention(nn.Module):
         return self.o(o.reshape(b, c, -1))
 
 
+class DeltaRuleAttention(nn.Module):
+    """The delta-rule token mixers, built as the published layers are:
+
+        q, k, v = conv(Wq x, Wk x, Wv x)            short causal depthwise convolution + SiLU
+        q, k    = q / |q|, k / |k| per head          (L2 norm), scale K^-1/2
+        beta    = sigmoid(Wb x)                     (x2 with allow_neg_eigval)
+        deltanet:        no gate
+        gated_deltanet:  g = -exp(A_log) * softplus(Wa x + dt_bias)           per value head
+        kda:             g = -exp(A_log) * softplus(Wf2 Wf1 x + dt_bias)       per key channel
+        o = ctx.delta_rule(q, k, v, beta, g); RMSNorm per head, times silu(Wz x) (deltanet,
+            gated_deltanet) or sigmoid(Wg2 Wg1 x) (kda), then the output projection.
+
+    q and k have num_heads heads, v num_value_heads (grouped values); K = V = dim_per_head.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hk, hv, d = cfg.num_heads, cfg.value_heads, cfg.dim_per_head
+        self.kind, self.key_heads, self.value_heads, self.head_dim = cfg.linear_kind, hk, hv, d
+        self.beta_max = 2.0 if cfg.allow_neg_eigval else 1.0
+        self.q = nn.Linear(cfg.hidden_size, hk * d, bias=False)
+        self.k = nn.Linear(cfg.hidden_size, hk * d, bias=False)
+        self.v = nn.Linear(cfg.hidden_size, hv * d, bias=False)
+        self.conv = nn.Parameter(torch.empty((2 * hk + hv) * d, cfg.conv_size).uniform_(-1, 1) / cfg.conv_size**0.5)
+        self.beta = nn.Linear(cfg.hidden_size, hv, bias=False)
+        self.o = nn.Linear(hv * d, cfg.hidden_size, bias=False)
+        self.head_norm = RMSNorm(d, cfg.norm_eps)
+        if self.kind == "kda":
+            self.decay_gate = nn.Sequential(nn.Linear(cfg.hidden_size, cfg.gate_rank, bias=False),
+                                            nn.Linear(cfg.gate_rank, hv * d, bias=False))
+            self.output_gate = nn.Sequential(nn.Linear(cfg.hidden_size, cfg.gate_rank, bias=False),
+                                             nn.Linear(cfg.gate_rank, hv * d, bias=False))
+        else:
+            self.output_gate = nn.Linear(cfg.hidden_size, hv * d, bias=False)
+            if self.kind == "gated_deltanet":
+                self.decay_gate = nn.Linear(cfg.hidden_size, hv, bias=False)
+        if self.kind in ("gated_deltanet", "kda"):
+            width = hv * d if self.kind == "kda" else hv
+            # A in [1, 16] and dt in [1e-3, 0.1] log-uniformly, as Mamba2 and Gated DeltaNet start
+            self.A_log = nn.Parameter(torch.log(torch.empty(hv).uniform_(1, 16)))
+            dt = torch.exp(torch.empty(width).uniform_(math.log(1e-3), math.log(0.1)))
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+
+    def log_decay_of(self, x):
+        if self.kind == "deltanet":
+            return None
+        b, c, _ = x.shape
+        rate = F.softplus(self.decay_gate(x).float() + self.dt_bias)
+        if self.kind == "kda":
+            return -torch.exp(self.A_log)[:, None] * rate.view(b, c, self.value_heads, self.head_dim)
+        return -torch.exp(self.A_log) * rate
+
+    def forward(self, x, positions, ctx):
+        b, c, _ = x.shape
+        hk, hv, d = self.key_heads, self.value_heads, self.head_dim
+        qkv = ctx.causal_conv1d(torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1), self.conv, None, "silu")
+        q, k, v = qkv.split([hk * d, hk * d, hv * d], dim=-1)
+        q = F.normalize(q.view(b, c, hk, d).float(), dim=-1).to(x.dtype)
+        k = F.normalize(k.view(b, c, hk, d).float(), dim=-1).to(x.dtype)
+        beta = self.beta_max * torch.sigmoid(self.beta(x).float())
+        o = ctx.delta_rule(q, k, v.view(b, c, hv, d), beta, self.log_decay_of(x), scale=d**-0.5)
+        gate = torch.sigmoid(self.output_gate(x)) if self.kind == "kda" else F.silu(self.output_gate(x))
+        o = self.head_norm(o) * gate.view(b, c, hv, d)
+        return self.o(o.reshape(b, c, -1))
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
 
     def __init__(self, cfg: ModelConfig, layer_type: str):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = LinearAttention(cfg) if layer_type == "L" else SoftmaxAttention(cfg)
+        if layer_type == "N":
+            self.attn = SoftmaxAttention(cfg)
+        else:
+            self.attn = DeltaRuleAttention(cfg) if cfg.linear_kind in DELTA_KINDS else LinearAttention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden)
 

@@ -6,6 +6,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops.chunk import chunk_linear_attn
+from ..ops.conv import causal_conv1d
+from ..ops.delta_chunk import chunk_delta_rule
 from ..ops.softmax_attn import softmax_attn
 from .config import ModelConfig
 from .layers import Block, RMSNorm
@@ -21,6 +23,12 @@ class LocalAttention:
 
     def softmax_attn(self, q, k, v, causal=True, scale=None):
         return softmax_attn(q, k, v, causal=causal, scale=scale)
+
+    def delta_rule(self, q, k, v, beta, log_decay=None, scale=None):
+        return chunk_delta_rule(q, k, v, beta, log_decay, scale=scale)[0]
+
+    def causal_conv1d(self, x, weight, bias=None, activation="silu"):
+        return causal_conv1d(x, weight, bias, activation=activation)
 
 
 class LinearLlama(nn.Module):

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
     (["--data", "/no/such/corpus"], {}, "--data /no/such/corpus"),
     (["--batch-size", "0"], {}, "--batch-size 0"),
     (["--sp-linear", "ring", "--linear-kind", "gla"], {}, "--sp-linear ring"),
+    (["--sp-linear", "ring", "--linear-kind", "gated_deltanet"], {}, "--sp-linear ring has no delta-rule form"),
     (["--hybrid", "2/3", "--steps", "1"], {}, "--hybrid 2/3"),
     (["--pattern", "LLX"], {}, "--pattern LLX"),
 ])

@@ -74,16 +74,22 @@ def test_parity_over_meshes_and_layouts(dist_workers, tmp_path, pattern, kind):
     check_case(dist_workers, tmp_path, kind, pattern, ALL_MESHES)
 
 
-VARIANT_PATTERNS = {"basic": "LLLN", "retention": "LLLN", "simple_gla": "LLLN", "based": "L", "rebased": "L"}
+VARIANT_PATTERNS = {"basic": "LLLN", "retention": "LLLN", "simple_gla": "LLLN", "based": "L", "rebased": "L",
+                    "deltanet": "LLLN", "gated_deltanet": "LLLN", "kda": "LLLN"}
 
 
 def test_every_linear_variant_has_a_parity_case():
     assert set(VARIANT_PATTERNS) | {"lightning", "gla"} == set(LINEAR_KINDS)
 
 
+# KDA's loss falls more slowly at lr 5e-5 (its output gate starts at one half).
+VARIANT_EXTRA = {"kda": ["--lr", "2e-4"]}
+
+
 @pytest.mark.parametrize("kind", list(VARIANT_PATTERNS))
 def test_parity_of_every_linear_variant(dist_workers, tmp_path, kind):
-    check_case(dist_workers, tmp_path, kind, VARIANT_PATTERNS[kind], [("sp2", "zigzag"), ("sp2", "contiguous")])
+    check_case(dist_workers, tmp_path, kind, VARIANT_PATTERNS[kind], [("sp2", "zigzag"), ("sp2", "contiguous")],
+               VARIANT_EXTRA.get(kind, ()))
 
 
 @pytest.mark.parametrize("linear,softmax", [("lasp1", "ring"), ("ulysses", "ulysses"), ("ring", "allgather"),
@@ -91,3 +97,9 @@ def test_parity_of_every_linear_variant(dist_workers, tmp_path, kind):
 def test_parity_of_other_methods(dist_workers, tmp_path, linear, softmax):
     check_case(dist_workers, tmp_path, "simple_gla", "LLLN", [("sp2", "zigzag")],
                ["--sp-linear", linear, "--sp-softmax", softmax])
+
+
+@pytest.mark.parametrize("method", ["lasp2", "lasp1", "ulysses"])
+def test_parity_of_delta_rule_methods(dist_workers, tmp_path, method):
+    check_case(dist_workers, tmp_path, "gated_deltanet", "LLLN", [("sp2", "zigzag"), ("dp2sp2", "contiguous")],
+               ["--sp-linear", method])
