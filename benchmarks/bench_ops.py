@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lasp2.bench.machine import cpu_name
+from lasp2_bench.machine import cpu_name
 from lasp2.ops import chunk_linear_attn
 
 FORMS = ("none", "head", "token", "channel")

@@ -117,3 +117,13 @@ def test_bad_input_names_the_rule(fn):
         fn(q, k, v, beta + 2.5, g, **kw)
     with pytest.raises(ValueError, match="log_decay must be <= 0"):
         fn(q, k, v, beta, -g, **kw)
+
+
+def test_matches_hugging_face_gated_delta_rule():
+    """Qwen3-Next's own PyTorch path (transformers, optional) on the same inputs; it scales q by
+    K^-1/2 inside and computes in fp32."""
+    hf = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+    x = {n: t.float() for n, t in delta_inputs("token", T=100, Hk=3, Hv=3, K=8, V=4).items()}
+    want, _ = hf.torch_chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"])
+    got, _ = chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], scale=8 ** -0.5)
+    assert rel_err(got, want.to(got.dtype)) < 1e-5
