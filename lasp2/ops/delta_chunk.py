@@ -60,15 +60,22 @@ class DeltaChunks:
         b, h = self.qg.shape[:2]
         return self.qg.new_zeros(b, h, self.W.shape[-1], self.U_bar.shape[-1])
 
+    def per_chunk(self, name: str) -> tuple[torch.Tensor, ...]:
+        """One field split into its chunks. (unbind, not indexing in a loop: the backward of an
+        index writes into a zero tensor of the whole field, once per chunk.)"""
+        field = getattr(self, name)
+        return (None,) * self.n_chunks if field is None else field.unbind(2)
+
     def carry(self, state: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """From `state` entering the first chunk: each chunk's output (unscaled, [B, H, L, V]) and
         the state after the last chunk."""
         outputs = []
-        for c in range(self.n_chunks):
-            U = self.U_bar[:, :, c] - self.W[:, :, c] @ state  # U = Ū − W S
-            outputs.append(self.qg[:, :, c] @ state + self.P[:, :, c] @ U)  # Q̃ S + P U
-            carried = state if self.decay_end is None else self.decay_end[:, :, c] * state
-            state = carried + self.k_end[:, :, c].transpose(-1, -2) @ U  # Γ_L S + K̂^T U
+        for qg, P, W, U_bar, k_end, decay_end in zip(*map(self.per_chunk, ("qg", "P", "W", "U_bar", "k_end",
+                                                                             "decay_end"))):
+            U = U_bar - W @ state  # U = Ū − W S
+            outputs.append(qg @ state + P @ U)  # Q̃ S + P U
+            carried = state if decay_end is None else decay_end * state
+            state = carried + k_end.transpose(-1, -2) @ U  # Γ_L S + K̂^T U
         return outputs, state
 
     def transitions(self) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -77,11 +84,11 @@ class DeltaChunks:
         b, h, _, _, K = self.W.shape
         M = torch.eye(K, dtype=self.W.dtype, device=self.W.device).expand(b, h, K, K)
         before = []
-        for c in range(self.n_chunks):
+        for W, k_end, decay_end in zip(*map(self.per_chunk, ("W", "k_end", "decay_end"))):
             before.append(M)
-            step = -(self.k_end[:, :, c].transpose(-1, -2) @ self.W[:, :, c])  # Γ_L − K̂^T W
-            step = step + (torch.diag_embed(self.decay_end[:, :, c, :, 0].expand(b, h, K))
-                           if self.decay_end is not None else torch.eye(K, dtype=M.dtype, device=M.device))
+            step = -(k_end.transpose(-1, -2) @ W)  # Γ_L − K̂^T W
+            step = step + (torch.diag_embed(decay_end[..., 0].expand(b, h, K))
+                           if decay_end is not None else torch.eye(K, dtype=M.dtype, device=M.device))
             M = step @ M
         return before, M
 

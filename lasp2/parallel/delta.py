@@ -55,9 +55,10 @@ def _state_passing(call, q, k, v, beta, log_decay, exchange):
     outputs, h = chunks.carry(chunks.zero_state())  # each slot from a zero state
     before, M = chunks.transitions()
     S_in = _IncomingStates.apply(h, M, exchange)
-    for c in range(chunks.n_chunks):  # S_in's share: (Q̃ − P W) M_before S_in
-        entering = before[c] @ S_in
-        outputs[c] = outputs[c] + chunks.qg[:, :, c] @ entering - chunks.P[:, :, c] @ (chunks.W[:, :, c] @ entering)
+    terms = zip(before, *map(chunks.per_chunk, ("qg", "P", "W")))
+    for c, (M_before, qg, P, W) in enumerate(terms):  # S_in's share: (Q̃ − P W) M_before S_in
+        entering = M_before @ S_in
+        outputs[c] = outputs[c] + qg @ entering - P @ (W @ entering)
     return from_segments(chunks.unchunk(outputs, call.scale, v.dtype), S)
 
 
