@@ -1,0 +1,24 @@
+"""The scripts under benchmarks/ run as documented (tiny sizes) and print their tables."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*argv):
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_bench_ops(tmp_path):
+    out = run("benchmarks/bench_ops.py", "--T", "128", "--forms", "none", "token", "--repeats", "1", "--warmup", "0",
+              "--out", str(tmp_path / "ops.csv"))
+    assert "%roof" in out and (tmp_path / "ops.csv").read_text().count("\n") == 3
+
+
+def test_bench_delta():
+    out = run("benchmarks/bench_delta.py", "--T", "128", "--H", "2", "--D", "8", "--repeats", "1", "--warmup", "0")
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("128")]
+    assert len(rows) == 1 and float(rows[0][1]) > 0
