@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS, Problem, count_collectives, shard
+from lasp2.parallel import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, Problem, count_collectives, shard
 from . import costs
 from .calibrate import measure_kernels, measure_network
 from .machine import describe, free_port, matmul_rate, peak_memory_bytes, reset_peak_memory, sync
@@ -40,6 +40,8 @@ def add_arguments(p) -> None:
     p.add_argument("--T", type=int, nargs="+", default=[4096, 16384, 65536, 262144], help="global lengths (default: %(default)s)")
     p.add_argument("--linear", nargs="*", default=list(LINEAR_METHODS), choices=list(LINEAR_METHODS))
     p.add_argument("--softmax", nargs="*", default=list(SOFTMAX_METHODS), choices=list(SOFTMAX_METHODS))
+    p.add_argument("--delta", nargs="*", default=[], choices=list(DELTA_METHODS),
+                   help="delta-rule methods (Gated DeltaNet: L2-normalised keys, a gate per head); default none")
     p.add_argument("--B", type=int, default=1)
     p.add_argument("--H", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=8, help="KV heads of the softmax layers (default: %(default)s)")
@@ -62,7 +64,7 @@ def add_arguments(p) -> None:
 
 
 def spec_of(family, method):
-    return (LINEAR_METHODS if family == "linear" else SOFTMAX_METHODS)[method]
+    return {"linear": LINEAR_METHODS, "softmax": SOFTMAX_METHODS, "delta": DELTA_METHODS}[family][method]
 
 
 def _estimate(spec, layer, rate, last):
@@ -88,13 +90,17 @@ def _step_fn(family, method, T, args, group, device):
     full = [torch.randn(args.B, T, args.H, args.D, generator=gen) for _ in range(3)]
     if family == "softmax":
         full[1], full[2] = full[1][:, :, : args.kv_heads], full[2][:, :, : args.kv_heads]
-    q, k, v = (shard(x, group, args.layout).to(device, dtype).requires_grad_() for x in full)
+    extra = []
+    if family == "delta":  # Gated DeltaNet's inputs: unit keys, beta in (0, 1), a gate per head
+        full[1] = torch.nn.functional.normalize(full[1], dim=-1)
+        extra = [torch.rand(args.B, T, args.H, generator=gen), -0.1 * torch.rand(args.B, T, args.H, generator=gen)]
+    q, k, v, *extra = (shard(x, group, args.layout).to(device, dtype).requires_grad_() for x in full + extra)
     fn = spec_of(family, method).fn
 
     def step():
-        for t in (q, k, v):
+        for t in (q, k, v, *extra):
             t.grad = None
-        o = fn(q, k, v, group=group, layout=args.layout)
+        o = fn(q, k, v, *extra, group=group, layout=args.layout)
         o.backward(torch.ones_like(o))
 
     return step
@@ -109,7 +115,8 @@ def _max_over_ranks(values, group, device):
 def run_config(family, method, T, world, group, device, args, rate, last):
     spec = spec_of(family, method)
     layer = Problem(B=args.B, N=T, W=world, S=1 if args.layout == "contiguous" else 2, H=args.H, K=args.D, V=args.D,
-                    Hkv=args.kv_heads if family == "softmax" else None, dtype_bytes=getattr(torch, args.dtype).itemsize)
+                    Hkv=args.kv_heads if family == "softmax" else None, dtype_bytes=getattr(torch, args.dtype).itemsize,
+                    decay="token" if family == "delta" else "none")
     est_s, live = _estimate(spec, layer, rate, last)
     row = dict(family=family, method=method, world=world, T=T, layout=args.layout, est_seconds=round(est_s, 3),
                formula_bytes=spec.bytes_per_rank(layer), steps_formula=spec.sequential_steps(layer),
@@ -180,7 +187,8 @@ def run(args) -> tuple[list[dict], dict]:
         raise SystemExit(f"--world {max(args.world)} needs that many GPUs; this machine has {torch.cuda.device_count()}")
     rows = []
     configs = ([("linear", m, T) for m in args.linear for T in sorted(args.T)]
-               + [("softmax", m, T) for m in args.softmax for T in sorted(args.T)])
+               + [("softmax", m, T) for m in args.softmax for T in sorted(args.T)]
+               + [("delta", m, T) for m in args.delta for T in sorted(args.T)])
     for world in args.world:
         rows += spawn(world, configs, args, use_cuda)
     return rows, describe(device)
