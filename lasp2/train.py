@@ -104,15 +104,16 @@ def check_args(args, dims: ParallelDims, cfg) -> None:
     # The methods' own rules (decay forms, heads), stated once in their specs.
     layer_types = set(cfg.layer_types())
     delta = cfg.linear_kind in DELTA_KINDS
-    if delta and "L" in layer_types and args.sp_linear not in DELTA_METHODS:
+    linear_methods = DELTA_METHODS if delta else LINEAR_METHODS
+    if "L" in layer_types and args.sp_linear not in linear_methods:  # argparse allows any linear method
         raise ConfigError(f"--sp-linear {args.sp_linear} has no delta-rule form for --linear-kind {cfg.linear_kind} "
                           f"(choose one of {', '.join(DELTA_METHODS)})")
-    linear = DELTA_METHODS[args.sp_linear] if delta else LINEAR_METHODS[args.sp_linear]
     heads = (cfg.value_heads, cfg.num_heads) if delta else (cfg.num_heads, cfg.num_heads)
-    for layer, flag, spec, decay, (num_heads, kv_heads) in (
-            ("L", "--sp-linear", linear, cfg.decay_form, heads),
-            ("N", "--sp-softmax", SOFTMAX_METHODS[args.sp_softmax], "none", (cfg.num_heads, cfg.num_kv_heads))):
+    for layer, flag, methods, name, decay, (num_heads, kv_heads) in (
+            ("L", "--sp-linear", linear_methods, args.sp_linear, cfg.decay_form, heads),
+            ("N", "--sp-softmax", SOFTMAX_METHODS, args.sp_softmax, "none", (cfg.num_heads, cfg.num_kv_heads))):
         if layer in layer_types:
+            spec = methods[name]
             try:
                 spec.check_rules(f"{flag} {spec.name}", decay, num_heads, kv_heads, args.sp)
             except ValueError as exc:

@@ -67,7 +67,7 @@ def spec_of(family, method):
     return {"linear": LINEAR_METHODS, "softmax": SOFTMAX_METHODS, "delta": DELTA_METHODS}[family][method]
 
 
-def _estimate(spec, layer, rate, last):
+def _estimate(spec, layer, rate, last, device):
     """(seconds per fwd+bwd, bytes of the largest live tensors per rank)."""
     if last is not None:
         seconds = last[1] * (layer.N / last[0]) ** (2 if spec.quadratic else 1)
@@ -75,7 +75,7 @@ def _estimate(spec, layer, rate, last):
         seconds = sum(costs.flops(spec, layer)) / (rate / 2)
     per_token = layer.B * layer.H * (layer.K + layer.V) * 4
     live = 8 * layer.C * per_token
-    if spec.compute == "sdpa_bottom_right" and layer.W > 1 and layer.dtype_bytes and not torch.cuda.is_available():
+    if spec.compute == "sdpa_bottom_right" and layer.W > 1 and device.type != "cuda":
         live += layer.B * layer.C * layer.N  # the CPU kernels' [C, N] boolean mask
     if spec.compute in ("left_product", "sdpa_bottom_right"):  # the whole sequence's keys and values on each rank
         live += 8 * layer.N * per_token
@@ -117,7 +117,7 @@ def run_config(family, method, T, world, group, device, args, rate, last):
     layer = Problem(B=args.B, N=T, W=world, S=1 if args.layout == "contiguous" else 2, H=args.H, K=args.D, V=args.D,
                     Hkv=args.kv_heads if family == "softmax" else None, dtype_bytes=getattr(torch, args.dtype).itemsize,
                     decay="token" if family == "delta" else "none")
-    est_s, live = _estimate(spec, layer, rate, last)
+    est_s, live = _estimate(spec, layer, rate, last, device)
     row = dict(family=family, method=method, world=world, T=T, layout=args.layout, est_seconds=round(est_s, 3),
                formula_bytes=spec.bytes_per_rank(layer), steps_formula=spec.sequential_steps(layer),
                threads=torch.get_num_threads())

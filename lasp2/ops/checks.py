@@ -141,6 +141,13 @@ def check_linear_attn_inputs(
     return LinearAttnShape(b, t, h, dk, dv, kind, q.dtype)
 
 
+def check_chunk_size(chunk_size, fn: str) -> int:
+    """chunk_size must be a positive int (not a bool); returns it."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """States and scans run in fp64 for fp64 inputs and in fp32 for everything else."""
     return torch.float64 if dtype == torch.float64 else torch.float32

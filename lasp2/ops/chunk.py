@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .bidirectional import bidirectional_linear_attn
-from .checks import DECAY_CHANNEL, check_linear_attn_inputs
+from .checks import DECAY_CHANNEL, check_chunk_size, check_linear_attn_inputs
 from .chunk_kernels import (add_incoming, add_inter_output, add_outgoing_grad, grad_state_pass, intra_output,
                             key_side_grads, query_side_grads, state_pass)
 from .chunk_layout import ChunkedSeq
@@ -14,8 +14,7 @@ from .precision import without_autocast
 def effective_chunk_size(chunk_size, kind: str, fn: str) -> int:
     """The chunk length used: `chunk_size`, except that per-channel (GLA) decay, whose
     intra-chunk term is built by binary splitting, rounds it down to a power of two."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
+    check_chunk_size(chunk_size, fn)
     return 1 << (chunk_size.bit_length() - 1) if kind == DECAY_CHANNEL else chunk_size
 
 

@@ -7,6 +7,10 @@ import torch
 
 from .checks import DECAY_CHANNEL, DECAY_NONE, DECAY_TOKEN, _check_qkv, _check_tensor
 
+# The gate forms of the delta rule (no constant per-head [H] form), and why the others are absent.
+DELTA_DECAYS = (DECAY_NONE, DECAY_TOKEN, DECAY_CHANNEL)
+DELTA_DECAY_REASON = "the delta rule's gates are per head and token or per key channel"
+
 
 @dataclass(frozen=True)
 class DeltaRuleShape:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checks import DECAY_CHANNEL, DECAY_NONE, compute_dtype
+from .checks import DECAY_CHANNEL, DECAY_NONE, check_chunk_size, compute_dtype
 from .delta_checks import DeltaRuleShape, check_delta_rule_inputs
 
 CHANNEL_CHUNK = 16
@@ -101,9 +101,7 @@ class DeltaChunks:
 
 def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: int) -> DeltaChunks:
     """The within-chunk terms of q, k [B, T, Hk, K], v [B, T, Hv, V], beta [B, T, Hv] and the
-    gate (see the module's docstring), in the compute dtype."""
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_delta_rule: chunk_size must be a positive int, got {chunk_size!r}")
+    gate (see the module's docstring), in the compute dtype; chunk_size already checked."""
     dtype = compute_dtype(shape.dtype)
     L = min(chunk_size, CHANNEL_CHUNK) if shape.decay == DECAY_CHANNEL else chunk_size
     L = min(L, shape.seq_len)
@@ -170,7 +168,7 @@ def chunk_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state
     """
     shape = check_delta_rule_inputs("chunk_delta_rule", q, k, v, beta, log_decay, initial_state, scale=scale,
                                     check_values=validate)
-    chunks = delta_chunks(shape, q, k, v, beta, log_decay, chunk_size)
+    chunks = delta_chunks(shape, q, k, v, beta, log_decay, check_chunk_size(chunk_size, "chunk_delta_rule"))
     state = chunks.zero_state() if initial_state is None else initial_state.to(chunks.qg.dtype)
     outputs, state = chunks.carry(state)
     o = chunks.unchunk(outputs, 1.0 if scale is None else float(scale), shape.dtype)

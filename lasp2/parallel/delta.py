@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 
-from ..ops.checks import DECAY_CHANNEL, DECAY_NONE, DECAY_TOKEN
+from ..ops.delta_checks import DELTA_DECAY_REASON, DELTA_DECAYS
 from ..ops.delta_chunk import chunk_delta_rule, delta_chunks
 from ..ops.precision import without_autocast
 from .inputs import check_delta_call
@@ -98,16 +98,16 @@ def lasp1_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, l
     return _state_passing(call, q, k, v, beta, log_decay, _Relay(group, call.layout, DENSE))
 
 
-_GATES = (DECAY_NONE, DECAY_TOKEN, DECAY_CHANNEL)
-_GATE_REASON = "the delta rule's gates are per head and token or per key channel"
 LASP2_SPEC = MethodSpec(
-    name="lasp2", family=DELTA, fn=lasp2_delta_rule, equal_shards=False, decays=_GATES, decay_reason=_GATE_REASON,
+    name="lasp2", family=DELTA, fn=lasp2_delta_rule, equal_shards=False, decays=DELTA_DECAYS,
+    decay_reason=DELTA_DECAY_REASON,
     plan=Plan(forward=(Comm("all_gather", "S·B·H·K·(V + K)"),), backward=(Comm("all_gather", "S·B·H·K·V"),),
               steps="2"),
     notes="H: value heads; the slot's dense K×K transition travels with its state; independent of N",
 )
 LASP1_SPEC = MethodSpec(
-    name="lasp1", family=DELTA, fn=lasp1_delta_rule, equal_shards=False, decays=_GATES, decay_reason=_GATE_REASON,
+    name="lasp1", family=DELTA, fn=lasp1_delta_rule, equal_shards=False, decays=DELTA_DECAYS,
+    decay_reason=DELTA_DECAY_REASON,
     plan=Plan(forward=(Comm("send", "B·H·K·V", "S·(W−1)", chain="up"),),
               backward=(Comm("send", "B·H·K·V", "S·(W−1)", chain="down"),), steps="2·S·(W−1)"),
     notes="H: value heads; the running state relayed by dependent hops",

@@ -4,8 +4,9 @@ direction, with the exchange between ranks plugged in.
 Causal (Alg. 2 forward / Alg. 4 backward of the LASP-2 paper, per rank and slot): the slot's
 chunk states with a zero incoming state give its summary (M_t, A_t); the exchange starts
 (LASP-2: the all-gather of every summary; LASP-1: the hops that need no remote state) and,
-while that travels, the intra-chunk output is computed; then the incoming state S_in arrives, is folded into the chunk states with one element-wise
-step, and one inter-chunk matmul adds its term. The backward mirrors it: each slot's gradient
+while that travels, the intra-chunk output is computed; then the incoming state S_in arrives,
+is folded into the chunk states with one element-wise step, and one inter-chunk matmul adds
+its term. The backward mirrors it: each slot's gradient
 on its incoming state travels while the chunk states are recomputed and the query-side
 gradients formed; the gradient arriving on its outgoing state is folded into the chunk
 gradients before the key-side matmuls. So a rank does the matmuls of the single-device op on

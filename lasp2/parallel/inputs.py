@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops.checks import LinearAttnShape, SoftmaxAttnShape, check_linear_attn_inputs, check_softmax_attn_inputs
+from ..ops.checks import (LinearAttnShape, SoftmaxAttnShape, check_chunk_size, check_linear_attn_inputs,
+                          check_softmax_attn_inputs)
 from ..ops.chunk import effective_chunk_size
 from ..ops.delta_checks import DeltaRuleShape, check_delta_rule_inputs
 from .comm import checked_across_group, group_rank_size
@@ -84,8 +85,7 @@ def check_delta_call(spec, q, k, v, beta, log_decay, *, scale, group, chunk_size
         shape = check_delta_rule_inputs(fn, q, k, v, beta, log_decay, scale=scale, check_values=validate)
         spec.check_rules(fn, shape.decay, shape.value_heads, shape.key_heads, world)
         _layout(fn, world, layout, shape.seq_len)
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
+        check_chunk_size(chunk_size, fn)  # before any collective
         return shape
 
     def describe(s):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..ops.checks import DECAY_CHANNEL, DECAY_KINDS, DECAY_NONE, DECAY_TOKEN
+from .layout import Layout
 
 LINEAR, SOFTMAX, DELTA = "linear", "softmax", "delta"
 PLURAL = {"all_gather": "all-gathers", "reduce_scatter": "reduce-scatters", "all_to_all": "all-to-alls",
@@ -125,7 +126,7 @@ class Problem:
 def chain_sends(W: int, S: int) -> list[tuple[int, int]]:
     """(forward, backward) sends of each rank in a chain through the sequence's slots (zigzag:
     rank r holds slots r and 2W−1−r; a hop between two slots of one rank sends nothing)."""
-    owner = list(range(W)) if S == 1 else list(range(W)) + list(reversed(range(W)))
+    owner = [rank for rank, _ in Layout("contiguous" if S == 1 else "zigzag", W).slot_owner()]
     sends = [[0, 0] for _ in range(W)]
     for a, b in zip(owner, owner[1:]):
         if a != b:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_NONE, DECAY_TOKEN
+from ..ops.checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_TOKEN
 from ..ops.chunk import chunk_linear_attn
+from ..ops.delta_checks import DELTA_DECAY_REASON, DELTA_DECAYS
 from ..ops.delta_chunk import chunk_delta_rule
 from ..ops.precision import without_autocast
 from ..ops.softmax_attn import sdpa, softmax_attn
@@ -23,15 +24,16 @@ from .spec import DELTA, LINEAR, SOFTMAX, Comm, MethodSpec, Plan
 
 
 def _to_head_shards(tensors, group, layout):
-    """This rank's [B, C, H_i, D_i] tensors -> [B, T, H_i / W, D_i]: my heads, every token."""
+    """This rank's [B, C, H_i, ...] tensors -> [B, T, H_i / W, ...]: my heads, every token (a
+    per-head [B, C, H] tensor such as a gate or beta travels as it is)."""
     world = layout.world
     rows = torch.cat([t.reshape(*t.shape[:2], world, -1).movedim(2, 0).reshape(world, -1) for t in tensors], dim=1)
     rows = exchange_rows(rows, group)  # row j: rank j's tokens, my heads
     out, offset = [], 0
     for t in tensors:
-        b, c, h, d = t.shape
-        n = b * c * (h // world) * d
-        per_rank = rows[:, offset:offset + n].reshape(world, b, c, h // world, d)
+        (b, c, h), rest = t.shape[:3], t.shape[3:]
+        n = t.numel() // world
+        per_rank = rows[:, offset:offset + n].reshape(world, b, c, h // world, *rest)
         out.append(to_global_order(per_rank, layout))
         offset += n
     return out
@@ -83,14 +85,12 @@ def ulysses_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, gro
         return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size)[0]
     heads, kind = q.shape[2] // call.world, call.shape.decay
     dtype = wire_dtype(q, log_decay)
-    travelling = [q.to(dtype), k.to(dtype), v.to(dtype)]
-    if kind in (DECAY_TOKEN, DECAY_CHANNEL):
-        travelling.append((log_decay if kind == DECAY_CHANNEL else log_decay.unsqueeze(-1)).to(dtype))
-    q_all, k_all, v_all, *g_all = _to_head_shards(travelling, group, call.layout)
+    travelling = [q, k, v] + ([log_decay] if kind in (DECAY_TOKEN, DECAY_CHANNEL) else [])
+    q_all, k_all, v_all, *g_all = _to_head_shards([t.to(dtype) for t in travelling], group, call.layout)
     if kind == DECAY_HEAD:
         g = log_decay[call.rank * heads:(call.rank + 1) * heads]
     else:
-        g = None if not g_all else (g_all[0] if kind == DECAY_CHANNEL else g_all[0].squeeze(-1))
+        g = g_all[0] if g_all else None
     o, _ = chunk_linear_attn(q_all, k_all, v_all, g, scale=call.scale, causal=causal, chunk_size=call.chunk_size)
     return _to_sequence_shard(o.to(q.dtype), group, call.layout)
 
@@ -132,19 +132,16 @@ def ulysses_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None,
     if call.world == 1:
         return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size)[0]
     dtype = torch.promote_types(wire_dtype(q, log_decay), beta.dtype)
-    per_head = [beta.unsqueeze(-1)] + ([] if log_decay is None else
-                                       [log_decay if log_decay.dim() == 4 else log_decay.unsqueeze(-1)])
-    q_all, k_all, v_all, beta_all, *g_all = _to_head_shards([t.to(dtype) for t in [q, k, v, *per_head]], group,
-                                                            call.layout)
-    g = None if not g_all else (g_all[0] if log_decay.dim() == 4 else g_all[0].squeeze(-1))
-    o, _ = chunk_delta_rule(q_all, k_all, v_all, beta_all.squeeze(-1), g, scale=call.scale, chunk_size=call.chunk_size)
+    travelling = [q, k, v, beta] + ([] if log_decay is None else [log_decay])
+    q_all, k_all, v_all, beta_all, *g_all = _to_head_shards([t.to(dtype) for t in travelling], group, call.layout)
+    o, _ = chunk_delta_rule(q_all, k_all, v_all, beta_all, g_all[0] if g_all else None, scale=call.scale,
+                            chunk_size=call.chunk_size)
     return _to_sequence_shard(o.to(v.dtype), group, call.layout)
 
 
 DELTA_SPEC = MethodSpec(
     name="ulysses", family=DELTA, fn=ulysses_delta_rule, heads_rule=_key_heads_rule,
-    decays=(DECAY_NONE, DECAY_TOKEN, DECAY_CHANNEL), decay_reason="the delta rule's gates are per head and token or "
-                                                                  "per key channel",
+    decays=DELTA_DECAYS, decay_reason=DELTA_DECAY_REASON,
     plan=Plan(forward=(Comm("all_to_all", "B·C·(2·Hk·K + H·(V + 1 + Gt))", precision="promoted"),
                        Comm("all_to_all", "B·C·H·V", precision="input")),
               backward=(Comm("all_to_all", "B·C·H·V", precision="input"),
