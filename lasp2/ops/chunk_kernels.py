@@ -31,14 +31,21 @@ def _t(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-1, -2)
 
 
-def bmm(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+def bmm(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
     """a [..., m, k] @ b [..., k, n] as one torch.bmm over the flattened leading dims (views,
-    transposed operands included, so nothing is copied); adds into `acc` in place when given."""
+    transposed operands included, so nothing is copied); adds alpha times it into `acc` in
+    place when given."""
     a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
     if acc is None:
         return torch.bmm(a3, b3).view(*a.shape[:-1], b.shape[-1])
-    acc.view(-1, *acc.shape[-2:]).baddbmm_(a3, b3)
+    acc.view(-1, *acc.shape[-2:]).baddbmm_(a3, b3, alpha=alpha)
     return acc
+
+
+def bmm_plus(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, beta: float = 1.0):
+    """beta · c + alpha · (a @ b) into a new tensor, as one torch.baddbmm (shapes as for `bmm`)."""
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    return torch.baddbmm(c.reshape(-1, *c.shape[-2:]), a3, b3, alpha=alpha, beta=beta).view(*a.shape[:-1], b.shape[-1])
 
 
 def _crossing_sums(p: torch.Tensor) -> torch.Tensor:

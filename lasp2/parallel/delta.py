@@ -3,13 +3,16 @@ all-gather of slot summaries per pass, as for linear attention, with a dense K x
 and LASP-1 (the running state relayed rank to rank) share one body.
 
 Each slot of C tokens is an affine map of the state entering it, S_out = M S_in + h (h: its
-state from zero; M: the product of its chunks' (Γ_L − K̂^T W), `ops.delta_chunk`). A rank
-computes its slots' (h, M) and their outputs from a zero state, all-gathers every slot's
-(h, M) — S·B·Hv·K·(V + K) values — and composes the earlier slots' into S_in
+state from zero; M: the product of its chunks' (Γ_L − K̂^T W), `ops.delta_kernels`). A rank
+carries [0 | I] through its slots' chunks, which gives (h | M) in one pass, all-gathers every
+slot's (h, M) — S·B·Hv·K·(V + K) values — and composes the earlier slots' into S_in
 (`transitions.DENSE.prefix`, in fp32, fp64 for fp64 inputs). S_in's share of the output is then
-added chunk by chunk, (Q̃ − P W) (M_before S_in): the chunked op's matmuls on a K x V state. The
-backward all-gathers each slot's gradient on S_in (S·B·Hv·K·V values) and composes the later
-ones with the transposed maps; everything local is differentiated by autograd.
+carried through the slot's chunks (−W S and the chunk's decay per chunk, K x V matmuls) and
+added to the outputs in one batched matmul, Qe S. The gather is issued before the outputs from a
+zero state are formed, and waited for after. The backward (written out, `ops.delta_kernels`)
+all-gathers each slot's gradient on S_in (S·B·Hv·K·V values) while the query-side gradients are
+formed, composes the later slots' with the transposed maps saved from the forward, and carries
+the result back through the slot's chunks before the key-side gradients.
 """
 from __future__ import annotations
 
@@ -18,7 +21,10 @@ import dataclasses
 import torch
 
 from ..ops.delta_checks import DELTA_DECAY_REASON, DELTA_DECAYS
-from ..ops.delta_chunk import chunk_delta_rule, delta_chunks
+from ..ops.delta_chunk import chunk_delta_rule
+from ..ops.chunk_kernels import bmm
+from ..ops.delta_kernels import (add_query_side, carry, delta_chunks, grad_carry, key_side_grads, outputs,
+                                 query_side_grads)
 from ..ops.precision import without_autocast
 from .inputs import check_delta_call
 from .lasp1 import _Relay
@@ -28,38 +34,49 @@ from .spec import DELTA, Comm, MethodSpec, Plan
 from .transitions import DENSE
 
 
-class _IncomingStates(torch.autograd.Function):
-    """(h, M) of this rank's slots -> the state entering each of them; one all-gather per pass."""
+class _StatePassing(torch.autograd.Function):
+    """This rank's slots of the delta rule, their incoming states brought by `exchange` (the
+    pieces and the math: `ops.delta_kernels`)."""
 
     @staticmethod
-    def forward(ctx, h, M, exchange):
-        S_in = exchange.start_forward(h, M).wait()
-        ctx.save_for_backward(S_in)
-        ctx.exchange = exchange
-        return S_in
+    def forward(ctx, q, k, v, beta, log_decay, shape, scale, chunk_size, exchange):
+        S = exchange.slots_per_rank
+        seg = [None if t is None else to_segments(t, S) for t in (q, k, v, beta, log_decay)]
+        x = delta_chunks(shape, *seg, chunk_size)
+        K, V = shape.key_dim, shape.value_dim
+        eye = torch.eye(K, dtype=x.q.dtype, device=x.q.device).expand(*x.q.shape[:2], K, K)
+        entering, end = carry(x, torch.cat([x.zero_state(), eye], dim=-1))  # [h | M]: from zero, and the map
+        pending = exchange.start_forward(end[..., :V].contiguous(), end[..., V:].contiguous())
+        o = outputs(add_query_side(x), entering)  # from a zero state, while the summaries travel
+        S_in = pending.wait()
+        incoming, _ = carry(x, S_in, values=False)  # S_in's share of each chunk's entering state
+        o = bmm(x.Qe, incoming, acc=o)
+        x.PU = None  # the backward needs the other terms: kept rather than recomputed
+        ctx.chunks, ctx.entering, ctx.scale, ctx.exchange = x, entering + incoming, scale, exchange
+        ctx.dtypes = [None if t is None else t.dtype for t in (q, k, v, beta, log_decay)]
+        return from_segments(x.unchunk(scale * o, v.dtype), S)
 
     @staticmethod
     @without_autocast
-    def backward(ctx, d_in):
-        (S_in,) = ctx.saved_tensors
-        d_out = ctx.exchange.start_backward(d_in.contiguous()).wait()  # on each slot's S_out = M S_in + h
-        return d_out, d_out @ S_in.transpose(-1, -2), None
+    def backward(ctx, do):
+        x, entering, exchange = ctx.chunks, ctx.entering, ctx.exchange
+        S = exchange.slots_per_rank
+        do = x.output_grad(to_segments(do, S), ctx.scale)
+        d_leaving, d_in = grad_carry(x, x.Qe.transpose(-1, -2) @ do, None)  # each slot's gradient on its S_in
+        pending = exchange.start_backward(d_in)
+        grads = query_side_grads(x, do, entering)  # while the gradients travel
+        d_out = pending.wait()  # the gradient on each slot's outgoing state
+        d_leaving = d_leaving + grad_carry(x, None, d_out)[0]
+        grads = key_side_grads(x, entering, d_leaving, *grads)
+        return (*(None if g is None else from_segments(g, S).to(dtype) for g, dtype in zip(grads, ctx.dtypes)),
+                None, None, None, None)
 
 
 def _state_passing(call, q, k, v, beta, log_decay, exchange):
     """This rank's output of the delta rule, its slots' incoming states brought by `exchange`."""
     S = call.layout.slots_per_rank
-    seg = [None if t is None else to_segments(t, S) for t in (q, k, v, beta, log_decay)]
     shape = dataclasses.replace(call.shape, batch=S * call.shape.batch, seq_len=call.shape.seq_len // S)
-    chunks = delta_chunks(shape, *seg, call.chunk_size)
-    outputs, h = chunks.carry(chunks.zero_state())  # each slot from a zero state
-    before, M = chunks.transitions()
-    S_in = _IncomingStates.apply(h, M, exchange)
-    terms = zip(before, *map(chunks.per_chunk, ("qg", "P", "W")))
-    for c, (M_before, qg, P, W) in enumerate(terms):  # S_in's share: (Q̃ − P W) M_before S_in
-        entering = M_before @ S_in
-        outputs[c] = outputs[c] + qg @ entering - P @ (W @ entering)
-    return from_segments(chunks.unchunk(outputs, call.scale, v.dtype), S)
+    return _StatePassing.apply(q, k, v, beta, log_decay, shape, call.scale, call.chunk_size, exchange)
 
 
 @without_autocast

@@ -89,7 +89,7 @@ class _Overlap(TorchDispatchMode):
                 entry = self.waiting.pop(t.untyped_storage().data_ptr(), None)
                 if entry is not None:
                     self.done.append(tuple(entry))
-            if func._opname in ("bmm", "baddbmm", "mm", "addmm", "matmul"):
+            if func._opname in ("bmm", "baddbmm", "baddbmm_", "mm", "addmm", "matmul"):
                 for entry in self.waiting.values():
                     entry[1] += 1
         elif func._opname in ("_allgather_base_", "recv_"):
@@ -120,7 +120,7 @@ class _PointToPoint(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "c10d" and func._opname in ("send", "recv_"):
             self.events.append([func._opname.rstrip("_"), int(args[2]), 0])
-        elif func._opname in ("bmm", "baddbmm", "mm", "addmm", "matmul"):
+        elif func._opname in ("bmm", "baddbmm", "baddbmm_", "mm", "addmm", "matmul"):
             for event in self.events:
                 event[2] += 1
         return func(*args, **(kwargs or {}))

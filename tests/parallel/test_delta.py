@@ -115,3 +115,30 @@ def test_bad_input_raises_before_any_collective(dist_workers):
     x, _, _ = _case("none", (2, 4))
     for message, collectives in dist_workers.run(delta_rejected, (0, 1), x).values():
         assert "multiple of the key heads" in message and collectives == 0
+
+
+def delta_overlap(group, x, layout):
+    from lasp2.parallel import shard
+    from tests.parallel.cases import _Overlap
+
+    local = {n: None if t is None else leaf(shard(t, group, layout).float()) for n, t in x.items() if n != "s0"}
+    with _Overlap() as forward:
+        o = DELTA_METHODS["lasp2"].fn(local["q"], local["k"], local["v"], local["beta"], local["g"], group=group,
+                                      layout=layout, chunk_size=8)
+    with _Overlap() as backward:
+        o.sum().backward()
+    return forward.done, backward.done
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("decay", ["none", "channel"])
+def test_lasp2_overlaps_its_gathers_with_local_work(dist_workers, decay, layout):
+    """Forward: the outputs from a zero state (the query-side scores, Qe, P Ū, Qe S: 3+
+    batched matmuls) run while the slot summaries travel; backward: the query-side gradients
+    (5 batched matmuls) while the gradients on the incoming states travel."""
+    x, _, _ = _case(decay, (2, 4))
+    for rank, (forward, backward) in dist_workers.run(delta_overlap, (0, 1, 2), x, layout).items():
+        (fwd_kind, fwd_matmuls), = forward
+        (bwd_kind, bwd_matmuls), = backward
+        assert fwd_kind == bwd_kind == "_allgather_base_"
+        assert fwd_matmuls >= 3 and bwd_matmuls >= 5, (rank, fwd_matmuls, bwd_matmuls)

@@ -1,0 +1,281 @@
+"""The delta rule in chunks (the WY / UT representation): the forward and backward pieces that the
+single-device op (`delta_chunk.py`) and the sequence-parallel methods (`parallel/delta.py`)
+assemble. No autograd here: every gradient is written out.
+
+Within a chunk of L tokens entering with state S (per value head; γ the log gate cumulated from
+the chunk's start, per token or per key channel), the "pseudo-values" U = β ⊙ (V − K' S') of the
+delta updates solve one unit lower-triangular system per chunk,
+
+    (I + A) U = β ⊙ V − (β ⊙ K̃) S,   A_ts = β_t Σ_c k_tc k_sc exp(γ_tc − γ_sc) (s < t),   K̃ = K ⊙ exp(γ),
+
+so U = Ū − W S with W = (I + A)^{-1} (β ⊙ K̃) and Ū = (I + A)^{-1} (β ⊙ V). Then
+
+    O      = Q̃ S + P U = Qe S + P Ū,      Q̃ = Q ⊙ exp(γ),  P_ts = Σ_c q_tc k_sc exp(γ_tc − γ_sc) (s <= t),
+                                           Qe = Q̃ − P W
+    S_next = Γ S + K̂^T U,                 Γ = exp(γ_L) (a row factor), K̂_s = k_s ⊙ exp(γ_L − γ_s)
+
+Everything but the last line is batched over chunks; one short loop carries the state (and, for
+the backward, its gradient) from chunk to chunk. A chunk is the affine map
+S_next = (Γ − K̂^T W) S + K̂^T Ū of its entering state, which is what LASP-2 passes between ranks.
+Every exponent is a difference γ_t − γ_s with s <= t (<= 0), so strong gates stay finite;
+per-channel gates form those differences per channel, in chunks of at most 16 tokens.
+
+Backward (dO already scaled; d_next: the gradient on the state leaving each chunk):
+    dQe = dO S^T,  dP = dO Ū^T − dQe W^T,  dŪ = P^T dO + K̂ d_next,  dW = −P^T dQe − K̂ d_next S^T,
+    dK̂ = U d_next^T,  dΓ = Σ_v d_next ⊙ S,  d_entering = Qe^T dO + Γ d_next − W^T K̂ d_next,
+then through the solve ([dR_W | dR_Ū] = (I + A)^{-T} [dW | dŪ], dA = −dR_W W^T − dR_Ū Ū^T below the
+diagonal), the scores and the gate factors to q, k, v, β and γ, and γ's gradient to the gate's by
+a reversed cumulative sum.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .checks import DECAY_CHANNEL, DECAY_NONE, DECAY_TOKEN, compute_dtype
+from .chunk_kernels import bmm, bmm_plus
+from .delta_checks import DeltaRuleShape
+
+CHANNEL_CHUNK = 16
+
+
+def _chunks(x: torch.Tensor, L: int) -> torch.Tensor:
+    """[B, T, H, ...] (T a multiple of L) -> [B, H, n, L, ...]."""
+    b, t, h = x.shape[:3]
+    return x.reshape(b, t // L, L, h, *x.shape[3:]).movedim(3, 1)
+
+
+def _t(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(-1, -2)
+
+
+def _scores(a: torch.Tensor, b: torch.Tensor, decay: torch.Tensor | None) -> torch.Tensor:
+    """Σ_c a_tc b_sc exp(γ_tc − γ_sc) for every pair of a chunk (before masking): decay is None,
+    [.., L, L] or [.., L, L, K]."""
+    if decay is None:
+        return a @ _t(b)
+    if decay.dim() == a.dim() + 1:
+        return torch.einsum("...tc,...sc,...tsc->...ts", a, b, decay)
+    return (a @ _t(b)) * decay
+
+
+def _channel_scores_grads(d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, decay: torch.Tensor):
+    """The backward of `_scores` with a per-channel decay [.., L, L, K]: (da, db, the gradient of
+    γ [.., L, K])."""
+    da = torch.einsum("...ts,...sc,...tsc->...tc", d, b, decay)
+    db = torch.einsum("...ts,...tc,...tsc->...sc", d, a, decay)
+    return da, db, a * da - b * db
+
+
+def _tril(L: int, device, diagonal: int = 0) -> torch.Tensor:
+    return torch.ones(L, L, dtype=torch.bool, device=device).tril(diagonal)
+
+
+@dataclass
+class DeltaChunks:
+    """A sequence's chunks and their within-chunk terms, batched over chunks: [B, H, n, L, ...]
+    per value head, in the compute dtype. `gamma` is the cumulated log gate ([.., L] or
+    [.., L, K]; None without one), `decay` exp(γ_t − γ_s) on and below the diagonal ([.., L, L]
+    or [.., L, L, K]), `decay_end` Γ as a row factor [.., K|1, 1]. The query side (qg = Q̃, P,
+    Qe, PU = P Ū) is filled by `add_query_side`."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    beta: torch.Tensor
+    gamma: torch.Tensor | None
+    decay: torch.Tensor | None
+    kg: torch.Tensor  # K̃
+    scores_kk: torch.Tensor  # Σ_c k_tc k_sc exp(γ_tc − γ_sc), zero on and above the diagonal
+    inverse: torch.Tensor  # (I + A)^{-1}, unit lower triangular
+    W: torch.Tensor
+    U_bar: torch.Tensor
+    k_end: torch.Tensor  # K̂
+    decay_end: torch.Tensor | None
+    shape: DeltaRuleShape
+    qg: torch.Tensor | None = None
+    P: torch.Tensor | None = None
+    Qe: torch.Tensor | None = None
+    PU: torch.Tensor | None = None
+
+    @property
+    def n_chunks(self) -> int:
+        return self.q.shape[2]
+
+    def per_chunk(self, name: str) -> tuple[torch.Tensor, ...]:
+        """One field split into its chunks (unbind: indexing in a loop would cost a whole-field
+        write per chunk in any autograd around it)."""
+        field = getattr(self, name)
+        return (None,) * self.n_chunks if field is None else field.unbind(2)
+
+    def zero_state(self, width: int | None = None) -> torch.Tensor:
+        b, h = self.q.shape[:2]
+        return self.q.new_zeros(b, h, self.shape.key_dim, self.shape.value_dim if width is None else width)
+
+    def output_grad(self, do: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """dO [B, T, H, V] (or None: zeros) -> scale · dO chunked like v, in the compute dtype."""
+        if do is None:
+            return torch.zeros_like(self.v)
+        pad = self.v.shape[2] * self.v.shape[3] - do.shape[1]
+        do = do.to(self.v.dtype)
+        return scale * _chunks(F.pad(do, (0, 0, 0, 0, 0, pad)) if pad else do, self.v.shape[3])
+
+    def unchunk(self, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[B, H, n, L, D] -> [B, T, H, D] (padding dropped) in `dtype`."""
+        b, h, n, L, d = o.shape
+        return o.movedim(1, 3).reshape(b, n * L, h, d)[:, :self.shape.seq_len].to(dtype)
+
+
+def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: int) -> DeltaChunks:
+    """The key side of q, k [B, T, Hk, K], v [B, T, Hv, V], beta [B, T, Hv] and the gate: what
+    carrying the state needs (W, Ū, K̂, Γ); chunk_size already checked."""
+    dtype = compute_dtype(shape.dtype)
+    L = min(chunk_size, CHANNEL_CHUNK) if shape.decay == DECAY_CHANNEL else chunk_size
+    L = min(L, shape.seq_len)
+    pad = -shape.seq_len % L  # padded tokens have k = v = beta = g = 0: they leave the state as it is
+
+    def prepare(x, heads_repeat=1):
+        x = x.to(dtype)
+        if heads_repeat > 1:
+            x = x.repeat_interleave(heads_repeat, dim=2)
+        return _chunks(F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) if pad else x, L)
+
+    qc, kc = prepare(q, shape.group), prepare(k, shape.group)  # [B, H, n, L, K]
+    vc, bc = prepare(v), prepare(beta)  # [B, H, n, L, V], [B, H, n, L]
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    gamma = decay = decay_end = None
+    kg, k_end = kc, kc
+    if shape.decay != DECAY_NONE:
+        gamma = torch.cumsum(prepare(log_decay), dim=3)  # [B, H, n, L(, K)]
+        per_channel = gamma if shape.decay == DECAY_CHANNEL else gamma[..., None]  # [.., L, K|1]
+        diff = per_channel.unsqueeze(-2) - per_channel.unsqueeze(-3)  # [.., t, s, K|1]: γ_t − γ_s
+        decay = torch.exp(diff.masked_fill(~causal[..., None], float("-inf")))
+        if shape.decay == DECAY_TOKEN:
+            decay = decay[..., 0]
+        kg = kc * torch.exp(per_channel)
+        k_end = kc * torch.exp(per_channel[..., -1:, :] - per_channel)
+        decay_end = torch.exp(per_channel[..., -1, :])[..., None]  # [B, H, n, K|1, 1]
+    scores_kk = _scores(kc, kc, decay).masked_fill(~causal.tril(-1), 0.0)
+    eye = torch.eye(L, dtype=dtype, device=q.device)
+    # The inverse, kept: the backward's solve becomes a matmul (a batched triangular solve runs
+    # at a fraction of a matmul's speed on CPUs).
+    inverse = torch.linalg.solve_triangular(eye + bc.unsqueeze(-1) * scores_kk, eye.expand_as(scores_kk), upper=False,
+                                            unitriangular=True)
+    W, U_bar = bmm(inverse, bc.unsqueeze(-1) * kg), bmm(inverse, bc.unsqueeze(-1) * vc)  # [B, H, n, L, K|V]
+    return DeltaChunks(qc, kc, vc, bc, gamma, decay, kg, scores_kk, inverse, W, U_bar, k_end, decay_end, shape)
+
+
+def add_query_side(x: DeltaChunks) -> DeltaChunks:
+    """Fills Q̃, P, Qe = Q̃ − P W and P Ū: what the outputs need beyond the states."""
+    L = x.q.shape[3]
+    x.qg = x.q if x.gamma is None else x.q * torch.exp(x.gamma if x.gamma.dim() == x.q.dim() else x.gamma[..., None])
+    causal = torch.ones(L, L, dtype=torch.bool, device=x.q.device).tril()
+    x.P = _scores(x.q, x.k, x.decay).masked_fill(~causal, 0.0)
+    x.Qe = torch.baddbmm(x.qg.flatten(0, 2), x.P.flatten(0, 2), x.W.flatten(0, 2), alpha=-1).view_as(x.qg)
+    x.PU = x.P @ x.U_bar
+    return x
+
+
+def carry(x: DeltaChunks, state: torch.Tensor, *, values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state entering each chunk [B, H, n, K, V] and the state after the last one [B, H, K, D],
+    from `state` [B, H, K, D] entering the first. With values=True the first V columns are the
+    state itself (U = Ū − W S); the other columns, or all of them with values=False, carry only
+    what they feed (U = −W S): from I, the chunks' K x K transition."""
+    entering = []
+    V = x.U_bar.shape[-1]
+    for W, U_bar, k_end, decay_end in zip(*map(x.per_chunk, ("W", "U_bar", "k_end", "decay_end"))):
+        entering.append(state[..., :V])
+        U = -(W @ state)
+        if values:
+            U[..., :V] += U_bar
+        state = (state if decay_end is None else decay_end * state) + _t(k_end) @ U
+    return torch.stack(entering, dim=2), state
+
+
+def outputs(x: DeltaChunks, entering: torch.Tensor) -> torch.Tensor:
+    """O = Qe S + P Ū per chunk [B, H, n, L, V] (unscaled), S the state entering each chunk."""
+    return bmm_plus(x.PU, x.Qe, entering)
+
+
+def grad_carry(x: DeltaChunks, d_entering_local: torch.Tensor | None, d_final: torch.Tensor | None):
+    """Backward of `carry`: the gradient on the state leaving each chunk [B, H, n, K, V] and on
+    the one entering the first, given each chunk's own gradient on its entering state (Qe^T dO;
+    None: zero) and the gradient on the final state (None: zero)."""
+    d = x.zero_state() if d_final is None else d_final
+    own = (None,) * x.n_chunks if d_entering_local is None else d_entering_local.unbind(2)
+    leaving = []
+    for W, k_end, decay_end, local in reversed(list(zip(*map(x.per_chunk, ("W", "k_end", "decay_end")), own))):
+        leaving.append(d)
+        carried = d if decay_end is None else decay_end * d
+        d = (carried if local is None else carried + local) - _t(W) @ (k_end @ d)
+    return torch.stack(leaving[::-1], dim=2), d
+
+
+def query_side_grads(x: DeltaChunks, do: torch.Tensor, entering: torch.Tensor):
+    """The gradients that need only dO (already scaled) and the states: dQe, dP, dŪ and −dW
+    before the carried state's gradient adds its share."""
+    dQe = bmm(do, _t(entering))
+    dP = bmm(dQe, _t(x.W), acc=bmm(do, _t(x.U_bar)), alpha=-1).masked_fill_(~_tril(x.q.shape[3], do.device), 0.0)
+    return dQe, dP, bmm(_t(x.P), do), bmm(_t(x.P), dQe)
+
+
+def key_side_grads(x: DeltaChunks, entering: torch.Tensor, d_leaving: torch.Tensor, dQe, dP, dU_bar, neg_dW):
+    """The rest of the backward, given the gradient on the state leaving each chunk: dq, dk
+    [B, T, Hk, K], dv [B, T, Hv, V], dbeta [B, T, Hv] and the gate's gradient (None without
+    one), in the compute dtype. (W's gradient travels negated: every sign lands on a small
+    factor.)"""
+    shape, L = x.shape, x.q.shape[3]
+    U = bmm_plus(x.U_bar, x.W, entering, alpha=-1)  # Ū − W S
+    dU = bmm(x.k_end, d_leaving)  # U = Ū − W S feeds the next state only
+    neg_dW = bmm(dU, _t(entering), acc=neg_dW)  # −dW = P^T dQe + dU S^T
+    dU_bar = dU_bar.add_(dU)
+    dk_end = bmm(U, _t(d_leaving))
+    neg_dR_W, dR_U = bmm(_t(x.inverse), neg_dW), bmm(_t(x.inverse), dU_bar)  # (I + A)^{-T} [−dW | dŪ]
+    neg_dA = bmm(neg_dR_W, _t(x.W), acc=bmm(dR_U, _t(x.U_bar)), alpha=-1).masked_fill_(~_tril(L, x.q.device, -1), 0.0)
+    b = x.beta.unsqueeze(-1)
+    w_dot = (neg_dR_W * x.kg).sum(-1)  # −Σ_c dR_W ⊙ K̃
+    a_dot = neg_dA * x.scores_kk  # −dA ⊙ (k k^T scores)
+    dbeta = (dR_U * x.v).sum(-1) - w_dot - a_dot.sum(-1)
+    dv = dR_U * b
+    dD = neg_dA * (-b)  # the scores' gradient, dA_ts β_t
+    dgamma = None
+    if shape.decay == DECAY_CHANNEL:
+        dq, dk_p, dgamma_p = _channel_scores_grads(dP, x.q, x.k, x.decay)
+        dk_a, dk_b, dgamma_a = _channel_scores_grads(dD, x.k, x.k, x.decay)
+        dk = dk_p.add_(dk_a).add_(dk_b)
+    else:
+        dZp, dZa = (dP, dD) if x.decay is None else (dP * x.decay, dD * x.decay)
+        dq, dk = bmm(dZp, x.k), bmm(_t(dZp), x.q)
+        bmm(dZa, x.k, acc=dk)
+        bmm(_t(dZa), x.k, acc=dk)
+    if x.gamma is None:
+        dq.add_(dQe)
+        dk.addcmul_(neg_dR_W, b, value=-1).add_(dk_end)
+    else:
+        per_channel = x.gamma if x.gamma.dim() == x.q.dim() else x.gamma[..., None]
+        growth, to_end = torch.exp(per_channel), torch.exp(per_channel[..., -1:, :] - per_channel)
+        dq.addcmul_(dQe, growth)
+        dk.addcmul_(neg_dR_W, -b * growth).addcmul_(dk_end, to_end)
+        end_dot = dk_end * x.k_end
+        d_decay_end = (d_leaving * entering).sum(-1) * x.decay_end[..., 0]  # [.., K|1]: dΓ ⊙ Γ
+        if shape.decay == DECAY_CHANNEL:
+            dgamma = dgamma_p.add_(dgamma_a).addcmul_(dQe, x.qg).addcmul_(neg_dR_W * x.kg, -b).sub_(end_dot)
+            dgamma_end = end_dot.sum(-2) + d_decay_end
+        else:  # one gate per head: γ_t − γ_s enters the scores as a whole, so sum them by rows and columns
+            scored = dP * x.P + dD * x.scores_kk
+            dgamma = (scored.sum(-1) - scored.sum(-2) + (dQe * x.qg).sum(-1) - x.beta * w_dot
+                      - end_dot.sum(-1))
+            dgamma_end = end_dot.sum((-1, -2)) + d_decay_end.sum(-1)
+        dgamma.select(3, -1).add_(dgamma_end)  # γ_L's gradient, on the chunk's last token
+        dgamma = dgamma.flip(3).cumsum(3).flip(3)  # γ = cumsum(g) within the chunk
+    dq, dk = (x.unchunk(t, t.dtype) for t in (dq, dk))
+    if shape.group > 1:
+        dq, dk = (t.unflatten(2, (shape.key_heads, shape.group)).sum(3) for t in (dq, dk))
+    dv = x.unchunk(dv, dv.dtype)
+    dbeta = x.unchunk(dbeta[..., None], dbeta.dtype)[..., 0]
+    if dgamma is not None:
+        dgamma = x.unchunk(dgamma if shape.decay == DECAY_CHANNEL else dgamma[..., None], dgamma.dtype)
+        dgamma = dgamma if shape.decay == DECAY_CHANNEL else dgamma[..., 0]
+    return dq, dk, dv, dbeta, dgamma
