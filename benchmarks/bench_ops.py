@@ -1,12 +1,18 @@
-"""Speed of chunk_linear_attn next to an ideal matmul-bound implementation ("% of roofline").
+"""Speed of chunk_linear_attn and chunk_delta_rule next to an ideal matmul-bound implementation
+("% of roofline").
 
     python benchmarks/bench_ops.py                    # B=1, H=8, K=V=64, T in {2K, 8K, 32K}, fp32
     python benchmarks/bench_ops.py --T 8192 --forms none --repeats 9
+    python benchmarks/bench_ops.py --T 2048 8192 --forms deltanet gated_deltanet kda
 
 The ideal time is FLOPs / (fp32 matmul throughput measured in the same run on a large square
 matmul). FLOPs are those of the chunked algorithm at chunk 64, counted as matmuls only: per
 token and head 2*64*(K+V) (intra-chunk QK^T and AV) + 4*K*V (state update and readout) in the
-forward, and twice that in the backward (fwd+bwd = 3x forward). Times are medians of --repeats
+forward, and twice that in the backward (fwd+bwd = 3x forward). The delta rule (forms deltanet,
+gated_deltanet, kda: `chunk_delta_rule` with no gate, a gate per head, a gate per key channel)
+counts per token and head 2*64*(4K+2V) (the q.k and k.k scores, W, U, Qe = Q - PW, PU) +
+2*64^2/3 (the triangular inverse) + 6*K*V (the state carried and read out), also at chunk 64
+(KDA runs chunks of 16, so its share of the roofline is lower). Times are medians of --repeats
 runs after --warmup runs. Prints a table and writes a CSV under benchmarks/results/.
 """
 from __future__ import annotations
@@ -22,9 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from lasp2_bench.machine import cpu_name
-from lasp2.ops import chunk_linear_attn
+from lasp2.ops import chunk_delta_rule, chunk_linear_attn
 
-FORMS = ("none", "head", "token", "channel")
+DELTA_GATES = {"deltanet": None, "gated_deltanet": "token", "kda": "channel"}
+FORMS = ("none", "head", "token", "channel", *DELTA_GATES)
 REFERENCE_CHUNK = 64
 
 
@@ -57,28 +64,38 @@ def matmul_flops_per_s(device, warmup, repeats) -> float:
     return 2 * n**3 / t
 
 
-def forward_flops(B, T, H, K, V) -> float:
-    return B * H * T * (2 * REFERENCE_CHUNK * (K + V) + 4 * K * V)
+def forward_flops(form, B, T, H, K, V) -> float:
+    L = REFERENCE_CHUNK
+    if form in DELTA_GATES:
+        return B * H * T * (2 * L * (4 * K + 2 * V) + 2 * L * L / 3 + 6 * K * V)
+    return B * H * T * (2 * L * (K + V) + 4 * K * V)
 
 
 def make_inputs(form, B, T, H, K, V, device, dtype):
-    q, k, v = (torch.randn(B, T, H, d, device=device, dtype=dtype, requires_grad=True) for d in (K, K, V))
-    shape = {"none": None, "head": (H,), "token": (B, T, H), "channel": (B, T, H, K)}[form]
-    g = None if shape is None else F.logsigmoid(torch.randn(*shape, device=device) + 3).requires_grad_()
-    return q, k, v, g
+    """The op's tensor arguments in order, leaves that require grad."""
+    q, k, v = (torch.randn(B, T, H, d, device=device, dtype=dtype) for d in (K, K, V))
+    gate = DELTA_GATES.get(form, form)
+    shape = {None: None, "none": None, "head": (H,), "token": (B, T, H), "channel": (B, T, H, K)}[gate]
+    g = None if shape is None else F.logsigmoid(torch.randn(*shape, device=device) + 3)
+    if form in DELTA_GATES:  # L2-normalised keys and beta in (0, 1), as the layers make them
+        inputs = (q, F.normalize(k.float(), dim=-1).to(dtype), v, torch.rand(B, T, H, device=device, dtype=dtype), g)
+    else:
+        inputs = (q, k, v, g)
+    return [None if t is None else t.requires_grad_() for t in inputs]
 
 
 def bench(form, B, T, H, K, V, device, dtype, warmup, repeats):
-    q, k, v, g = make_inputs(form, B, T, H, K, V, device, dtype)
+    inputs = make_inputs(form, B, T, H, K, V, device, dtype)
+    op = chunk_delta_rule if form in DELTA_GATES else chunk_linear_attn
     do = torch.randn(B, T, H, V, device=device, dtype=dtype)
     with torch.no_grad():
-        fwd = median_time(lambda: chunk_linear_attn(q, k, v, g), device, warmup, repeats)
+        fwd = median_time(lambda: op(*inputs), device, warmup, repeats)
 
     def fwd_bwd():
-        for t in (q, k, v, g):
+        for t in inputs:
             if t is not None:
                 t.grad = None
-        o, _ = chunk_linear_attn(q, k, v, g)
+        o, _ = op(*inputs)
         o.backward(do)
 
     return fwd, median_time(fwd_bwd, device, warmup, repeats)
@@ -105,7 +122,7 @@ def main():
     name = device_name(device)
     print(f"device {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, inputs {args.dtype}, "
           f"fp32 matmul {peak / 1e9:.1f} GFLOP/s (median, measured now)")
-    header = f"{'decay':8s} {'T':>6s} {'fwd ms':>9s} {'fwd %roof':>9s} {'fwd+bwd ms':>11s} {'f+b %roof':>9s}"
+    header = f"{'decay':14s} {'T':>6s} {'fwd ms':>9s} {'fwd %roof':>9s} {'fwd+bwd ms':>11s} {'f+b %roof':>9s}"
     print(header)
     print("-" * len(header))
     rows = []
@@ -113,9 +130,9 @@ def main():
         for T in args.T:
             (f_med, f_min, f_max), (fb_med, fb_min, fb_max) = bench(
                 form, args.B, T, args.H, args.K, args.V, device, getattr(torch, args.dtype), args.warmup, args.repeats)
-            flops = forward_flops(args.B, T, args.H, args.K, args.V)
+            flops = forward_flops(form, args.B, T, args.H, args.K, args.V)
             f_roof, fb_roof = flops / peak / f_med, 3 * flops / peak / fb_med
-            print(f"{form:8s} {T:6d} {f_med * 1e3:9.1f} {100 * f_roof:8.0f}% {fb_med * 1e3:11.1f} {100 * fb_roof:8.0f}%")
+            print(f"{form:14s} {T:6d} {f_med * 1e3:9.1f} {100 * f_roof:8.0f}% {fb_med * 1e3:11.1f} {100 * fb_roof:8.0f}%")
             rows.append(dict(decay=form, dtype=args.dtype, T=T, B=args.B, H=args.H, K=args.K, V=args.V, device=name,
                              fwd_ms_median=f_med * 1e3, fwd_ms_min=f_min * 1e3, fwd_ms_max=f_max * 1e3,
                              fwd_bwd_ms_median=fb_med * 1e3, fwd_bwd_ms_min=fb_min * 1e3, fwd_bwd_ms_max=fb_max * 1e3,

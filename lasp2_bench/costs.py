@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lasp2.parallel import MethodSpec, Problem
+from lasp2.parallel.spec import DELTA
 from lasp2.parallel.spec import evaluate
 
 CHUNK = 64
@@ -29,8 +30,15 @@ def flops(spec: MethodSpec, x: Problem) -> tuple[float, float]:
     state terms B·H·C·4·K·V. Quadratic methods: scores and values of the local queries against
     all N keys, B·H·C·N·2·(K+V), recomputed blocks in backward (×3.5); halved for a causal
     whole-sequence kernel, which skips the masked half (the busiest rank of the contiguous
-    layout sees every key in the others)."""
+    layout sees every key in the others). The delta rule (`benchmarks/bench_ops.py`'s count):
+    the query side B·H·C·2·64·(2K+V) (the q·k scores, Qe = Q̃ − P W, P Ū; what LASP-2 overlaps)
+    and the rest B·H·C·(2·64·(2K+V) + 2·64²/3 + 6·K·V) (the k·k scores, the triangular inverse,
+    W, Ū, the carried state and its readout)."""
     BHC = x.B * x.H * x.C
+    if spec.family == DELTA:
+        query_side = 3.0 * BHC * 2 * CHUNK * (2 * x.K + x.V)
+        rest = 3.0 * BHC * (2 * CHUNK * (2 * x.K + x.V) + 2 * CHUNK**2 / 3 + 6 * x.K * x.V)
+        return (query_side, rest) if spec.plan.overlap else (0.0, query_side + rest)
     if not spec.quadratic:
         intra, state = 3.0 * BHC * 2 * CHUNK * (x.K + x.V), 3.0 * BHC * 4 * x.K * x.V
         return (intra, state) if spec.plan.overlap else (0.0, intra + state)

@@ -119,7 +119,7 @@ LASP2_SPEC = MethodSpec(
     name="lasp2", family=DELTA, fn=lasp2_delta_rule, equal_shards=False, decays=DELTA_DECAYS,
     decay_reason=DELTA_DECAY_REASON,
     plan=Plan(forward=(Comm("all_gather", "S·B·H·K·(V + K)"),), backward=(Comm("all_gather", "S·B·H·K·V"),),
-              steps="2"),
+              steps="2", overlap="the outputs from a zero state"),
     notes="H: value heads; the slot's dense K×K transition travels with its state; independent of N",
 )
 LASP1_SPEC = MethodSpec(

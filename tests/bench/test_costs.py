@@ -3,7 +3,7 @@ predictions checked against figures worked out by hand. (That the specs' bytes e
 methods issue is tests/parallel/test_method_collectives.py.)"""
 import pytest
 
-from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS, Problem
+from lasp2.parallel import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, Problem
 from lasp2.parallel.spec import chain_sends
 from lasp2_bench import costs
 
@@ -59,3 +59,13 @@ def test_methods_without_overlap_wait_for_their_communication():
 def test_a_kernel_rate_for_every_registered_method():
     for spec in [*LINEAR_METHODS.values(), *SOFTMAX_METHODS.values()]:
         assert costs.kernel(spec) in {"chunk", "left_product", "softmax_block", "sdpa_masked", "sdpa_causal"}
+
+
+def test_delta_rule_flops_and_what_lasp2_overlaps():
+    """B=1, H=2, C=128, K=V=64, by hand: query side 3·256·2·64·192 = 18,874,368; the rest
+    3·256·(24,576 + 8192/3 + 24,576) = 39,845,888. LASP-2 overlaps the query side; LASP-1 and
+    Ulysses overlap nothing."""
+    x = Problem(B=1, N=256, W=2, S=1, H=2, K=64, V=64, Hkv=2, decay="token")
+    assert costs.flops(DELTA_METHODS["lasp2"], x) == pytest.approx((18_874_368, 39_845_888))
+    for name in ("lasp1", "ulysses"):
+        assert costs.flops(DELTA_METHODS[name], x) == pytest.approx((0.0, 18_874_368 + 39_845_888))

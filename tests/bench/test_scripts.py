@@ -13,9 +13,9 @@ def run(*argv):
 
 
 def test_bench_ops(tmp_path):
-    out = run("benchmarks/bench_ops.py", "--T", "128", "--forms", "none", "token", "--repeats", "1", "--warmup", "0",
+    out = run("benchmarks/bench_ops.py", "--T", "128", "--forms", "none", "token", "kda", "--repeats", "1", "--warmup", "0",
               "--out", str(tmp_path / "ops.csv"))
-    assert "%roof" in out and (tmp_path / "ops.csv").read_text().count("\n") == 3
+    assert "%roof" in out and "kda" in out and (tmp_path / "ops.csv").read_text().count("\n") == 4
 
 
 def test_bench_delta():
