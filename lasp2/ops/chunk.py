@@ -4,10 +4,12 @@ from __future__ import annotations
 import torch
 
 from .bidirectional import bidirectional_linear_attn
-from .checks import DECAY_CHANNEL, check_chunk_size, check_linear_attn_inputs
+from .checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_TOKEN, check_chunk_size, check_linear_attn_inputs, compute_dtype
 from .chunk_kernels import (add_incoming, add_inter_output, add_outgoing_grad, grad_state_pass, intra_output,
                             key_side_grads, query_side_grads, state_pass)
 from .chunk_layout import ChunkedSeq
+from .documents import (add_state_tokens, check_cu_seqlens, check_document_states, check_readable, document_starts,
+                        read_states, reset_log_decay, scatter_tokens, with_state_tokens)
 from .precision import without_autocast
 
 
@@ -50,6 +52,35 @@ class _ChunkLinearAttn(torch.autograd.Function):
         return (*x.input_grads(*grads), dS0, None, None, None)
 
 
+def _packed(q, k, v, log_decay, initial_state, output_final_state, shape, scale, chunk_size, causal, cu_seqlens):
+    """chunk_linear_attn over packed documents: each document's first token resets the state (a
+    log decay of RESET_LOG_DECAY there, so every decay form becomes per token, or per channel);
+    per-document states through state tokens, in the compute dtype."""
+    fn = "chunk_linear_attn"
+    if not causal:  # every token sees its whole document: one bidirectional call per document
+        bounds = cu_seqlens.tolist()
+        parts = [bidirectional_linear_attn(q[:, a:b], k[:, a:b], v[:, a:b],
+                                           None if initial_state is None else initial_state[d:d + 1], scale)
+                 for d, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        return torch.cat([o for o, _ in parts], dim=1), torch.cat([state for _, state in parts])
+    check_readable(fn, scale, output_final_state)
+    channel = shape.decay == DECAY_CHANNEL
+    kind = DECAY_CHANNEL if channel else DECAY_TOKEN
+    chunk_size = effective_chunk_size(chunk_size, kind, fn)
+    H, K, T = shape.num_heads, shape.key_dim, shape.seq_len
+    g = log_decay.view(1, 1, H).expand(1, T, H) if shape.decay == DECAY_HEAD else log_decay
+    if initial_state is None and not output_final_state:
+        g = reset_log_decay(g, document_starts(cu_seqlens, T, q.device), H, K, channel, compute_dtype(shape.dtype))
+        return _ChunkLinearAttn.apply(q, k, v, g, None, kind, scale, chunk_size)[0], None
+    dtype = compute_dtype(shape.dtype)
+    lay = with_state_tokens(cu_seqlens, K, write=initial_state is not None, read=output_final_state, device=q.device)
+    q2, k2, v2 = add_state_tokens(lay, q, k, v, initial_state, dtype)
+    g2 = None if g is None else scatter_tokens(g.to(dtype), lay.real, lay.length)
+    g2 = reset_log_decay(g2, document_starts(lay.cu_seqlens, lay.length, q.device), H, K, channel, dtype)
+    o2, _ = _ChunkLinearAttn.apply(q2, k2, v2, g2, None, kind, scale, chunk_size)
+    return o2[:, lay.real].to(shape.dtype), None if lay.reads is None else read_states(o2, lay, scale)
+
+
 @without_autocast
 def chunk_linear_attn(
     q,
@@ -63,6 +94,7 @@ def chunk_linear_attn(
     causal=True,
     chunk_size=64,
     validate=False,
+    cu_seqlens=None,
 ):
     """Linear attention in the chunked parallel form; differentiable in every tensor input.
 
@@ -85,16 +117,27 @@ def chunk_linear_attn(
             down to a power of two (its intra-chunk term is built by binary splitting).
         validate: also check the values, not only the shapes: log_decay <= 0 everywhere (one
             reduction, and on a GPU a host sync per call, so it is off by default).
+        cu_seqlens: None, or [N + 1] int64 offsets of N documents packed in one row (B = 1):
+            each document is computed alone (its first token resets the state, so every decay
+            form runs as a per-token one, per-channel stays per channel), and initial_state / the
+            final state are [N, H, K, V], one per document (`lasp2.ops.documents`; asking for
+            them costs 2·K extra tokens per document).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] or None). States are computed in
         fp32 (fp64 for fp64 inputs), and the final state is returned in that precision.
     """
     fn = "chunk_linear_attn"
-    shape = check_linear_attn_inputs(fn, q, k, v, log_decay, initial_state, causal=causal, scale=scale,
-                                     check_values=validate)
-    chunk_size = effective_chunk_size(chunk_size, shape.decay, fn)
+    shape = check_linear_attn_inputs(fn, q, k, v, log_decay, None if cu_seqlens is not None else initial_state,
+                                     causal=causal, scale=scale, check_values=validate)
     scale = 1.0 if scale is None else float(scale)
+    if cu_seqlens is not None:
+        check_cu_seqlens(fn, cu_seqlens, shape.seq_len, shape.batch)
+        check_document_states(fn, initial_state, cu_seqlens, (shape.num_heads, shape.key_dim, shape.value_dim))
+        o, final_state = _packed(q, k, v, log_decay, initial_state, output_final_state, shape, scale, chunk_size,
+                                 causal, cu_seqlens)
+        return o, (final_state if output_final_state else None)
+    chunk_size = effective_chunk_size(chunk_size, shape.decay, fn)
     if not causal:
         o, final_state = bidirectional_linear_attn(q, k, v, initial_state, scale)
     else:

@@ -78,8 +78,11 @@ class DeltaChunks:
     """A sequence's chunks and their within-chunk terms, batched over chunks: [B, H, n, L, ...]
     per value head, in the compute dtype. `gamma` is the cumulated log gate ([.., L] or
     [.., L, K]; None without one), `decay` exp(γ_t − γ_s) on and below the diagonal ([.., L, L]
-    or [.., L, L, K]), `decay_end` Γ as a row factor [.., K|1, 1]. The query side (qg = Q̃, P,
-    Qe, PU = P Ū) is filled by `add_query_side`."""
+    or [.., L, L, K]; with document resets, zero between tokens of different documents),
+    `decay_end` Γ as a row factor [.., K|1, 1]. `to_start` and `to_end` are the factors
+    [.., L, K|1] of Q̃ = Q ⊙ to_start, K̃ = K ⊙ to_start and K̂ = K ⊙ to_end (None: 1). With
+    resets they also drop the tokens that a reset separates from the chunk's start or end. The
+    query side (qg = Q̃, P, Qe, PU = P Ū) is filled by `add_query_side`."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -94,6 +97,8 @@ class DeltaChunks:
     U_bar: torch.Tensor
     k_end: torch.Tensor  # K̂
     decay_end: torch.Tensor | None
+    to_start: torch.Tensor | None
+    to_end: torch.Tensor | None
     shape: DeltaRuleShape
     qg: torch.Tensor | None = None
     P: torch.Tensor | None = None
@@ -128,9 +133,21 @@ class DeltaChunks:
         return o.movedim(1, 3).reshape(b, n * L, h, d)[:, :self.shape.seq_len].to(dtype)
 
 
-def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: int) -> DeltaChunks:
+def _reset_masks(resets: torch.Tensor, L: int, pad: int):
+    """resets [B, T] (True at a document's first token) -> (same document [B, 1, n, L, L],
+    no reset from the chunk's start to t [B, 1, n, L, 1], none after t to its end [.., L, 1],
+    none in the whole chunk [B, 1, n, 1, 1]), as bools."""
+    r = F.pad(resets, (0, pad)) if pad else resets
+    seg = torch.cumsum(r.view(r.shape[0], 1, -1, L).long(), dim=-1)  # documents begun in the chunk up to t
+    same = seg.unsqueeze(-1) == seg.unsqueeze(-2)
+    return same, (seg == 0).unsqueeze(-1), (seg == seg[..., -1:]).unsqueeze(-1), (seg[..., -1:] == 0).unsqueeze(-1)
+
+
+def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: int,
+                 resets: torch.Tensor | None = None) -> DeltaChunks:
     """The key side of q, k [B, T, Hk, K], v [B, T, Hv, V], beta [B, T, Hv] and the gate: what
-    carrying the state needs (W, Ū, K̂, Γ); chunk_size already checked."""
+    carrying the state needs (W, Ū, K̂, Γ); chunk_size already checked. resets [B, T] (None: no
+    document boundaries) marks each document's first token: its state starts from zero."""
     dtype = compute_dtype(shape.dtype)
     L = min(chunk_size, CHANNEL_CHUNK) if shape.decay == DECAY_CHANNEL else chunk_size
     L = min(L, shape.seq_len)
@@ -145,8 +162,7 @@ def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: in
     qc, kc = prepare(q, shape.group), prepare(k, shape.group)  # [B, H, n, L, K]
     vc, bc = prepare(v), prepare(beta)  # [B, H, n, L, V], [B, H, n, L]
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    gamma = decay = decay_end = None
-    kg, k_end = kc, kc
+    gamma = decay = decay_end = to_start = to_end = None
     if shape.decay != DECAY_NONE:
         gamma = torch.cumsum(prepare(log_decay), dim=3)  # [B, H, n, L(, K)]
         per_channel = gamma if shape.decay == DECAY_CHANNEL else gamma[..., None]  # [.., L, K|1]
@@ -154,9 +170,19 @@ def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: in
         decay = torch.exp(diff.masked_fill(~causal[..., None], float("-inf")))
         if shape.decay == DECAY_TOKEN:
             decay = decay[..., 0]
-        kg = kc * torch.exp(per_channel)
-        k_end = kc * torch.exp(per_channel[..., -1:, :] - per_channel)
+        to_start, to_end = torch.exp(per_channel), torch.exp(per_channel[..., -1:, :] - per_channel)
         decay_end = torch.exp(per_channel[..., -1, :])[..., None]  # [B, H, n, K|1, 1]
+    if resets is not None:  # a document's tokens see neither the state before it nor other documents
+        same, from_start, to_last, whole = _reset_masks(resets, L, pad)
+        if decay is None:
+            decay = (same & causal).to(dtype)
+        else:
+            decay = decay * (same.unsqueeze(-1) if shape.decay == DECAY_CHANNEL else same)
+        to_start = from_start.to(dtype) if to_start is None else to_start * from_start
+        to_end = to_last.to(dtype) if to_end is None else to_end * to_last
+        decay_end = whole.to(dtype) if decay_end is None else decay_end * whole
+    kg = kc if to_start is None else kc * to_start  # K̃
+    k_end = kc if to_end is None else kc * to_end  # K̂
     scores_kk = _scores(kc, kc, decay).masked_fill(~causal.tril(-1), 0.0)
     eye = torch.eye(L, dtype=dtype, device=q.device)
     # The inverse, kept: the backward's solve becomes a matmul (a batched triangular solve runs
@@ -164,13 +190,14 @@ def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: in
     inverse = torch.linalg.solve_triangular(eye + bc.unsqueeze(-1) * scores_kk, eye.expand_as(scores_kk), upper=False,
                                             unitriangular=True)
     W, U_bar = bmm(inverse, bc.unsqueeze(-1) * kg), bmm(inverse, bc.unsqueeze(-1) * vc)  # [B, H, n, L, K|V]
-    return DeltaChunks(qc, kc, vc, bc, gamma, decay, kg, scores_kk, inverse, W, U_bar, k_end, decay_end, shape)
+    return DeltaChunks(qc, kc, vc, bc, gamma, decay, kg, scores_kk, inverse, W, U_bar, k_end, decay_end, to_start,
+                       to_end, shape)
 
 
 def add_query_side(x: DeltaChunks) -> DeltaChunks:
     """Fills Q̃, P, Qe = Q̃ − P W and P Ū: what the outputs need beyond the states."""
     L = x.q.shape[3]
-    x.qg = x.q if x.gamma is None else x.q * torch.exp(x.gamma if x.gamma.dim() == x.q.dim() else x.gamma[..., None])
+    x.qg = x.q if x.to_start is None else x.q * x.to_start
     causal = torch.ones(L, L, dtype=torch.bool, device=x.q.device).tril()
     x.P = _scores(x.q, x.k, x.decay).masked_fill(~causal, 0.0)
     x.Qe = torch.baddbmm(x.qg.flatten(0, 2), x.P.flatten(0, 2), x.W.flatten(0, 2), alpha=-1).view_as(x.qg)
@@ -250,14 +277,13 @@ def key_side_grads(x: DeltaChunks, entering: torch.Tensor, d_leaving: torch.Tens
         dq, dk = bmm(dZp, x.k), bmm(_t(dZp), x.q)
         bmm(dZa, x.k, acc=dk)
         bmm(_t(dZa), x.k, acc=dk)
-    if x.gamma is None:
+    if x.to_start is None:
         dq.add_(dQe)
         dk.addcmul_(neg_dR_W, b, value=-1).add_(dk_end)
     else:
-        per_channel = x.gamma if x.gamma.dim() == x.q.dim() else x.gamma[..., None]
-        growth, to_end = torch.exp(per_channel), torch.exp(per_channel[..., -1:, :] - per_channel)
-        dq.addcmul_(dQe, growth)
-        dk.addcmul_(neg_dR_W, -b * growth).addcmul_(dk_end, to_end)
+        dq.addcmul_(dQe, x.to_start)
+        dk.addcmul_(neg_dR_W, -b * x.to_start).addcmul_(dk_end, x.to_end)
+    if x.gamma is not None:
         end_dot = dk_end * x.k_end
         d_decay_end = (d_leaving * entering).sum(-1) * x.decay_end[..., 0]  # [.., K|1]: dΓ ⊙ Γ
         if shape.decay == DECAY_CHANNEL:

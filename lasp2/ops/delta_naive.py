@@ -15,9 +15,10 @@ import torch
 
 from .checks import DECAY_CHANNEL, DECAY_TOKEN, compute_dtype
 from .delta_checks import check_delta_rule_inputs
+from .documents import check_cu_seqlens, check_document_states
 
 
-def naive_recurrent_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None):
+def naive_recurrent_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None, cu_seqlens=None):
     """Reference delta rule, one token at a time.
 
     Args:
@@ -27,14 +28,27 @@ def naive_recurrent_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, ini
         beta: [B, T, Hv] step sizes in [0, 2].
         log_decay: None, [B, T, Hv] or [B, T, Hv, K]; log of the gate, every value <= 0.
         scale: multiplies every output; None means 1.
-        initial_state: [B, Hv, K, V] state before the first token, or None for zeros.
+        initial_state: [B, Hv, K, V] state before the first token ([N, Hv, K, V] with
+            cu_seqlens: one per document), or None for zeros.
+        cu_seqlens: None, or [N + 1] int64 offsets of N documents packed in one row (B = 1):
+            each document is computed alone (`lasp2.ops.documents`).
 
     Returns:
-        (o [B, T, Hv, V] in v's dtype, final_state [B, Hv, K, V] in the compute dtype: fp64 for
-        fp64 inputs, fp32 otherwise). Differentiable by autograd.
+        (o [B, T, Hv, V] in v's dtype, final_state [B, Hv, K, V] ([N, Hv, K, V] with cu_seqlens)
+        in the compute dtype: fp64 for fp64 inputs, fp32 otherwise). Differentiable by autograd.
     """
-    shape = check_delta_rule_inputs("naive_recurrent_delta_rule", q, k, v, beta, log_decay, initial_state,
+    fn = "naive_recurrent_delta_rule"
+    shape = check_delta_rule_inputs(fn, q, k, v, beta, log_decay, None if cu_seqlens is not None else initial_state,
                                     scale=scale, check_values=True)
+    if cu_seqlens is not None:  # each document alone, joined
+        check_cu_seqlens(fn, cu_seqlens, shape.seq_len, shape.batch)
+        check_document_states(fn, initial_state, cu_seqlens, (shape.value_heads, shape.key_dim, shape.value_dim))
+        bounds = cu_seqlens.tolist()
+        parts = [naive_recurrent_delta_rule(
+            q[:, a:b], k[:, a:b], v[:, a:b], beta[:, a:b], None if log_decay is None else log_decay[:, a:b],
+            scale=scale, initial_state=None if initial_state is None else initial_state[d:d + 1])
+            for d, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        return torch.cat([o for o, _ in parts], dim=1), torch.cat([state for _, state in parts])
     dtype = compute_dtype(shape.dtype)
     scale = 1.0 if scale is None else float(scale)
     G = shape.group

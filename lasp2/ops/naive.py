@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 
 from .checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_NONE, DECAY_TOKEN, check_linear_attn_inputs, compute_dtype
+from .documents import check_cu_seqlens, check_document_states
 
 
-def naive_recurrent_linear_attn(q, k, v, log_decay=None, *, scale=None, initial_state=None, causal=True):
+def naive_recurrent_linear_attn(q, k, v, log_decay=None, *, scale=None, initial_state=None, causal=True,
+                                cu_seqlens=None):
     """Reference linear attention, one token at a time.
 
     Args:
@@ -22,16 +24,30 @@ def naive_recurrent_linear_attn(q, k, v, log_decay=None, *, scale=None, initial_
         v: [B, T, H, V] values.
         log_decay: None, [H], [B, T, H] or [B, T, H, K]; log of the per-token decay, all <= 0.
         scale: multiplies every output; None means 1 (the unnormalised form).
-        initial_state: [B, H, K, V] state before the first token, or None for zeros.
+        initial_state: [B, H, K, V] state before the first token ([N, H, K, V] with cu_seqlens:
+            one per document), or None for zeros.
         causal: False gives the bidirectional form (only without decay).
+        cu_seqlens: None, or [N + 1] int64 offsets of N documents packed in one row (B = 1):
+            each document is computed alone (`lasp2.ops.documents`).
 
     Returns:
-        (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] in the compute dtype:
-        float64 for float64 inputs, float32 otherwise). Differentiable by autograd.
+        (o [B, T, H, V] in q's dtype, final_state [B, H, K, V] ([N, H, K, V] with cu_seqlens)
+        in the compute dtype: float64 for float64 inputs, float32 otherwise). Differentiable by
+        autograd.
     """
-    shape = check_linear_attn_inputs(
-        "naive_recurrent_linear_attn", q, k, v, log_decay, initial_state, causal=causal, scale=scale, check_values=True
-    )
+    fn = "naive_recurrent_linear_attn"
+    shape = check_linear_attn_inputs(fn, q, k, v, log_decay, None if cu_seqlens is not None else initial_state,
+                                     causal=causal, scale=scale, check_values=True)
+    if cu_seqlens is not None:  # each document alone, joined
+        check_cu_seqlens(fn, cu_seqlens, shape.seq_len, shape.batch)
+        check_document_states(fn, initial_state, cu_seqlens, (shape.num_heads, shape.key_dim, shape.value_dim))
+        bounds = cu_seqlens.tolist()
+        parts = [naive_recurrent_linear_attn(
+            q[:, a:b], k[:, a:b], v[:, a:b],
+            log_decay if log_decay is None or log_decay.dim() == 1 else log_decay[:, a:b], scale=scale,
+            initial_state=None if initial_state is None else initial_state[d:d + 1], causal=causal)
+            for d, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        return torch.cat([o for o, _ in parts], dim=1), torch.cat([state for _, state in parts])
     dtype = compute_dtype(q.dtype)
     scale = 1.0 if scale is None else float(scale)
     b, t, h, dk, dv = shape.batch, shape.seq_len, shape.num_heads, shape.key_dim, shape.value_dim

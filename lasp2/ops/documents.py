@@ -1,0 +1,165 @@
+"""Packed documents: FLA's `cu_seqlens` convention, checked, and what the ops make of it.
+
+A packed row (B = 1) holds N documents back to back; `cu_seqlens` [N + 1] (int64) lists their
+offsets, 0 = c_0 < c_1 < … < c_N = T. Every document is computed as if alone: the recurrent state
+is zero at its first token (or its own initial state). The kernels see this as one flag per
+token, `resets` [T] (True at each document's first token): for linear attention a reset is a log
+decay of RESET_LOG_DECAY at that token (exp of any sum that includes it is exactly 0, and the
+kernels form every decay factor as exp of such a sum, never as a difference); the delta rule
+masks its within-chunk terms with it.
+
+Per-document initial and final states ([N, H, K, V], as in FLA) travel as K extra tokens per
+document (`with_state_tokens`): before a document, K tokens write its initial state row by row
+(k = e_i, v = row i; the delta rule with beta = 1, which overwrites row i); after it, K tokens read
+its final state (q = e_i, nothing written). Exact, and differentiable by the same kernels; it
+costs 2·K tokens per document, only when states are asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# A log decay so strong that exp of any sum including it is 0 in fp32 and fp64, yet sums of up
+# to ~1e8 of them stay finite in fp32.
+RESET_LOG_DECAY = -1e30
+
+
+def check_cu_seqlens(fn: str, cu_seqlens, seq_len: int, batch: int) -> torch.Tensor:
+    """Raises a ValueError/TypeError naming the rule unless cu_seqlens is a 1-D int64 tensor of
+    N + 1 offsets with 0 = c_0 < c_1 < … < c_N = seq_len, and the inputs are one packed row."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{fn}: cu_seqlens must be a torch.Tensor of int64 offsets, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int64 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{fn}: cu_seqlens must be a 1-D int64 tensor [N + 1] of document offsets, got "
+                         f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+    if batch != 1:
+        raise ValueError(f"{fn}: with cu_seqlens the inputs are one packed row (B = 1), got B = {batch}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or offsets[-1] != seq_len:
+        raise ValueError(f"{fn}: cu_seqlens must start at 0 and end at the packed length {seq_len}, got "
+                         f"{offsets[0]} … {offsets[-1]}")
+    if any(b <= a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{fn}: cu_seqlens must be strictly increasing (no empty documents), got {offsets}")
+    return cu_seqlens
+
+
+def check_document_states(fn: str, initial_state, cu_seqlens: torch.Tensor, per_document: tuple) -> None:
+    """With cu_seqlens, initial_state is None or [N, *per_document] (one state per document)."""
+    if initial_state is None:
+        return
+    if not isinstance(initial_state, torch.Tensor):
+        raise TypeError(f"{fn}: initial_state must be a torch.Tensor or None, got {type(initial_state).__name__}")
+    want = (cu_seqlens.numel() - 1, *per_document)
+    if tuple(initial_state.shape) != want:
+        raise ValueError(f"{fn}: with cu_seqlens, initial_state holds one state per document: [N, H, K, V]={want}, "
+                         f"got {tuple(initial_state.shape)}")
+
+
+def document_starts(cu_seqlens: torch.Tensor, seq_len: int, device) -> torch.Tensor:
+    """[T] bool, True at each document's first token."""
+    starts = torch.zeros(seq_len, dtype=torch.bool, device=device)
+    starts[cu_seqlens[:-1].to(device)] = True
+    return starts
+
+
+def document_ids(cu_seqlens: torch.Tensor, seq_len: int, device) -> torch.Tensor:
+    """[T] int64: the document each token belongs to."""
+    return torch.cumsum(document_starts(cu_seqlens, seq_len, device).long(), dim=0) - 1
+
+
+def positions_in_documents(cu_seqlens: torch.Tensor, seq_len: int, device) -> torch.Tensor:
+    """[T] int64: each token's position within its document (0 at every document's start)."""
+    ids = document_ids(cu_seqlens, seq_len, device)
+    return torch.arange(seq_len, device=device) - cu_seqlens.to(device)[ids]
+
+
+def reset_log_decay(log_decay: torch.Tensor | None, resets: torch.Tensor, num_heads: int, key_dim: int,
+                    channel: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A linear-attention log decay with RESET_LOG_DECAY at every reset: [1, T, H] (or
+    [1, T, H, K] for a per-channel gate) from None, [H], [1, T, H] or [1, T, H, K]. Differentiable
+    in log_decay; the gradient at a reset token is zero (its decay only scaled the state that the
+    reset drops)."""
+    T = resets.shape[0]
+    shape = (1, T, num_heads, key_dim) if channel else (1, T, num_heads)
+    mask = resets.view(1, T, *[1] * (len(shape) - 2))
+    if log_decay is None:
+        base = torch.zeros(shape, dtype=dtype, device=resets.device)
+    elif log_decay.dim() == 1:
+        base = log_decay.view(1, 1, num_heads).expand(shape)
+    else:
+        base = log_decay
+    return torch.where(mask, torch.full((), RESET_LOG_DECAY, dtype=base.dtype, device=base.device), base)
+
+
+@dataclass
+class StateTokens:
+    """Where a row's tokens went when K state tokens were put around each document: `real` [T]
+    the new index of each original token, `writes` [N, K] / `reads` [N, K] the indices of each
+    document's initial-state writers and final-state readers (None when not asked for),
+    `cu_seqlens` of the longer row."""
+
+    real: torch.Tensor
+    writes: torch.Tensor | None
+    reads: torch.Tensor | None
+    cu_seqlens: torch.Tensor
+    length: int
+
+
+def with_state_tokens(cu_seqlens: torch.Tensor, key_dim: int, write: bool, read: bool, device) -> StateTokens:
+    """The layout of a row with K writer tokens before each document (write) and K reader
+    tokens after it (read)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
+    n = lengths.shape[0]
+    extra = key_dim * (int(write) + int(read))
+    starts = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths + extra, dim=0)])  # new cu_seqlens
+    first_real = starts[:-1] + (key_dim if write else 0)
+    doc = torch.repeat_interleave(torch.arange(n, device=device), lengths)
+    within = torch.arange(int(lengths.sum()), device=device) - cu_seqlens.to(device)[doc]
+    channels = torch.arange(key_dim, device=device)
+    return StateTokens(
+        real=first_real[doc] + within,
+        writes=(starts[:-1, None] + channels) if write else None,
+        reads=(first_real + lengths)[:, None] + channels if read else None,
+        cu_seqlens=starts,
+        length=int(starts[-1]),
+    )
+
+
+def scatter_tokens(x: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
+    """[1, T, ...] -> [1, length, ...] with x at `index` and zeros elsewhere (differentiable)."""
+    out = x.new_zeros(1, length, *x.shape[2:])
+    return out.index_copy(1, index, x)
+
+
+def _unit_rows(documents: int, heads: int, key_dim: int, like: torch.Tensor) -> torch.Tensor:
+    """[1, N·K, H, K]: for each document, the rows e_0 … e_{K−1} in every head."""
+    eye = torch.eye(key_dim, dtype=like.dtype, device=like.device)
+    return eye[None, :, None, :].expand(documents, key_dim, heads, key_dim).reshape(1, -1, heads, key_dim)
+
+
+def add_state_tokens(lay: StateTokens, q, k, v, initial_state, dtype: torch.dtype):
+    """q, k [1, T, Hk, K], v [1, T, H, V] -> the longer row's, in `dtype`: writers carry k = e_i
+    and v = row i of their document's initial state [N, H, K, V]; readers q = e_i; everything
+    else of theirs is zero."""
+    n, K = lay.cu_seqlens.numel() - 1, q.shape[-1]
+    q2, k2, v2 = (scatter_tokens(t.to(dtype), lay.real, lay.length) for t in (q, k, v))
+    if lay.writes is not None:
+        rows = lay.writes.flatten()
+        k2 = k2.index_copy(1, rows, _unit_rows(n, k.shape[2], K, k2))
+        v2 = v2.index_copy(1, rows, initial_state.to(dtype).transpose(1, 2).reshape(1, n * K, *v.shape[2:]))
+    if lay.reads is not None:
+        q2 = q2.index_copy(1, lay.reads.flatten(), _unit_rows(n, q.shape[2], K, q2))
+    return q2, k2, v2
+
+
+def read_states(o2: torch.Tensor, lay: StateTokens, scale: float) -> torch.Tensor:
+    """The readers' outputs (scale · row i of each document's final state) -> [N, H, K, V]."""
+    n, K = lay.reads.shape
+    return (o2[0, lay.reads.flatten()] / scale).view(n, K, *o2.shape[2:]).transpose(1, 2)
+
+
+def check_readable(fn: str, scale: float, output_final_state: bool) -> None:
+    if output_final_state and scale == 0:
+        raise ValueError(f"{fn}: per-document final states are read through the outputs, so scale must not be 0 "
+                         f"with cu_seqlens and output_final_state=True")
