@@ -4,6 +4,7 @@
     python benchmarks/bench_ops.py                    # B=1, H=8, K=V=64, T in {2K, 8K, 32K}, fp32
     python benchmarks/bench_ops.py --T 8192 --forms none --repeats 9
     python benchmarks/bench_ops.py --T 2048 8192 --forms deltanet gated_deltanet kda
+    python benchmarks/bench_ops.py --T 8192 --documents 16   # + the same row packed as 16 documents
 
 The ideal time is FLOPs / (fp32 matmul throughput measured in the same run on a large square
 matmul). FLOPs are those of the chunked algorithm at chunk 64, counted as matmuls only: per
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lasp2_bench.documents import packed_offsets
 from lasp2_bench.machine import cpu_name
 from lasp2.ops import chunk_delta_rule, chunk_linear_attn
 
@@ -84,18 +86,19 @@ def make_inputs(form, B, T, H, K, V, device, dtype):
     return [None if t is None else t.requires_grad_() for t in inputs]
 
 
-def bench(form, B, T, H, K, V, device, dtype, warmup, repeats):
+def bench(form, B, T, H, K, V, device, dtype, warmup, repeats, cu_seqlens=None):
     inputs = make_inputs(form, B, T, H, K, V, device, dtype)
     op = chunk_delta_rule if form in DELTA_GATES else chunk_linear_attn
+    kw = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
     do = torch.randn(B, T, H, V, device=device, dtype=dtype)
     with torch.no_grad():
-        fwd = median_time(lambda: op(*inputs), device, warmup, repeats)
+        fwd = median_time(lambda: op(*inputs, **kw), device, warmup, repeats)
 
     def fwd_bwd():
         for t in inputs:
             if t is not None:
                 t.grad = None
-        o, _ = op(*inputs)
+        o, _ = op(*inputs, **kw)
         o.backward(do)
 
     return fwd, median_time(fwd_bwd, device, warmup, repeats)
@@ -114,6 +117,8 @@ def main():
                         help="input dtype (states are fp32 either way); the roofline stays fp32")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--documents", type=int, default=0,
+                        help="also time each row packed as this many documents (cu_seqlens; B must be 1)")
     parser.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/ops-<date>-<device>.csv)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -123,6 +128,8 @@ def main():
     print(f"device {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, inputs {args.dtype}, "
           f"fp32 matmul {peak / 1e9:.1f} GFLOP/s (median, measured now)")
     header = f"{'decay':14s} {'T':>6s} {'fwd ms':>9s} {'fwd %roof':>9s} {'fwd+bwd ms':>11s} {'f+b %roof':>9s}"
+    if args.documents:
+        header += f" {'packed f+b ms':>13s} {'packed/plain':>12s}"
     print(header)
     print("-" * len(header))
     rows = []
@@ -132,8 +139,15 @@ def main():
                 form, args.B, T, args.H, args.K, args.V, device, getattr(torch, args.dtype), args.warmup, args.repeats)
             flops = forward_flops(form, args.B, T, args.H, args.K, args.V)
             f_roof, fb_roof = flops / peak / f_med, 3 * flops / peak / fb_med
-            print(f"{form:14s} {T:6d} {f_med * 1e3:9.1f} {100 * f_roof:8.0f}% {fb_med * 1e3:11.1f} {100 * fb_roof:8.0f}%")
-            rows.append(dict(decay=form, dtype=args.dtype, T=T, B=args.B, H=args.H, K=args.K, V=args.V, device=name,
+            line = f"{form:14s} {T:6d} {f_med * 1e3:9.1f} {100 * f_roof:8.0f}% {fb_med * 1e3:11.1f} {100 * fb_roof:8.0f}%"
+            packed_ms = None
+            if args.documents:
+                _, (packed_med, _, _) = bench(form, args.B, T, args.H, args.K, args.V, device, getattr(torch, args.dtype),
+                                              args.warmup, args.repeats, packed_offsets(T, args.documents, device))
+                packed_ms = packed_med * 1e3
+                line += f" {packed_ms:13.1f} {packed_med / fb_med:12.2f}"
+            print(line)
+            rows.append(dict(documents=args.documents, packed_fwd_bwd_ms_median=packed_ms,decay=form, dtype=args.dtype, T=T, B=args.B, H=args.H, K=args.K, V=args.V, device=name,
                              fwd_ms_median=f_med * 1e3, fwd_ms_min=f_min * 1e3, fwd_ms_max=f_max * 1e3,
                              fwd_bwd_ms_median=fb_med * 1e3, fwd_bwd_ms_min=fb_min * 1e3, fwd_bwd_ms_max=fb_max * 1e3,
                              fwd_roofline=f_roof, fwd_bwd_roofline=fb_roof, matmul_gflops=peak / 1e9))

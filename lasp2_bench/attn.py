@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 from lasp2.parallel import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, Problem, count_collectives, shard
 from . import costs
 from .calibrate import measure_kernels, measure_network
+from .documents import packed_offsets
 from .machine import describe, free_port, matmul_rate, peak_memory_bytes, reset_peak_memory, sync
 
 FIELDS = ["family", "method", "world", "T", "layout", "status", "median_ms", "min_ms", "max_ms", "bytes_per_rank",
@@ -43,6 +44,8 @@ def add_arguments(p) -> None:
     p.add_argument("--delta", nargs="*", default=[], choices=list(DELTA_METHODS),
                    help="delta-rule methods (Gated DeltaNet: L2-normalised keys, a gate per head); default none")
     p.add_argument("--B", type=int, default=1)
+    p.add_argument("--documents", type=int, default=0,
+                   help="pack each row as this many documents of random lengths (cu_seqlens; B must be 1)")
     p.add_argument("--H", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=8, help="KV heads of the softmax layers (default: %(default)s)")
     p.add_argument("--D", type=int, default=64)
@@ -96,11 +99,12 @@ def _step_fn(family, method, T, args, group, device):
         extra = [torch.rand(args.B, T, args.H, generator=gen), -0.1 * torch.rand(args.B, T, args.H, generator=gen)]
     q, k, v, *extra = (shard(x, group, args.layout).to(device, dtype).requires_grad_() for x in full + extra)
     fn = spec_of(family, method).fn
+    kw = {"cu_seqlens": packed_offsets(T, args.documents, device)} if args.documents else {}
 
     def step():
         for t in (q, k, v, *extra):
             t.grad = None
-        o = fn(q, k, v, *extra, group=group, layout=args.layout)
+        o = fn(q, k, v, *extra, group=group, layout=args.layout, **kw)
         o.backward(torch.ones_like(o))
 
     return step
@@ -114,11 +118,14 @@ def _max_over_ranks(values, group, device):
 
 def run_config(family, method, T, world, group, device, args, rate, last):
     spec = spec_of(family, method)
+    # Packed documents: LASP-2 and LASP-1 run linear attention's resets as per-token decays.
+    resets_travel = args.documents and family == "linear" and method in ("lasp2", "lasp1")
     layer = Problem(B=args.B, N=T, W=world, S=1 if args.layout == "contiguous" else 2, H=args.H, K=args.D, V=args.D,
                     Hkv=args.kv_heads if family == "softmax" else None, dtype_bytes=getattr(torch, args.dtype).itemsize,
-                    decay="token" if family == "delta" else "none")
+                    decay="token" if family == "delta" or resets_travel else "none")
     est_s, live = _estimate(spec, layer, rate, last, device)
-    row = dict(family=family, method=method, world=world, T=T, layout=args.layout, est_seconds=round(est_s, 3),
+    row = dict(family=family, method=method, world=world, T=T, layout=args.layout, documents=args.documents,
+               est_seconds=round(est_s, 3),
                formula_bytes=spec.bytes_per_rank(layer), steps_formula=spec.sequential_steps(layer),
                threads=torch.get_num_threads())
     if est_s * (args.warmup + args.repeats) > args.budget_seconds or live > args.mem_gb * 2**30:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .bidirectional import bidirectional_linear_attn
-from .checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_TOKEN, check_chunk_size, check_linear_attn_inputs, compute_dtype
+from .checks import DECAY_CHANNEL, DECAY_HEAD, check_chunk_size, check_linear_attn_inputs, compute_dtype
 from .chunk_kernels import (add_incoming, add_inter_output, add_outgoing_grad, grad_state_pass, intra_output,
                             key_side_grads, query_side_grads, state_pass)
 from .chunk_layout import ChunkedSeq
@@ -64,20 +64,16 @@ def _packed(q, k, v, log_decay, initial_state, output_final_state, shape, scale,
                  for d, (a, b) in enumerate(zip(bounds, bounds[1:]))]
         return torch.cat([o for o, _ in parts], dim=1), torch.cat([state for _, state in parts])
     check_readable(fn, scale, output_final_state)
-    channel = shape.decay == DECAY_CHANNEL
-    kind = DECAY_CHANNEL if channel else DECAY_TOKEN
-    chunk_size = effective_chunk_size(chunk_size, kind, fn)
-    H, K, T = shape.num_heads, shape.key_dim, shape.seq_len
-    g = log_decay.view(1, 1, H).expand(1, T, H) if shape.decay == DECAY_HEAD else log_decay
+    H, K, T, dtype = shape.num_heads, shape.key_dim, shape.seq_len, compute_dtype(shape.dtype)
     if initial_state is None and not output_final_state:
-        g = reset_log_decay(g, document_starts(cu_seqlens, T, q.device), H, K, channel, compute_dtype(shape.dtype))
-        return _ChunkLinearAttn.apply(q, k, v, g, None, kind, scale, chunk_size)[0], None
-    dtype = compute_dtype(shape.dtype)
+        g, kind = reset_log_decay(log_decay, shape.decay, document_starts(cu_seqlens, T, q.device), H, K, dtype)
+        return _ChunkLinearAttn.apply(q, k, v, g, None, kind, scale, effective_chunk_size(chunk_size, kind, fn))[0], None
     lay = with_state_tokens(cu_seqlens, K, write=initial_state is not None, read=output_final_state, device=q.device)
     q2, k2, v2 = add_state_tokens(lay, q, k, v, initial_state, dtype)
+    g = log_decay.view(1, 1, H).expand(1, T, H) if shape.decay == DECAY_HEAD else log_decay
     g2 = None if g is None else scatter_tokens(g.to(dtype), lay.real, lay.length)
-    g2 = reset_log_decay(g2, document_starts(lay.cu_seqlens, lay.length, q.device), H, K, channel, dtype)
-    o2, _ = _ChunkLinearAttn.apply(q2, k2, v2, g2, None, kind, scale, chunk_size)
+    g2, kind = reset_log_decay(g2, shape.decay, document_starts(lay.cu_seqlens, lay.length, q.device), H, K, dtype)
+    o2, _ = _ChunkLinearAttn.apply(q2, k2, v2, g2, None, kind, scale, effective_chunk_size(chunk_size, kind, fn))
     return o2[:, lay.real].to(shape.dtype), None if lay.reads is None else read_states(o2, lay, scale)
 
 

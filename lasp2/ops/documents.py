@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import DECAY_CHANNEL, DECAY_TOKEN
+
 # A log decay so strong that exp of any sum including it is 0 in fp32 and fp64, yet sums of up
 # to ~1e8 of them stay finite in fp32.
 RESET_LOG_DECAY = -1e30
@@ -74,22 +76,23 @@ def positions_in_documents(cu_seqlens: torch.Tensor, seq_len: int, device) -> to
     return torch.arange(seq_len, device=device) - cu_seqlens.to(device)[ids]
 
 
-def reset_log_decay(log_decay: torch.Tensor | None, resets: torch.Tensor, num_heads: int, key_dim: int,
-                    channel: bool, dtype: torch.dtype) -> torch.Tensor:
-    """A linear-attention log decay with RESET_LOG_DECAY at every reset: [1, T, H] (or
-    [1, T, H, K] for a per-channel gate) from None, [H], [1, T, H] or [1, T, H, K]. Differentiable
-    in log_decay; the gradient at a reset token is zero (its decay only scaled the state that the
-    reset drops)."""
+def reset_log_decay(log_decay: torch.Tensor | None, kind: str, resets: torch.Tensor, num_heads: int, key_dim: int,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, str]:
+    """A linear-attention log decay of any form (None, [H], [1, T, H], [1, T, H, K]) with
+    RESET_LOG_DECAY at every reset [T] -> (the decay, [1, T, H] or [1, T, H, K], its form "token"
+    or "channel"). Differentiable in log_decay; the gradient at a reset token is zero (its decay
+    only scaled the state that the reset drops)."""
     T = resets.shape[0]
+    channel = kind == DECAY_CHANNEL
     shape = (1, T, num_heads, key_dim) if channel else (1, T, num_heads)
-    mask = resets.view(1, T, *[1] * (len(shape) - 2))
     if log_decay is None:
         base = torch.zeros(shape, dtype=dtype, device=resets.device)
     elif log_decay.dim() == 1:
         base = log_decay.view(1, 1, num_heads).expand(shape)
     else:
         base = log_decay
-    return torch.where(mask, torch.full((), RESET_LOG_DECAY, dtype=base.dtype, device=base.device), base)
+    reset = torch.full((), RESET_LOG_DECAY, dtype=base.dtype, device=base.device)
+    return torch.where(resets.view(1, T, *[1] * (len(shape) - 2)), reset, base), (DECAY_CHANNEL if channel else DECAY_TOKEN)
 
 
 @dataclass

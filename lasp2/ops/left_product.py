@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .checks import compute_dtype
+from .softmax_attn import visibility
 from .tiling import over_query_tiles
 
 
@@ -21,7 +22,8 @@ def head_decay_cumulative(log_decay_H: torch.Tensor, pos: torch.Tensor) -> torch
     return (pos.to(torch.float64) + 1).view(1, -1, 1) * log_decay_H.to(torch.float64).view(1, 1, -1)
 
 
-def left_product_linear_attn(q, k, v, q_pos, k_pos, *, causal: bool, scale: float, Gq=None, Gk=None):
+def left_product_linear_attn(q, k, v, q_pos, k_pos, *, causal: bool, scale: float, Gq=None, Gk=None, q_doc=None,
+                             k_doc=None):
     """One block of keys, in query tiles of bounded memory (see `tiling`).
 
     Args:
@@ -29,20 +31,22 @@ def left_product_linear_attn(q, k, v, q_pos, k_pos, *, causal: bool, scale: floa
         q_pos: [C], k_pos: [Cb] global positions; key j is visible from query i when
             pos_k[j] <= pos_q[i] (causal) or always.
         Gq: [B or 1, C, H], Gk: [B or 1, Cb, H] fp64 cumulative log decays, or both None.
+        q_doc: [C], k_doc: [Cb] the document of each token (packed documents), or both None.
     Returns:
         o [B, C, H, V] in the compute dtype (fp32; fp64 for fp64).
     """
-    def block(q, q_pos, Gq, k, v, k_pos, Gk):
-        return _left_product(q, k, v, q_pos, k_pos, causal, scale, Gq, Gk)
+    def block(q, q_pos, Gq, q_doc, k, v, k_pos, Gk, k_doc):
+        return _left_product(q, k, v, q_pos, k_pos, causal, scale, Gq, Gk, q_doc, k_doc)
 
-    return over_query_tiles(block, (q, q_pos, Gq), (k, v, k_pos, Gk), k.shape[1], q.shape[0] * q.shape[2])
+    return over_query_tiles(block, (q, q_pos, Gq, q_doc), (k, v, k_pos, Gk, k_doc), k.shape[1],
+                            q.shape[0] * q.shape[2])
 
 
-def _left_product(q, k, v, q_pos, k_pos, causal, scale, Gq, Gk):
+def _left_product(q, k, v, q_pos, k_pos, causal, scale, Gq, Gk, q_doc, k_doc):
     dtype = compute_dtype(q.dtype)
     qh, kh, vh = (x.to(dtype).transpose(1, 2) for x in (q, k, v))  # [B, H, *, D]
     scores = qh @ kh.transpose(-1, -2)  # [B, H, C, Cb]
-    visible = None if not causal else (k_pos.view(1, -1) <= q_pos.view(-1, 1))
+    visible = visibility(q_pos, k_pos, causal, q_doc, k_doc)
     if Gq is not None:
         diff = Gq.transpose(1, 2).unsqueeze(-1) - Gk.transpose(1, 2).unsqueeze(-2)  # [B, H, C, Cb] fp64
         scores = scores * torch.exp(diff.clamp(max=0.0)).to(dtype)  # hidden pairs clamp, then mask

@@ -13,6 +13,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .checks import compute_dtype
+from .documents import check_cu_seqlens, document_ids
 from .precision import without_autocast
 from .tiling import over_query_tiles
 
@@ -23,12 +24,14 @@ def _grouped_heads(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q.reshape(b, c, kv_heads, hq // kv_heads, d).permute(0, 2, 3, 1, 4)
 
 
-def attention_block(q, k, v, q_pos, k_pos, *, causal: bool, scale: float):
+def attention_block(q, k, v, q_pos, k_pos, *, causal: bool, scale: float, q_doc=None, k_doc=None):
     """Attention of the queries to one block of keys.
 
     Args:
         q: [B, C, Hq, D]; k: [B, Cb, Hkv, D]; v: [B, Cb, Hkv, Dv].
         q_pos: [C], k_pos: [Cb] global positions (int).
+        q_doc: [C], k_doc: [Cb] the document of each token (packed documents: a query sees only
+            keys of its own document), or both None.
     Returns:
         (o [B, C, Hq, Dv], lse [B, C, Hq]) in the compute dtype (fp32; fp64 for fp64): the
         softmax-weighted values over this block and the log-sum-exp of the scaled scores. A row
@@ -36,13 +39,13 @@ def attention_block(q, k, v, q_pos, k_pos, *, causal: bool, scale: float):
         bounded memory (see `tiling`).
     """
 
-    def block(q, q_pos, k, v, k_pos):
-        return _attention_block(q, k, v, q_pos, k_pos, causal, scale)
+    def block(q, q_pos, q_doc, k, v, k_pos, k_doc):
+        return _attention_block(q, k, v, q_pos, k_pos, causal, scale, q_doc, k_doc)
 
-    return over_query_tiles(block, (q, q_pos), (k, v, k_pos), k.shape[1], q.shape[0] * q.shape[2])
+    return over_query_tiles(block, (q, q_pos, q_doc), (k, v, k_pos, k_doc), k.shape[1], q.shape[0] * q.shape[2])
 
 
-def _attention_block(q, k, v, q_pos, k_pos, causal, scale):
+def _attention_block(q, k, v, q_pos, k_pos, causal, scale, q_doc, k_doc):
     dtype = compute_dtype(q.dtype)
     b, c, hq, _ = q.shape
     hkv = k.shape[2]
@@ -50,8 +53,9 @@ def _attention_block(q, k, v, q_pos, k_pos, causal, scale):
     kh = k.to(dtype).permute(0, 2, 1, 3).unsqueeze(2)  # [B, Hkv, 1, Cb, D]
     vh = v.to(dtype).permute(0, 2, 1, 3).unsqueeze(2)
     scores = (qg @ kh.transpose(-1, -2)) * scale  # [B, Hkv, G, C, Cb]
-    if causal:
-        scores = scores.masked_fill(k_pos.view(1, -1) > q_pos.view(-1, 1), float("-inf"))
+    visible = visibility(q_pos, k_pos, causal, q_doc, k_doc)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)
@@ -79,22 +83,34 @@ def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     return k_pos.view(1, -1) <= q_pos.view(-1, 1)
 
 
-def sdpa(q, k, v, *, scale: float, causal: bool = False):
+def visibility(q_pos, k_pos, causal: bool, q_doc=None, k_doc=None) -> torch.Tensor | None:
+    """[C, Cb] bool, True where query i may see key j: causally (k_pos <= q_pos) when causal, and
+    within its own document when q_doc / k_doc are given; None when every pair is visible."""
+    visible = causal_mask(q_pos, k_pos) if causal else None
+    if q_doc is not None:
+        same = q_doc.view(-1, 1) == k_doc.view(1, -1)
+        visible = same if visible is None else visible & same
+    return visible
+
+
+def sdpa(q, k, v, *, scale: float, causal: bool = False, mask: torch.Tensor | None = None):
     """torch's scaled_dot_product_attention on [B, T, H, D] tensors, GQA included; computes in
     fp32 for half inputs on the CPU (fp64 stays fp64), returns q's dtype.
 
     causal: the Lq queries are the last Lq of the Lk key positions (bottom-right aligned; the
     usual causal mask when Lq == Lk). On CUDA a shorter query block goes to the fused kernels
     through torch's lower-right `CausalBias` (flash attention takes no explicit mask); the CPU
-    kernels take the boolean mask.
+    kernels take the boolean mask. mask: an explicit [Lq, Lk] bool mask (True: attend) instead
+    of `causal` (packed documents).
     """
     dtype = q.dtype if q.is_cuda else compute_dtype(q.dtype)
     qh, kh, vh = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
     gqa = q.shape[2] != k.shape[2]
     q_len, k_len = q.shape[1], k.shape[1]
-    mask = None
-    if causal and q_len != k_len:
+    if mask is None and causal and q_len != k_len:
         mask = _bottom_right(q_len, k_len, q.device)
+    elif mask is not None:
+        causal = False
     o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
                                        enable_gqa=gqa)
     return o.transpose(1, 2).to(q.dtype)
@@ -110,7 +126,14 @@ def _bottom_right(q_len: int, k_len: int, device: torch.device):
 
 
 @without_autocast
-def softmax_attn(q, k, v, *, causal: bool = True, scale=None):
-    """Single-device softmax attention, [B, T, Hq, D] x [B, T, Hkv, D] -> [B, T, Hq, Dv]."""
+def softmax_attn(q, k, v, *, causal: bool = True, scale=None, cu_seqlens=None):
+    """Single-device softmax attention, [B, T, Hq, D] x [B, T, Hkv, D] -> [B, T, Hq, Dv].
+    cu_seqlens: None, or [N + 1] int64 offsets of documents packed in one row (B = 1): each token
+    attends within its own document only (`lasp2.ops.documents`)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return sdpa(q, k, v, scale=scale, causal=causal)
+    if cu_seqlens is None:
+        return sdpa(q, k, v, scale=scale, causal=causal)
+    T = q.shape[1]
+    check_cu_seqlens("softmax_attn", cu_seqlens, T, q.shape[0])
+    doc, pos = document_ids(cu_seqlens, T, q.device), torch.arange(T, device=q.device)
+    return sdpa(q, k, v, scale=scale, mask=visibility(pos, pos, causal, doc, doc))

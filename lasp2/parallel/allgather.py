@@ -19,14 +19,15 @@ from ..ops.checks import DECAY_HEAD, DECAY_NONE, DECAY_TOKEN
 from ..ops.chunk import chunk_linear_attn
 from ..ops.left_product import head_decay_cumulative, left_product_linear_attn
 from ..ops.precision import without_autocast
-from ..ops.softmax_attn import sdpa, softmax_attn
+from ..ops.softmax_attn import sdpa, softmax_attn, visibility
 from .collectives import gather_sequence
 from .inputs import check_linear_call, check_softmax_call, wire_dtype
 from .spec import LINEAR, SOFTMAX, Comm, MethodSpec, Plan
 
 
 @without_autocast
-def allgather_attn(q, k, v, *, causal=True, scale=None, group=None, layout="contiguous", validate=False):
+def allgather_attn(q, k, v, *, causal=True, scale=None, group=None, layout="contiguous", validate=False,
+                   cu_seqlens=None):
     """Softmax attention across the ranks of `group` by all-gathering K and V.
 
     Args:
@@ -38,28 +39,40 @@ def allgather_attn(q, k, v, *, causal=True, scale=None, group=None, layout="cont
         layout: "contiguous" or "zigzag" (C even).
         validate: compare shapes, dtype, causal and scale across the group first (one small
             all-gather) so that mismatched ranks raise instead of hanging.
+        cu_seqlens: None, or the global [N + 1] int64 offsets of documents packed in the row
+            (B = 1, equal shards): a query sees only its own document's keys; a slot attends
+            from the start of its first query's document, the keys before it skipped.
     Returns:
         [B, C, Hq, Dv]. The communication is `SOFTMAX_SPEC.plan` (the README's method table).
     """
     call = check_softmax_call(SOFTMAX_SPEC, q, k, v, scale=scale, causal=causal, group=group, validate=validate,
-                              layout=layout)
+                              layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
-        return softmax_attn(q, k, v, causal=causal, scale=call.scale)
+        return softmax_attn(q, k, v, causal=causal, scale=call.scale, cu_seqlens=cu_seqlens)
     k_all, v_all = gather_sequence([k, v], group, call.layout)  # one all-gather of the KV heads
-    if not causal:
+    packed = call.packed
+    if not causal and packed is None:
         return sdpa(q, k_all, v_all, scale=call.scale)
     slot_len = call.shape.seq_len // call.layout.slots_per_rank
     outputs = []
     for index, slot in enumerate(call.layout.slots(call.rank)):  # the keys up to the slot's end
         q_slot = q[:, index * slot_len:(index + 1) * slot_len]
-        end = (slot + 1) * slot_len
-        outputs.append(sdpa(q_slot, k_all[:, :end], v_all[:, :end], scale=call.scale, causal=True))
+        start, end = 0, ((slot + 1) * slot_len if causal else k_all.shape[1])
+        if packed is None:
+            outputs.append(sdpa(q_slot, k_all[:, :end], v_all[:, :end], scale=call.scale, causal=True))
+            continue
+        q_pos = packed.positions[index * slot_len:(index + 1) * slot_len]
+        if causal:  # keys before the first query's document are no query's: skipped
+            start = int(packed.cu_seqlens[packed.doc_ids[q_pos[0]]])
+        k_pos = torch.arange(start, end, device=q.device)
+        mask = visibility(q_pos, k_pos, causal, packed.doc_ids[q_pos], packed.doc_ids[k_pos])
+        outputs.append(sdpa(q_slot, k_all[:, start:end], v_all[:, start:end], scale=call.scale, mask=mask))
     return torch.cat(outputs, dim=1)
 
 
 @without_autocast
 def allgather_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
-                          validate=False, layout="contiguous"):
+                          validate=False, layout="contiguous", cu_seqlens=None):
     """Megatron-style sequence parallelism for linear attention (the paper's baseline): gather the
     full-length K and V (and per-token decays), compute the masked left product locally.
 
@@ -67,9 +80,10 @@ def allgather_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, g
     log_decay None, [H] and [B, C, H]. The communication is `SPEC.plan`.
     """
     call = check_linear_call(SPEC, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-                             chunk_size=chunk_size, validate=validate, layout=layout)
+                             chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
-        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size)[0]
+        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
+                                 cu_seqlens=cu_seqlens)[0]
     kind, dtype = call.shape.decay, wire_dtype(q, log_decay)
     travelling = [k.to(dtype), v.to(dtype)] + ([log_decay.to(dtype)] if kind == DECAY_TOKEN else [])
     k_all, v_all, *g_all = gather_sequence(travelling, group, call.layout)  # one all-gather
@@ -81,7 +95,9 @@ def allgather_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, g
     elif kind == DECAY_TOKEN:
         Gk = torch.cumsum(g_all[0].to(torch.float64), dim=1)  # [B, T, H], fp64: exact differences
         Gq = Gk[:, q_pos]
-    o = left_product_linear_attn(q, k_all, v_all, q_pos, k_pos, causal=causal, scale=call.scale, Gq=Gq, Gk=Gk)
+    q_doc, k_doc = (None, None) if call.packed is None else (call.packed.doc_ids[q_pos], call.packed.doc_ids)
+    o = left_product_linear_attn(q, k_all, v_all, q_pos, k_pos, causal=causal, scale=call.scale, Gq=Gq, Gk=Gk,
+                                 q_doc=q_doc, k_doc=k_doc)
     return o.to(q.dtype)
 
 

@@ -39,10 +39,10 @@ class _StatePassing(torch.autograd.Function):
     pieces and the math: `ops.delta_kernels`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, log_decay, shape, scale, chunk_size, exchange):
+    def forward(ctx, q, k, v, beta, log_decay, shape, scale, chunk_size, exchange, resets):
         S = exchange.slots_per_rank
-        seg = [None if t is None else to_segments(t, S) for t in (q, k, v, beta, log_decay)]
-        x = delta_chunks(shape, *seg, chunk_size)
+        *seg, resets = [None if t is None else to_segments(t, S) for t in (q, k, v, beta, log_decay, resets)]
+        x = delta_chunks(shape, *seg, chunk_size, resets)
         K, V = shape.key_dim, shape.value_dim
         eye = torch.eye(K, dtype=x.q.dtype, device=x.q.device).expand(*x.q.shape[:2], K, K)
         entering, end = carry(x, torch.cat([x.zero_state(), eye], dim=-1))  # [h | M]: from zero, and the map
@@ -69,19 +69,20 @@ class _StatePassing(torch.autograd.Function):
         d_leaving = d_leaving + grad_carry(x, None, d_out)[0]
         grads = key_side_grads(x, entering, d_leaving, *grads)
         return (*(None if g is None else from_segments(g, S).to(dtype) for g, dtype in zip(grads, ctx.dtypes)),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _state_passing(call, q, k, v, beta, log_decay, exchange):
     """This rank's output of the delta rule, its slots' incoming states brought by `exchange`."""
     S = call.layout.slots_per_rank
     shape = dataclasses.replace(call.shape, batch=S * call.shape.batch, seq_len=call.shape.seq_len // S)
-    return _StatePassing.apply(q, k, v, beta, log_decay, shape, call.scale, call.chunk_size, exchange)
+    resets = None if call.packed is None else call.packed.resets
+    return _StatePassing.apply(q, k, v, beta, log_decay, shape, call.scale, call.chunk_size, exchange, resets)
 
 
 @without_autocast
 def lasp2_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
-                     validate=False):
+                     validate=False, cu_seqlens=None):
     """LASP-2 sequence-parallel delta rule over the ranks of `group`.
 
     Args:
@@ -91,27 +92,32 @@ def lasp2_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, l
         layout: "contiguous" or "zigzag". chunk_size: tokens per chunk of the local work.
         validate: check the values and compare shapes across the group first (one small
             all-gather), so that mismatched ranks raise instead of hanging.
+        cu_seqlens: None, or the [N + 1] int64 offsets of N documents packed in the global row
+            (B = 1; the same tensor on every rank, each rank an equal shard): each document is
+            computed alone, documents may cross any slot edge; the same collectives and bytes.
     Returns:
         o [B, C, Hv, V], this rank's shard of the output, in v's dtype. The communication is
         `LASP2_SPEC.plan` (the README's method table).
     """
     call = check_delta_call(LASP2_SPEC, q, k, v, beta, log_decay, scale=scale, group=group, chunk_size=chunk_size,
-                            validate=validate, layout=layout)
+                            validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
-        return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size)[0]
+        return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size,
+                                cu_seqlens=cu_seqlens)[0]
     return _state_passing(call, q, k, v, beta, log_decay, _AllGatherSummaries(group, call.layout, DENSE))
 
 
 @without_autocast
 def lasp1_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
-                     validate=False):
+                     validate=False, cu_seqlens=None):
     """LASP-1 for the delta rule, the baseline: the signature and results of `lasp2_delta_rule`,
     with the running state relayed slot to slot (`lasp1._Relay`; the maps stay on their ranks).
     The communication is `LASP1_SPEC.plan`."""
     call = check_delta_call(LASP1_SPEC, q, k, v, beta, log_decay, scale=scale, group=group, chunk_size=chunk_size,
-                            validate=validate, layout=layout)
+                            validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
-        return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size)[0]
+        return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size,
+                                cu_seqlens=cu_seqlens)[0]
     return _state_passing(call, q, k, v, beta, log_decay, _Relay(group, call.layout, DENSE))
 
 

@@ -12,21 +12,36 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.checks import (LinearAttnShape, SoftmaxAttnShape, check_chunk_size, check_linear_attn_inputs,
-                          check_softmax_attn_inputs)
+                          check_softmax_attn_inputs, compute_dtype)
 from ..ops.chunk import effective_chunk_size
 from ..ops.delta_checks import DeltaRuleShape, check_delta_rule_inputs
+from ..ops.documents import check_cu_seqlens, document_ids, reset_log_decay
 from .comm import checked_across_group, group_rank_size
 from .layout import Layout
 
 LINEAR_FIELDS = ("batch", "num_heads", "key_dim", "value_dim", "decay form", "dtype", "causal", "scale")
 DELTA_FIELDS = ("batch", "key_heads", "value_heads", "key_dim", "value_dim", "decay form", "dtype", "scale")
 SOFTMAX_FIELDS = ("batch", "num_heads", "num_kv_heads", "head_dim", "value_dim", "dtype", "causal", "scale")
+DOCUMENT_FIELDS = ("number of cu_seqlens offsets", "cu_seqlens")
+
+
+@dataclass(frozen=True)
+class PackedShard:
+    """Packed documents seen from one rank: the global cu_seqlens, the global position of each
+    of its tokens [C] (shard order), `resets` [1, C] (True where a document starts) and the
+    document of every global position [T]."""
+
+    cu_seqlens: torch.Tensor
+    positions: torch.Tensor
+    resets: torch.Tensor
+    doc_ids: torch.Tensor
 
 
 @dataclass(frozen=True)
 class Call:
     """A checked call: shape (LinearAttnShape or SoftmaxAttnShape), the scale as a float, the
-    chunk length (linear), the layout over the group, this rank's index and the group size."""
+    chunk length (linear), the layout over the group, this rank's index and the group size, and
+    the packed documents (None: one sequence per row)."""
 
     shape: LinearAttnShape | SoftmaxAttnShape | DeltaRuleShape
     scale: float
@@ -34,6 +49,42 @@ class Call:
     layout: Layout
     rank: int
     world: int
+    packed: PackedShard | None = None
+
+    def linear_decay(self, log_decay, dtype: torch.dtype):
+        """(log decay, its form) as the linear-attention kernels take them: with packed documents
+        the resets folded in (`ops.documents.reset_log_decay`: the form becomes per token, or
+        stays per channel)."""
+        if self.packed is None:
+            return log_decay, self.shape.decay
+        return reset_log_decay(log_decay, self.shape.decay, self.packed.resets[0], self.shape.num_heads,
+                               self.shape.key_dim, compute_dtype(dtype))
+
+
+def _packed_shard(fn: str, cu_seqlens, lay: Layout, rank: int, local_len: int, batch: int, device):
+    """Checks the global cu_seqlens against this rank's shard (every rank holds T / W tokens)
+    and places its tokens among the documents."""
+    if cu_seqlens is None:
+        return None
+    total = local_len * lay.world
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2 \
+            and int(cu_seqlens[-1]) != total:
+        raise ValueError(f"{fn}: cu_seqlens ends at {int(cu_seqlens[-1])}, but {lay.world} ranks of {local_len} "
+                         f"tokens hold {total}: with cu_seqlens every rank passes an equal shard of the packed row")
+    check_cu_seqlens(fn, cu_seqlens, total, batch)
+    positions = lay.local_positions(rank, local_len // lay.slots_per_rank, device)
+    doc_ids = document_ids(cu_seqlens, total, device)
+    resets = torch.zeros(total, dtype=torch.bool, device=device)
+    resets[cu_seqlens[:-1].to(device)] = True
+    return PackedShard(cu_seqlens, positions, resets[positions][None], doc_ids)
+
+
+def _documents_code(cu_seqlens) -> tuple:
+    """Two numbers that differ when two ranks pass different cu_seqlens (for validate=True)."""
+    if cu_seqlens is None:
+        return (0, 0.0)
+    c = cu_seqlens.to(torch.float64)
+    return (cu_seqlens.numel(), float((c * torch.arange(1, c.numel() + 1, dtype=torch.float64)).sum()))
 
 
 def _layout(fn: str, world: int, layout, local_len: int) -> Layout:
@@ -48,13 +99,14 @@ def _checked(spec, fn: str, group, validate: bool, check, fields, describe):
     """check() locally; with validate=True (and more than one rank) also compare describe(...)
     across the group."""
     fields = fields + (("local length",) if spec.equal_shards else ())
-    full = (lambda shape: describe(shape) + ((shape.seq_len,) if spec.equal_shards else ()))
+    full = (lambda checked: describe(checked) + ((checked[0].seq_len,) if spec.equal_shards else ()))
     if not validate or group_rank_size(group)[1] == 1:
         return check()
     return checked_across_group(fn, group, check, fields, full)
 
 
-def check_linear_call(spec, q, k, v, log_decay, *, scale, causal, group, chunk_size, validate, layout) -> Call:
+def check_linear_call(spec, q, k, v, log_decay, *, scale, causal, group, chunk_size, validate, layout,
+                      cu_seqlens=None) -> Call:
     """Checks a linear-attention call of `spec`'s method; raises TypeError/ValueError naming the
     value and the rule."""
     fn = spec.fn.__name__
@@ -63,19 +115,25 @@ def check_linear_call(spec, q, k, v, log_decay, *, scale, causal, group, chunk_s
     def check():
         shape = check_linear_attn_inputs(fn, q, k, v, log_decay, causal=causal, scale=scale, check_values=validate)
         spec.check_rules(fn, shape.decay, shape.num_heads, shape.num_heads, world)
-        _layout(fn, world, layout, shape.seq_len)
+        lay = _layout(fn, world, layout, shape.seq_len)
         effective_chunk_size(chunk_size, shape.decay, fn)  # raises on a bad chunk_size, before any collective
-        return shape
+        if cu_seqlens is not None and not causal:
+            raise ValueError(f"{fn}: cu_seqlens needs causal=True (bidirectional packed documents are not split "
+                             f"across ranks)")
+        return shape, _packed_shard(fn, cu_seqlens, lay, rank, shape.seq_len, shape.batch, q.device)
 
-    def describe(s):
-        return (s.batch, s.num_heads, s.key_dim, s.value_dim, s.decay, s.dtype, causal, _scale(scale, 1.0))
+    def describe(checked):
+        s = checked[0]
+        return (s.batch, s.num_heads, s.key_dim, s.value_dim, s.decay, s.dtype, causal, _scale(scale, 1.0),
+                *_documents_code(cu_seqlens))
 
-    shape = _checked(spec, fn, group, validate, check, LINEAR_FIELDS, describe)
+    shape, packed = _checked(spec, fn, group, validate, check, LINEAR_FIELDS + DOCUMENT_FIELDS, describe)
     return Call(shape, _scale(scale, 1.0), effective_chunk_size(chunk_size, shape.decay, fn),
-                Layout(layout, world), rank, world)
+                Layout(layout, world), rank, world, packed)
 
 
-def check_delta_call(spec, q, k, v, beta, log_decay, *, scale, group, chunk_size, validate, layout) -> Call:
+def check_delta_call(spec, q, k, v, beta, log_decay, *, scale, group, chunk_size, validate, layout,
+                     cu_seqlens=None) -> Call:
     """Checks a delta-rule call of `spec`'s method (grouped value heads, gates none, per head or
     per key channel); raises TypeError/ValueError naming the value and the rule."""
     fn = spec.fn.__name__
@@ -84,18 +142,20 @@ def check_delta_call(spec, q, k, v, beta, log_decay, *, scale, group, chunk_size
     def check():
         shape = check_delta_rule_inputs(fn, q, k, v, beta, log_decay, scale=scale, check_values=validate)
         spec.check_rules(fn, shape.decay, shape.value_heads, shape.key_heads, world)
-        _layout(fn, world, layout, shape.seq_len)
+        lay = _layout(fn, world, layout, shape.seq_len)
         check_chunk_size(chunk_size, fn)  # before any collective
-        return shape
+        return shape, _packed_shard(fn, cu_seqlens, lay, rank, shape.seq_len, shape.batch, q.device)
 
-    def describe(s):
-        return (s.batch, s.key_heads, s.value_heads, s.key_dim, s.value_dim, s.decay, s.dtype, _scale(scale, 1.0))
+    def describe(checked):
+        s = checked[0]
+        return (s.batch, s.key_heads, s.value_heads, s.key_dim, s.value_dim, s.decay, s.dtype, _scale(scale, 1.0),
+                *_documents_code(cu_seqlens))
 
-    shape = _checked(spec, fn, group, validate, check, DELTA_FIELDS, describe)
-    return Call(shape, _scale(scale, 1.0), chunk_size, Layout(layout, world), rank, world)
+    shape, packed = _checked(spec, fn, group, validate, check, DELTA_FIELDS + DOCUMENT_FIELDS, describe)
+    return Call(shape, _scale(scale, 1.0), chunk_size, Layout(layout, world), rank, world, packed)
 
 
-def check_softmax_call(spec, q, k, v, *, scale, causal, group, validate, layout) -> Call:
+def check_softmax_call(spec, q, k, v, *, scale, causal, group, validate, layout, cu_seqlens=None) -> Call:
     """Checks a softmax-attention call of `spec`'s method (GQA: fewer key/value heads)."""
     fn = spec.fn.__name__
     rank, world = group_rank_size(group)
@@ -103,15 +163,16 @@ def check_softmax_call(spec, q, k, v, *, scale, causal, group, validate, layout)
     def check():
         shape = check_softmax_attn_inputs(fn, q, k, v, causal=causal, scale=scale)
         spec.check_rules(fn, "none", shape.num_heads, shape.num_kv_heads, world)
-        _layout(fn, world, layout, shape.seq_len)
-        return shape
+        lay = _layout(fn, world, layout, shape.seq_len)
+        return shape, _packed_shard(fn, cu_seqlens, lay, rank, shape.seq_len, shape.batch, q.device)
 
-    def describe(s):
+    def describe(checked):
+        s = checked[0]
         return (s.batch, s.num_heads, s.num_kv_heads, s.head_dim, s.value_dim, s.dtype, causal,
-                _scale(scale, s.head_dim**-0.5))
+                _scale(scale, s.head_dim**-0.5), *_documents_code(cu_seqlens))
 
-    shape = _checked(spec, fn, group, validate, check, SOFTMAX_FIELDS, describe)
-    return Call(shape, _scale(scale, shape.head_dim**-0.5), 0, Layout(layout, world), rank, world)
+    shape, packed = _checked(spec, fn, group, validate, check, SOFTMAX_FIELDS + DOCUMENT_FIELDS, describe)
+    return Call(shape, _scale(scale, shape.head_dim**-0.5), 0, Layout(layout, world), rank, world, packed)
 
 
 def wire_dtype(q: torch.Tensor, log_decay=None) -> torch.dtype:

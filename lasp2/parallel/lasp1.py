@@ -124,18 +124,20 @@ class _Relay:
 
 @without_autocast
 def lasp1_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
-                      validate=False, layout="contiguous"):
+                      validate=False, layout="contiguous", cu_seqlens=None):
     """LASP-1 sequence-parallel linear attention; the signature and results of
     `lasp2_linear_attn`, with the state relayed slot to slot by point-to-point sends instead of
     all-gathered. The communication is `SPEC.plan` (the README's method table)."""
     call = check_linear_call(SPEC, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-                             chunk_size=chunk_size, validate=validate, layout=layout)
+                             chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
-        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size)[0]
-    exchange = _Relay(group, call.layout, transition_for(call.shape.decay))
+        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
+                                 cu_seqlens=cu_seqlens)[0]
+    log_decay, kind = call.linear_decay(log_decay, q.dtype)  # packed documents: resets as decays
+    exchange = _Relay(group, call.layout, transition_for(kind))
     if not causal:
         return bidirectional_state_passing(q, k, v, scale=call.scale, exchange=exchange)
-    return causal_state_passing(q, k, v, log_decay, kind=call.shape.decay, scale=call.scale,
+    return causal_state_passing(q, k, v, log_decay, kind=kind, scale=call.scale,
                                 chunk_size=call.chunk_size, exchange=exchange)
 
 

@@ -77,7 +77,7 @@ class _AllGatherSummaries:
 
 @without_autocast
 def lasp2_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
-                      validate=False, layout="contiguous"):
+                      validate=False, layout="contiguous", cu_seqlens=None):
     """LASP-2 sequence-parallel linear attention over the ranks of `group`.
 
     Args:
@@ -92,23 +92,29 @@ def lasp2_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group
             single-device op with no communication.
         chunk_size: tokens per chunk of the local computation.
         validate: first check the values (log decay <= 0) and compare B, H, K, V, dtype, decay
-            form, causal and scale across the group with one extra all-gather of 9 float64
+            form, causal, scale and cu_seqlens across the group with one extra all-gather of 11 float64
             values per rank (one collective latency), so that mismatched ranks raise the same
             ValueError instead of hanging or exchanging wrongly sized buffers. Off by default.
         layout: "contiguous" (shards may differ in length) or "zigzag" (even local length).
+        cu_seqlens: None, or the [N + 1] int64 offsets of N documents packed in the global row
+            (B = 1; the same tensor on every rank, each rank an equal shard): each document is
+            computed alone, documents may cross any slot edge, with the same collectives (no-decay
+            and [H] forms then run as per-token decays, whose transitions add S·B·H values).
 
     Returns:
         o [B, C, H, V], this rank's shard of the output, in q's dtype. The communication is
         `SPEC.plan` (the README's method table).
     """
     call = check_linear_call(SPEC, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-                             chunk_size=chunk_size, validate=validate, layout=layout)
+                             chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
-        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size)[0]
-    exchange = _AllGatherSummaries(group, call.layout, transition_for(call.shape.decay))
+        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
+                                 cu_seqlens=cu_seqlens)[0]
+    log_decay, kind = call.linear_decay(log_decay, q.dtype)  # packed documents: resets as decays
+    exchange = _AllGatherSummaries(group, call.layout, transition_for(kind))
     if not causal:  # every token sees every state: the layout does not matter
         return bidirectional_state_passing(q, k, v, scale=call.scale, exchange=exchange)
-    return causal_state_passing(q, k, v, log_decay, kind=call.shape.decay, scale=call.scale,
+    return causal_state_passing(q, k, v, log_decay, kind=kind, scale=call.scale,
                                 chunk_size=call.chunk_size, exchange=exchange)
 
 

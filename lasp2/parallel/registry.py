@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import allgather, delta, lasp1, lasp2, ring, ulysses
+from ..ops.documents import positions_in_documents
 from .comm import group_rank_size
 from .conv import causal_conv1d
 from .layout import LAYOUTS, Layout, positions, shard, unshard
@@ -52,6 +53,11 @@ def method_table() -> str:
     return "\n".join([TABLE_HEADER] + [spec.table_row() for spec in specs])
 
 
+def _documents(cu_seqlens) -> dict:
+    """cu_seqlens as a keyword only when given: a registered method need not take it."""
+    return {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+
+
 class SequenceParallel:
     """The sequence-parallel context a model's attention layers call.
 
@@ -86,21 +92,25 @@ class SequenceParallel:
         return (f"SequenceParallel(world={self.world}, rank={self.rank}, linear={self.linear!r}, "
                 f"softmax={self.softmax!r}, layout={self.layout!r})")
 
-    def linear_attn(self, q, k, v, log_decay=None, causal: bool = True, scale=None) -> torch.Tensor:
-        """[B, C, H, K|K|V] local shard -> [B, C, H, V] (see lasp2_linear_attn)."""
+    def linear_attn(self, q, k, v, log_decay=None, causal: bool = True, scale=None, cu_seqlens=None) -> torch.Tensor:
+        """[B, C, H, K|K|V] local shard -> [B, C, H, V] (see lasp2_linear_attn; cu_seqlens: the
+        global offsets of packed documents, B = 1)."""
         return LINEAR_METHODS[self.linear].fn(q, k, v, log_decay, scale=scale, causal=causal, group=self.group,
-                                              chunk_size=self.chunk_size, validate=self.validate, layout=self.layout)
+                                              chunk_size=self.chunk_size, validate=self.validate, layout=self.layout,
+                                              **_documents(cu_seqlens))
 
-    def softmax_attn(self, q, k, v, causal: bool = True, scale=None) -> torch.Tensor:
-        """[B, C, Hq, D], [B, C, Hkv, D], [B, C, Hkv, Dv] local shard -> [B, C, Hq, Dv]."""
+    def softmax_attn(self, q, k, v, causal: bool = True, scale=None, cu_seqlens=None) -> torch.Tensor:
+        """[B, C, Hq, D], [B, C, Hkv, D], [B, C, Hkv, Dv] local shard -> [B, C, Hq, Dv]
+        (cu_seqlens: the global offsets of packed documents, B = 1)."""
         return SOFTMAX_METHODS[self.softmax].fn(q, k, v, causal=causal, scale=scale, group=self.group,
-                                                layout=self.layout, validate=self.validate)
+                                                layout=self.layout, validate=self.validate, **_documents(cu_seqlens))
 
-    def delta_rule(self, q, k, v, beta, log_decay=None, scale=None) -> torch.Tensor:
+    def delta_rule(self, q, k, v, beta, log_decay=None, scale=None, cu_seqlens=None) -> torch.Tensor:
         """[B, C, Hk, K|K], [B, C, Hv, V], beta [B, C, Hv] local shard -> [B, C, Hv, V] (see
-        lasp2_delta_rule)."""
+        lasp2_delta_rule; cu_seqlens: the global offsets of packed documents, B = 1)."""
         return DELTA_METHODS[self.delta].fn(q, k, v, beta, log_decay, scale=scale, group=self.group,
-                                            layout=self.layout, chunk_size=self.chunk_size, validate=self.validate)
+                                            layout=self.layout, chunk_size=self.chunk_size, validate=self.validate,
+                                            **_documents(cu_seqlens))
 
     def causal_conv1d(self, x, weight, bias=None, activation="silu") -> torch.Tensor:
         """[B, C, D] local shard -> [B, C, D]: the short depthwise convolution over the whole
@@ -113,8 +123,11 @@ class SequenceParallel:
     def unshard(self, x_local: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return unshard(x_local, self.group, self.layout, dim)
 
-    def positions(self, seq_len: int, device=None) -> torch.Tensor:
-        return positions(seq_len, self.group, self.layout, device)
+    def positions(self, seq_len: int, device=None, cu_seqlens=None) -> torch.Tensor:
+        """[C] the global positions of this rank's tokens, or with cu_seqlens (packed documents)
+        their positions within their documents (RoPE restarting at each document)."""
+        pos = positions(seq_len, self.group, self.layout, device)
+        return pos if cu_seqlens is None else positions_in_documents(cu_seqlens, seq_len, device)[pos]
 
     def check_seq_len(self, seq_len: int) -> None:
         """Raises unless a global length shards evenly in this layout (contiguous: W, zigzag: 2W)."""

@@ -116,17 +116,28 @@ def _block_output_grads(result, o, lse, do):
 class _Blocks:
     """What the local queries compute against one travelling block."""
 
-    def __init__(self, layout, rank, slot_len, shapes, causal, scale, device):
+    def __init__(self, layout, rank, slot_len, shapes, causal, scale, device, doc_ids=None):
         self.layout, self.rank, self.slot_len, self.shapes = layout, rank, slot_len, shapes
         self.causal, self.scale = causal, scale
         self.q_pos = layout.local_positions(rank, slot_len, device)
         self.device = device
+        self.doc_ids = doc_ids  # packed documents: the document of every global position, else None
+        self.q_doc = None if doc_ids is None else doc_ids[self.q_pos]
 
     def positions(self, src):
         return self.layout.local_positions(src, self.slot_len, self.device)
 
+    def documents(self, k_pos):
+        return None if self.doc_ids is None else self.doc_ids[k_pos]
+
     def visible(self, src) -> bool:
-        return not self.causal or bool(self.positions(src).min() <= self.q_pos.max())
+        """False when no local query sees any key of src's block (it is then not computed): all
+        in the future, or (packed) all in documents that end before the local queries' first."""
+        k_pos = self.positions(src)
+        if self.causal and bool(k_pos.min() > self.q_pos.max()):
+            return False
+        return self.doc_ids is None or bool(self.doc_ids[k_pos.max()] >= self.q_doc.min()) and bool(
+            self.doc_ids[k_pos.min()] <= self.q_doc.max())
 
     def unpack(self, flat):
         out, offset = [], 0
@@ -143,7 +154,9 @@ class _SoftmaxBlocks(_Blocks):
     def block(self, q_side, kv, src):
         (q,) = q_side
         k, v = self.unpack(kv)
-        return attention_block(q, k, v, self.q_pos, self.positions(src), causal=self.causal, scale=self.scale)
+        k_pos = self.positions(src)
+        return attention_block(q, k, v, self.q_pos, k_pos, causal=self.causal, scale=self.scale, q_doc=self.q_doc,
+                               k_doc=self.documents(k_pos))
 
 
 class _LinearBlocks(_Blocks):
@@ -168,19 +181,22 @@ class _LinearBlocks(_Blocks):
             Gq, Gk = head_decay_cumulative(g_head, self.q_pos), head_decay_cumulative(g_head, k_pos)
         elif g_local is not None:
             Gq, Gk = self.cumulative(g_local, offsets, self.rank), self.cumulative(g_block[0], offsets, src)
-        return (left_product_linear_attn(q, k, v, self.q_pos, k_pos, causal=self.causal, scale=self.scale, Gq=Gq, Gk=Gk),)
+        return (left_product_linear_attn(q, k, v, self.q_pos, k_pos, causal=self.causal, scale=self.scale, Gq=Gq, Gk=Gk,
+                                         q_doc=self.q_doc, k_doc=self.documents(k_pos)),)
 
 
 @without_autocast
-def ring_attn(q, k, v, *, causal=True, scale=None, group=None, layout="contiguous", validate=False):
-    """Ring Attention (softmax) across the ranks of `group`; the signature of `allgather_attn`.
-    The communication is `SOFTMAX_SPEC.plan` (the README's method table)."""
+def ring_attn(q, k, v, *, causal=True, scale=None, group=None, layout="contiguous", validate=False, cu_seqlens=None):
+    """Ring Attention (softmax) across the ranks of `group`; the signature of `allgather_attn`
+    (packed documents: blocks that no local query's document reaches are not computed). The
+    communication is `SOFTMAX_SPEC.plan` (the README's method table)."""
     call = check_softmax_call(SOFTMAX_SPEC, q, k, v, scale=scale, causal=causal, group=group, validate=validate,
-                              layout=layout)
+                              layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
-        return softmax_attn(q, k, v, causal=causal, scale=call.scale)
+        return softmax_attn(q, k, v, causal=causal, scale=call.scale, cu_seqlens=cu_seqlens)
     slot_len = call.shape.seq_len // call.layout.slots_per_rank
-    blocks = _SoftmaxBlocks(call.layout, call.rank, slot_len, (k.shape, v.shape), causal, call.scale, q.device)
+    blocks = _SoftmaxBlocks(call.layout, call.rank, slot_len, (k.shape, v.shape), causal, call.scale, q.device,
+                            None if call.packed is None else call.packed.doc_ids)
     kv = torch.cat([k.reshape(-1), v.reshape(-1)])  # travels in the input dtype
     return _Ring.apply(blocks, group, kv, q).to(q.dtype)
 
@@ -196,18 +212,19 @@ def _slot_offsets(log_decay, group, layout):
 
 @without_autocast
 def ring_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
-                     validate=False, layout="contiguous"):
+                     validate=False, layout="contiguous", cu_seqlens=None):
     """Ring Attention applied to linear attention without the right-product trick (the paper's
     baseline); the signature of `lasp2_linear_attn` (chunk_size is used only on one device).
     Supports log_decay None, [H] and [B, C, H]. The communication is `SPEC.plan`."""
     call = check_linear_call(SPEC, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-                             chunk_size=chunk_size, validate=validate, layout=layout)
+                             chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
-        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size)[0]
+        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
+                                 cu_seqlens=cu_seqlens)[0]
     kind, lay = call.shape.decay, call.layout
     travelling = [k, v] + ([log_decay] if kind == DECAY_TOKEN else [])
     blocks = _LinearBlocks(lay, call.rank, q.shape[1] // lay.slots_per_rank, [t.shape for t in travelling],
-                           causal, call.scale, q.device)
+                           causal, call.scale, q.device, None if call.packed is None else call.packed.doc_ids)
     g_local = log_decay if kind == DECAY_TOKEN else None
     g_head = log_decay if kind == DECAY_HEAD else None
     offsets = _slot_offsets(log_decay, group, lay) if kind == DECAY_TOKEN else None

@@ -16,7 +16,7 @@ from ..ops.chunk import chunk_linear_attn
 from ..ops.delta_checks import DELTA_DECAY_REASON, DELTA_DECAYS
 from ..ops.delta_chunk import chunk_delta_rule
 from ..ops.precision import without_autocast
-from ..ops.softmax_attn import sdpa, softmax_attn
+from ..ops.softmax_attn import softmax_attn
 from .collectives import exchange_rows
 from .inputs import check_delta_call, check_linear_call, check_softmax_call, wire_dtype
 from .layout import to_global_order, to_rank_order
@@ -58,31 +58,36 @@ def _heads_rule(num_heads: int, num_kv_heads: int, world: int) -> str | None:
 
 
 @without_autocast
-def ulysses_attn(q, k, v, *, causal=True, scale=None, group=None, layout="contiguous", validate=False):
+def ulysses_attn(q, k, v, *, causal=True, scale=None, group=None, layout="contiguous", validate=False,
+                 cu_seqlens=None):
     """DeepSpeed-Ulysses softmax attention; the signature of `allgather_attn`. Query heads must
     divide by W; KV heads must divide by W or divide W (then they are replicated). The
-    communication is `SOFTMAX_SPEC.plan`."""
+    communication is `SOFTMAX_SPEC.plan`. Packed documents (the global cu_seqlens): each rank
+    holds whole rows of its heads, so the single-device masks apply."""
     call = check_softmax_call(SOFTMAX_SPEC, q, k, v, scale=scale, causal=causal, group=group, validate=validate,
-                              layout=layout)
+                              layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
-        return softmax_attn(q, k, v, causal=causal, scale=call.scale)
+        return softmax_attn(q, k, v, causal=causal, scale=call.scale, cu_seqlens=cu_seqlens)
     world, kv_heads = call.world, call.shape.num_kv_heads
     if kv_heads % world:  # fewer KV heads than ranks: replicate each to its ranks
         k, v = (x.repeat_interleave(world // kv_heads, dim=2) for x in (k, v))
     q_all, k_all, v_all = _to_head_shards([q, k, v], group, call.layout)
-    return _to_sequence_shard(sdpa(q_all, k_all, v_all, scale=call.scale, causal=causal), group, call.layout)
+    o = softmax_attn(q_all, k_all, v_all, scale=call.scale, causal=causal, cu_seqlens=cu_seqlens)
+    return _to_sequence_shard(o, group, call.layout)
 
 
 @without_autocast
 def ulysses_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
-                        validate=False, layout="contiguous"):
+                        validate=False, layout="contiguous", cu_seqlens=None):
     """Ulysses for linear attention: all-to-all to head shards, the single-device chunked op on
-    the whole sequence, all-to-all back; the signature of `lasp2_linear_attn`. Every decay form;
-    heads must divide by W. The communication is `SPEC.plan`."""
+    the whole sequence (packed documents: with the global cu_seqlens), all-to-all back; the
+    signature of `lasp2_linear_attn`. Every decay form; heads must divide by W. The
+    communication is `SPEC.plan`."""
     call = check_linear_call(SPEC, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-                             chunk_size=chunk_size, validate=validate, layout=layout)
+                             chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
-        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size)[0]
+        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
+                                 cu_seqlens=cu_seqlens)[0]
     heads, kind = q.shape[2] // call.world, call.shape.decay
     dtype = wire_dtype(q, log_decay)
     travelling = [q, k, v] + ([log_decay] if kind in (DECAY_TOKEN, DECAY_CHANNEL) else [])
@@ -91,7 +96,8 @@ def ulysses_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, gro
         g = log_decay[call.rank * heads:(call.rank + 1) * heads]
     else:
         g = g_all[0] if g_all else None
-    o, _ = chunk_linear_attn(q_all, k_all, v_all, g, scale=call.scale, causal=causal, chunk_size=call.chunk_size)
+    o, _ = chunk_linear_attn(q_all, k_all, v_all, g, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
+                             cu_seqlens=cu_seqlens)
     return _to_sequence_shard(o.to(q.dtype), group, call.layout)
 
 
@@ -123,19 +129,20 @@ def _key_heads_rule(num_value_heads: int, num_key_heads: int, world: int) -> str
 
 @without_autocast
 def ulysses_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
-                       validate=False):
+                       validate=False, cu_seqlens=None):
     """DeepSpeed-Ulysses for the delta rule; the signature of `lasp2_delta_rule`. The key heads
     (and so the value heads) must divide by W; each rank runs `chunk_delta_rule` on whole
     sequences of its heads. The communication is `DELTA_SPEC.plan`."""
     call = check_delta_call(DELTA_SPEC, q, k, v, beta, log_decay, scale=scale, group=group, chunk_size=chunk_size,
-                            validate=validate, layout=layout)
+                            validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
-        return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size)[0]
+        return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size,
+                                cu_seqlens=cu_seqlens)[0]
     dtype = torch.promote_types(wire_dtype(q, log_decay), beta.dtype)
     travelling = [q, k, v, beta] + ([] if log_decay is None else [log_decay])
     q_all, k_all, v_all, beta_all, *g_all = _to_head_shards([t.to(dtype) for t in travelling], group, call.layout)
     o, _ = chunk_delta_rule(q_all, k_all, v_all, beta_all, g_all[0] if g_all else None, scale=call.scale,
-                            chunk_size=call.chunk_size)
+                            chunk_size=call.chunk_size, cu_seqlens=cu_seqlens)
     return _to_sequence_shard(o.to(v.dtype), group, call.layout)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lasp2.ops import chunk_delta_rule, chunk_linear_attn, naive_recurrent_delta_rule, naive_recurrent_linear_attn
+from lasp2.ops.softmax_attn import softmax_attn
 from tests.helpers import make_inputs, rel_err
 from tests.ops.test_delta_rule import delta_inputs
 
@@ -129,6 +130,21 @@ def test_strong_gates_and_resets_stay_finite():
     got = packed(linear_call, chunk_linear_attn, low, offsets(lengths), False, True, output_final_state=True)
     assert all(torch.isfinite(t).all() for t in got.values())
     assert_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_softmax_attention_equals_each_document_alone(causal):
+    gen = torch.Generator().manual_seed(3)
+    T = sum(LENGTHS)
+    x = {"q": torch.randn(1, T, 4, 6, generator=gen, dtype=torch.float64),
+         "k": torch.randn(1, T, 2, 6, generator=gen, dtype=torch.float64),
+         "v": torch.randn(1, T, 2, 5, generator=gen, dtype=torch.float64), "s0": torch.zeros(1)}
+
+    def call(fn, t, initial_state=None, **kw):  # softmax attention has no state: a zero stands in
+        return fn(t["q"], t["k"], t["v"], causal=causal, scale=0.4, **kw), torch.zeros(1)
+
+    want = alone(call, softmax_attn, x, LENGTHS, False, False)
+    assert_close(packed(call, softmax_attn, x, offsets(LENGTHS), False, False), want, 1e-10)
 
 
 @pytest.mark.parametrize("fn", [naive_recurrent_delta_rule, chunk_delta_rule, naive_recurrent_linear_attn,

@@ -57,7 +57,7 @@ def test_validate_adds_one_small_all_gather(dist_workers, method):
     plain = _counts(dist_workers, method, 2, "token")
     checked = _counts(dist_workers, method, 2, "token", validate=True)
     for rank in range(2):
-        assert checked[rank]["forward"][0] == ("all_gather", 9 * 8)
+        assert checked[rank]["forward"][0] == ("all_gather", 11 * 8)
         assert checked[rank]["forward"][1:] == plain[rank]["forward"]
         assert checked[rank]["backward"] == plain[rank]["backward"]
 

@@ -1,4 +1,4 @@
-"""The README's torchrun example runs and agrees with the single device."""
+"""The README's torchrun examples run and agree with the single device."""
 import re
 import subprocess
 import sys
@@ -7,12 +7,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_readme_torchrun_example_runs():
+def run_example(name: str, measure: str) -> list[float]:
+    """Runs examples/<name> on two ranks; -> the figures after `measure` it printed."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(ROOT / "examples" / "lasp2_torchrun.py")]
+           str(ROOT / "examples" / name)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    diffs = [float(d) for d in re.findall(r"relative difference from one device ([0-9.e+-]+)", done.stdout)]
-    assert len(diffs) == 2, done.stdout
-    assert max(diffs) < 1e-5
-    assert "torchrun" in (ROOT / "README.md").read_text() and "examples/lasp2_torchrun.py" in (ROOT / "README.md").read_text()
+    assert f"examples/{name}" in (ROOT / "README.md").read_text()
+    return [float(d) for d in re.findall(measure + r" ([0-9.e+-]+)", done.stdout)]
+
+
+def test_readme_torchrun_example_runs():
+    diffs = run_example("lasp2_torchrun.py", "relative difference from one device")
+    assert len(diffs) == 2 and max(diffs) < 1e-5, diffs
+    assert "torchrun" in (ROOT / "README.md").read_text()
+
+
+def test_readme_packed_documents_example_runs():
+    diffs = run_example("packed_documents.py", "relative difference from each document alone")
+    assert len(diffs) == 2 and max(diffs) < 1e-5, diffs
