@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .documents import check_cu_seqlens, positions_in_documents
+
 ACTIVATIONS = (None, "silu")
 
 
@@ -23,23 +25,38 @@ def check_conv_inputs(fn: str, x, weight, bias, activation) -> int:
     return weight.shape[1]
 
 
-def causal_conv1d(x, weight, bias=None, *, activation="silu", halo=None):
+def causal_conv1d(x, weight, bias=None, *, activation="silu", halo=None, cu_seqlens=None, doc_positions=None):
     """out_t = act(bias + sum_j weight[:, j] * x_{t - (w-1) + j}) per channel, x_{<0} = halo.
 
     Args:
         x: [B, T, D]; weight: [D, w] (the last tap multiplies the current token); bias: [D] or None.
         activation: "silu" or None.
         halo: [B, w-1, D], the w-1 inputs before x (None: zeros, the start of a sequence).
+        cu_seqlens: None, or [N + 1] int64 offsets of documents packed in one row (B = 1): a
+            token reads no input of an earlier document (as if each document began with zeros).
+        doc_positions: instead of cu_seqlens, each token's position within its document [T]
+            (for a shard of a packed row: the halo's inputs count as earlier positions).
     Returns:
         [B, T, D] in x's dtype.
     """
-    w = check_conv_inputs("causal_conv1d", x, weight, bias, activation)
-    b, _, d = x.shape
+    fn = "causal_conv1d"
+    w = check_conv_inputs(fn, x, weight, bias, activation)
+    b, t, d = x.shape
     if halo is None:
         halo = x.new_zeros(b, w - 1, d)
     elif tuple(halo.shape) != (b, w - 1, d):
         raise ValueError(f"causal_conv1d: halo must be [B, w-1, D] = {(b, w - 1, d)}, got {tuple(halo.shape)}")
-    padded = torch.cat([halo.to(x.dtype), x], dim=1).transpose(1, 2)  # [B, D, w-1+T]
-    out = F.conv1d(padded, weight.to(x.dtype).unsqueeze(1), None if bias is None else bias.to(x.dtype), groups=d)
-    out = out.transpose(1, 2)
+    if cu_seqlens is not None:
+        check_cu_seqlens(fn, cu_seqlens, t, b)
+        doc_positions = positions_in_documents(cu_seqlens, t, x.device)
+    padded = torch.cat([halo.to(x.dtype), x], dim=1)  # [B, w-1+T, D]
+    if doc_positions is None:
+        out = F.conv1d(padded.transpose(1, 2), weight.to(x.dtype).unsqueeze(1),
+                       None if bias is None else bias.to(x.dtype), groups=d).transpose(1, 2)
+    else:  # tap j reaches w-1-j tokens back: only within the token's own document
+        out = x.new_zeros(b, t, d) if bias is None else bias.to(x.dtype).expand(b, t, d)
+        for j in range(w):
+            back = w - 1 - j
+            inside = (doc_positions >= back).to(x.dtype).view(1, t, 1)
+            out = out + weight[:, j].to(x.dtype) * padded[:, j:j + t] * inside
     return F.silu(out) if activation == "silu" else out

@@ -11,21 +11,30 @@ import torch
 
 from ..ops.conv import causal_conv1d as local_causal_conv1d
 from ..ops.conv import check_conv_inputs
+from ..ops.documents import check_cu_seqlens, positions_in_documents
 from .collectives import gather_rows
 from .comm import group_rank_size
 from .layout import Layout, slots_in_order
 
 
-def causal_conv1d(x, weight, bias=None, *, activation="silu", group=None, layout="contiguous"):
+def causal_conv1d(x, weight, bias=None, *, activation="silu", group=None, layout="contiguous", cu_seqlens=None):
     """Depthwise causal convolution of this rank's shard x [B, C, D] as if over the whole
-    sequence (see `lasp2.ops.conv.causal_conv1d`; weight [D, w], bias [D] or None)."""
+    sequence (see `lasp2.ops.conv.causal_conv1d`; weight [D, w], bias [D] or None). cu_seqlens:
+    the global offsets of packed documents (B = 1, equal shards): no token reads an input of an
+    earlier document, halo included."""
     fn = "causal_conv1d"
     w = check_conv_inputs(fn, x, weight, bias, activation)
     rank, world = group_rank_size(group)
     if world == 1:
-        return local_causal_conv1d(x, weight, bias, activation=activation)
+        return local_causal_conv1d(x, weight, bias, activation=activation, cu_seqlens=cu_seqlens)
     lay = Layout(layout, world)
     lay.check_local_length(x.shape[1], fn)
+    doc_positions = None
+    if cu_seqlens is not None:
+        total = x.shape[1] * world
+        check_cu_seqlens(fn, cu_seqlens, total, x.shape[0])
+        doc_positions = positions_in_documents(cu_seqlens, total, x.device)[
+            lay.local_positions(rank, x.shape[1] // lay.slots_per_rank, x.device)]
     S = lay.slots_per_rank
     slot_len = x.shape[1] // S
     if slot_len < w - 1:
@@ -33,6 +42,7 @@ def causal_conv1d(x, weight, bias=None, *, activation="silu", group=None, layout
                          f"reads before each token; use shorter kernels or longer shards")
     if w == 1:  # no halo to bring
         return local_causal_conv1d(x, weight, bias, activation=activation)
+    mine = [None] * S if doc_positions is None else doc_positions.view(S, slot_len).unbind(0)
     b, _, d = x.shape
     slots = x.view(b, S, slot_len, d)
     tails = slots[:, :, slot_len - (w - 1):].transpose(0, 1)  # [S, B, w-1, D]
@@ -42,6 +52,7 @@ def causal_conv1d(x, weight, bias=None, *, activation="silu", group=None, layout
     # gathered rows on every rank, so that every rank's backward reaches the gather and issues its
     # reduce-scatter (rank 0 of the contiguous layout reads only zeros, yet must take part).
     halos = torch.cat([torch.zeros_like(in_order[:1]), in_order[:-1]])
-    outputs = [local_causal_conv1d(slots[:, index], weight, bias, activation=activation, halo=halos[slot])
+    outputs = [local_causal_conv1d(slots[:, index], weight, bias, activation=activation, halo=halos[slot],
+                                   doc_positions=mine[index])
                for index, slot in enumerate(lay.slots(rank))]
     return torch.cat(outputs, dim=1)

@@ -19,11 +19,11 @@ def reference(x, weight, bias, do):
     return {"o": out.detach(), "dx": x.grad, "dweight": weight.grad, "dbias": bias.grad}
 
 
-def conv_shard(group, x, weight, bias, do, layout):
+def conv_shard(group, x, weight, bias, do, layout, cu_seqlens=None):
     from lasp2.parallel import causal_conv1d, positions, shard
 
     xl, weight, bias = leaf(shard(x, group, layout)), leaf(weight), leaf(bias)
-    out = causal_conv1d(xl, weight, bias, group=group, layout=layout)
+    out = causal_conv1d(xl, weight, bias, group=group, layout=layout, cu_seqlens=cu_seqlens)
     out.backward(shard(do, group, layout))
     return {"o": out.detach(), "dx": xl.grad, "dweight": weight.grad, "dbias": bias.grad,
             "positions": positions(x.shape[1], group, layout)}
@@ -91,3 +91,37 @@ def test_one_all_gather_of_the_tails_forward_one_reduce_scatter_backward(dist_wo
     tails = S * B * 3 * D * 8  # S slots x B x (w-1) tokens x D channels, fp64
     for forward, backward in dist_workers.run(conv_collectives, (0, 1, 2), x, weight, layout).values():
         assert forward == [("all_gather", tails)] and backward == [("reduce_scatter", world * tails)]
+
+
+# Packed documents: boundaries inside the halo of slot edges (6, 8, 12 for the layouts above)
+DOCUMENTS = [0, 1, 5, 7, 12, 13, 20, 24]
+
+
+def documents_alone(x, weight, bias, do, cu):
+    """Each document through torch's conv1d on its own (zeros before it), joined."""
+    x, weight, bias = leaf(x), leaf(weight), leaf(bias)
+    w = weight.shape[1]
+    parts = [F.conv1d(F.pad(x[:, a:b].transpose(1, 2), (w - 1, 0)), weight.unsqueeze(1), bias, groups=D)
+             for a, b in zip(cu, cu[1:])]
+    out = F.silu(torch.cat(parts, dim=2).transpose(1, 2))
+    out.backward(do)
+    return {"o": out.detach(), "dx": x.grad, "dweight": weight.grad, "dbias": bias.grad}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("w", [2, 4])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_packed_conv_does_not_leak_across_documents(dist_workers, world, w, layout):
+    x, weight, bias, do = (t[:1] if t.dim() == 3 else t for t in _inputs(w, seed=1))
+    ref = documents_alone(x, weight, bias, do, DOCUMENTS)
+    cu = torch.tensor(DOCUMENTS)
+    single = conv_shard(None, x, weight, bias, do, layout, cu)
+    for name in ("o", "dx", "dweight", "dbias"):
+        assert rel_err(single[name], ref[name]) < 1e-12, name
+    results = dist_workers.run(conv_shard, tuple(range(world)), x, weight, bias, do, layout, cu)
+    for rank, got in results.items():
+        pos = got["positions"]
+        assert rel_err(got["o"], ref["o"][:, pos]) < 1e-12, rank
+        assert rel_err(got["dx"], ref["dx"][:, pos]) < 1e-12, rank
+    for name in ("dweight", "dbias"):
+        assert rel_err(sum(got[name] for got in results.values()), ref[name]) < 1e-12, name
