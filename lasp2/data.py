@@ -8,6 +8,12 @@ Sources (`--data`):
   a .bin file      raw uint16 tokens (nanoGPT's format)
 Text is tokenised as bytes (vocab 256) unless `--tokenizer` names a local `tokenizers` JSON
 file (or a directory holding tokenizer.json).
+
+Packing (`--packing documents`): the corpus is a sequence of documents (each text file, or the
+pieces between `--doc-sep` strings; in a .npy/.bin corpus the token id `--doc-sep` ends each),
+each followed by an end-of-document token (text: a new id, the vocabulary grows by one). A row
+starts at a document's start and takes whole documents in order, the last one cut at the row's
+end; its `cu_seqlens` mark where documents begin.
 """
 from __future__ import annotations
 
@@ -51,19 +57,40 @@ def _tokenizer(path: str | None):
 
 @dataclass
 class TokenData:
+    """The token stream split into train and validation; with packing, where each part's
+    documents start (int64 offsets, 0 first)."""
+
     train: np.ndarray
     val: np.ndarray
     vocab_size: int
     description: str
+    train_starts: np.ndarray | None = None
+    val_starts: np.ndarray | None = None
 
 
-def load_tokens(data: str | None, tokenizer: str | None, val_fraction: float, min_tokens: int) -> TokenData:
-    """Read the corpus and split off the last `val_fraction` of it for validation."""
+def _documents_of_text(files, doc_sep: str | None) -> list[bytes]:
+    if doc_sep is None:
+        return [f.read_bytes() for f in files]
+    sep = doc_sep.encode().decode("unicode_escape").encode()  # "\n\n" on the command line means two newlines
+    return [piece for f in files for piece in f.read_bytes().split(sep)]
+
+
+def load_tokens(data: str | None, tokenizer: str | None, val_fraction: float, min_tokens: int,
+                documents: bool = False, doc_sep: str | None = None) -> TokenData:
+    """Read the corpus and split off the last `val_fraction` of it for validation; with
+    `documents`, also find where its documents start (see the module's docstring)."""
+    starts = None
     if data is not None and Path(data).suffix in (".npy", ".bin"):
         if not Path(data).is_file():
             raise DataError(f"--data {data}: no such file")
         tokens = np.load(data, mmap_mode="r") if data.endswith(".npy") else np.memmap(data, dtype=np.uint16, mode="r")
         vocab, what = int(tokens.max()) + 1, f"{data} (pre-tokenised)"
+        if documents:
+            if doc_sep is None or not doc_sep.isdigit():
+                raise DataError(f"--packing documents with --data {data}: give --doc-sep the token id that ends "
+                                f"each document, got {doc_sep!r}")
+            ends = np.flatnonzero(np.asarray(tokens) == int(doc_sep)) + 1
+            starts = np.concatenate([[0], ends[ends < len(tokens)]])
     else:
         files = stdlib_files() if data is None else None
         if files is None:
@@ -71,13 +98,41 @@ def load_tokens(data: str | None, tokenizer: str | None, val_fraction: float, mi
                 raise DataError(f"--data {data}: no such file or directory")
             files = _text_files(Path(data))
         encode, vocab = _tokenizer(tokenizer)
-        tokens = encode(b"".join(f.read_bytes() for f in files))
         what = f"{'the Python standard library' if data is None else data} ({len(files)} files)"
+        if documents:  # each document, then the end-of-document token (a new id)
+            pieces = [encode(doc) for doc in _documents_of_text(files, doc_sep)]
+            end = np.array([vocab], dtype=np.int64)
+            tokens = np.concatenate([np.concatenate([p.astype(np.int64), end]) for p in pieces])
+            starts = np.concatenate([[0], np.cumsum([len(p) + 1 for p in pieces])[:-1]])
+            vocab, what = vocab + 1, f"{what}, {len(pieces)} documents"
+        else:
+            tokens = encode(b"".join(f.read_bytes() for f in files))
     n_val = max(min_tokens, int(len(tokens) * val_fraction))
     if len(tokens) < n_val + min_tokens:
         raise DataError(f"--data {data}: {len(tokens)} tokens, too few for sequences of {min_tokens - 1} "
                         f"plus a validation split")
-    return TokenData(np.asarray(tokens[:-n_val]), np.asarray(tokens[-n_val:]), vocab, what)
+    split = len(tokens) - n_val
+    out = TokenData(np.asarray(tokens[:split]), np.asarray(tokens[split:]), vocab, what)
+    if starts is not None:  # the validation part begins wherever the split falls: a start there too
+        out.train_starts = starts[starts < split].astype(np.int64)
+        out.val_starts = np.concatenate([[0], starts[starts > split] - split]).astype(np.int64)
+    return out
+
+
+def packed_batch_for_step(tokens: np.ndarray, starts: np.ndarray, seed: int, step: int, batch_size: int,
+                          seq_len: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """[batch_size, seq_len + 1] rows that each begin at a document drawn from (seed, step)
+    alone, and each row's cu_seqlens over its seq_len input positions."""
+    candidates = starts[starts <= len(tokens) - seq_len - 1]
+    if len(candidates) == 0:
+        raise DataError(f"--packing documents: no document starts {seq_len + 1} tokens before the end of the data")
+    rng = np.random.default_rng([seed, step])
+    rows, offsets = [], []
+    for s in candidates[rng.integers(0, len(candidates), size=batch_size)]:
+        rows.append(tokens[s:s + seq_len + 1].astype(np.int64))
+        inside = starts[(starts > s) & (starts < s + seq_len)] - s
+        offsets.append(torch.from_numpy(np.concatenate([[0], inside, [seq_len]]).astype(np.int64)))
+    return torch.from_numpy(np.stack(rows)), offsets
 
 
 def batch_for_step(tokens: np.ndarray, seed: int, step: int, batch_size: int, seq_len: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .data import DataError, batch_for_step, load_tokens
+from .data import DataError, batch_for_step, load_tokens, packed_batch_for_step
 from .distributed import ConfigError, ParallelDims, init_parallel, reduce_gradients, shutdown, sum_over_ranks
 from .model import DELTA_KINDS, LINEAR_KINDS, PRESETS, LinearLlama, count_parameters, pattern_for_ratio, preset
 from .parallel import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel
@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--data", default=None, help="text file or directory, or .npy/.bin tokens (default: the Python standard library's sources)")
     data.add_argument("--tokenizer", default=None, help="local tokenizers JSON file or directory (default: bytes, vocab 256)")
+    data.add_argument("--packing", default="none", choices=["none", "documents"],
+                      help="none: windows of the token stream; documents: rows of whole documents, each ended by an "
+                           "end-of-document token, attention and positions per document (default: %(default)s)")
+    data.add_argument("--doc-sep", default=None,
+                      help="with --packing documents: the string between documents of a text corpus (default: each "
+                           "file is one), or the token id that ends each document of a .npy/.bin corpus")
     data.add_argument("--seq-len", type=int, default=256, help=f"tokens per sequence {d}")
     data.add_argument("--batch-size", type=int, default=8, help=f"sequences per step, over all data-parallel ranks {d}")
     data.add_argument("--val-fraction", type=float, default=0.01, help=f"tail of the corpus held out {d}")
@@ -139,20 +145,45 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=args.adam_eps)
 
 
+def make_batch(tokens, starts, seed: int, step: int, args):
+    """(rows [B, T+1], each row's cu_seqlens or None): a function of (seed, step) alone."""
+    if args.packing == "documents":
+        return packed_batch_for_step(tokens, starts, seed, step, args.batch_size, args.seq_len)
+    return batch_for_step(tokens, seed, step, args.batch_size, args.seq_len), None
+
+
+def _nll(model, inputs, labels, positions, ctx, device):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(inputs, positions, ctx)  # [b, T/sp, vocab]
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
+
+
 def sequence_loss(model, sp, dims, batch, args):
-    """This rank's share of the mean token loss of the global batch [B, T+1]."""
-    rows = args.batch_size // dims.dp
-    mine = batch[dims.dp_rank * rows:(dims.dp_rank + 1) * rows].to(dims.device)
-    inputs, labels = sp.shard(mine[:, :-1]), sp.shard(mine[:, 1:])  # shift first, then shard
-    positions = sp.positions(args.seq_len, dims.device)  # global positions, for RoPE
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dims.device.type == "cuda"):
-        logits = model(inputs, positions, sp)  # [b, T/sp, vocab]
-    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
-    return nll / (args.batch_size * args.seq_len)
+    """This rank's share of the mean token loss of the global batch ([B, T+1] rows, their
+    documents or None)."""
+    tokens, documents = batch
+    rows, first = args.batch_size // dims.dp, dims.dp_rank * (args.batch_size // dims.dp)
+    mine = tokens[first:first + rows].to(dims.device)
+    if documents is None:
+        inputs, labels = sp.shard(mine[:, :-1]), sp.shard(mine[:, 1:])  # shift first, then shard
+        positions = sp.positions(args.seq_len, dims.device)  # global positions, for RoPE
+        return _nll(model, inputs, labels, positions, sp, dims.device) / (args.batch_size * args.seq_len)
+    # Packed rows, one at a time (documents are given per row, B = 1): a document's last token
+    # (its end-of-document token) does not predict the next document's first; positions restart.
+    counted = args.batch_size * args.seq_len - sum(len(cu) - 2 for cu in documents)
+    total = 0.0
+    for i in range(rows):
+        cu = documents[first + i].to(dims.device)
+        labels = mine[i:i + 1, 1:].clone()
+        labels[0, cu[1:-1] - 1] = -100
+        positions = sp.positions(args.seq_len, dims.device, cu_seqlens=cu)
+        total = total + _nll(model, sp.shard(mine[i:i + 1, :-1]), sp.shard(labels), positions, sp.with_documents(cu),
+                             dims.device)
+    return total / counted
 
 
-def train_step(model, optimizer, sp, dims, tokens, step, args) -> float:
-    loss = sequence_loss(model, sp, dims, batch_for_step(tokens, args.seed, step, args.batch_size, args.seq_len), args)
+def train_step(model, optimizer, sp, dims, data, step, args) -> float:
+    loss = sequence_loss(model, sp, dims, make_batch(data.train, data.train_starts, args.seed, step, args), args)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     reduce_gradients(model.parameters(), dims)  # sum over dp x sp: the gradient of the global mean
@@ -162,15 +193,16 @@ def train_step(model, optimizer, sp, dims, tokens, step, args) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, sp, dims, tokens, args) -> float:
-    losses = [sequence_loss(model, sp, dims, batch_for_step(tokens, args.seed + 1, i, args.batch_size, args.seq_len), args)
+def evaluate(model, sp, dims, data, args) -> float:
+    losses = [sequence_loss(model, sp, dims, make_batch(data.val, data.val_starts, args.seed + 1, i, args), args)
               for i in range(args.val_batches)]
     return sum_over_ranks(torch.stack(losses).mean(), dims).item()
 
 
 def train(args, dims: ParallelDims, stream=sys.stdout) -> dict:
     """Runs the configured training; returns {"losses": [...], "val_loss": ..., "run_dir": ...}."""
-    data = load_tokens(args.data, args.tokenizer, args.val_fraction, args.seq_len + 1)
+    data = load_tokens(args.data, args.tokenizer, args.val_fraction, args.seq_len + 1,
+                       documents=args.packing == "documents", doc_sep=args.doc_sep)
     cfg = model_config(args, data.vocab_size)
     check_args(args, dims, cfg)
     run_dir = Path(args.out or f"runs/{args.preset}-{cfg.linear_kind}-{cfg.layer_pattern}")
@@ -200,13 +232,13 @@ def train(args, dims: ParallelDims, stream=sys.stdout) -> dict:
         began = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)  # the schedule is a function of the step, restored with it
-        loss = train_step(model, optimizer, sp, dims, data.train, step, args)
+        loss = train_step(model, optimizer, sp, dims, data, step, args)
         tokens_per_s = args.batch_size * args.seq_len / (time.perf_counter() - began)
         losses.append(loss)
         metrics.write(step=step, loss=loss, lr=lr_at(step, args), tokens_per_s=tokens_per_s)
         progress.update(step, loss, tokens_per_s)
         if (step + 1) % args.val_every == 0 or step + 1 == last:
-            val_loss = evaluate(model, sp, dims, data.val, args)
+            val_loss = evaluate(model, sp, dims, data, args)
             metrics.write(step=step, val_loss=val_loss)
         if args.ckpt_every and ((step + 1) % args.ckpt_every == 0 or step + 1 == last):
             checkpoint.save(run_dir, step, model, optimizer, dims, {"args": vars(args)})

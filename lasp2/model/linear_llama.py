@@ -14,21 +14,28 @@ from .layers import Block, RMSNorm
 
 
 class LocalAttention:
-    """The single-device attention context: the interface of lasp2.parallel.SequenceParallel."""
+    """The single-device attention context: the interface of lasp2.parallel.SequenceParallel
+    (cu_seqlens: the packed documents of one row, B = 1, or None)."""
 
     world = 1
 
+    def __init__(self, cu_seqlens=None):
+        self.cu_seqlens = cu_seqlens
+
+    def with_documents(self, cu_seqlens) -> "LocalAttention":
+        return LocalAttention(cu_seqlens)
+
     def linear_attn(self, q, k, v, log_decay=None, causal=True, scale=None):
-        return chunk_linear_attn(q, k, v, log_decay, causal=causal, scale=scale)[0]
+        return chunk_linear_attn(q, k, v, log_decay, causal=causal, scale=scale, cu_seqlens=self.cu_seqlens)[0]
 
     def softmax_attn(self, q, k, v, causal=True, scale=None):
-        return softmax_attn(q, k, v, causal=causal, scale=scale)
+        return softmax_attn(q, k, v, causal=causal, scale=scale, cu_seqlens=self.cu_seqlens)
 
     def delta_rule(self, q, k, v, beta, log_decay=None, scale=None):
-        return chunk_delta_rule(q, k, v, beta, log_decay, scale=scale)[0]
+        return chunk_delta_rule(q, k, v, beta, log_decay, scale=scale, cu_seqlens=self.cu_seqlens)[0]
 
     def causal_conv1d(self, x, weight, bias=None, activation="silu"):
-        return causal_conv1d(x, weight, bias, activation=activation)
+        return causal_conv1d(x, weight, bias, activation=activation, cu_seqlens=self.cu_seqlens)
 
 
 class LinearLlama(nn.Module):

@@ -10,6 +10,8 @@ group=None means one device: every call runs the single-device op.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from . import allgather, delta, lasp1, lasp2, ring, ulysses
@@ -53,8 +55,10 @@ def method_table() -> str:
     return "\n".join([TABLE_HEADER] + [spec.table_row() for spec in specs])
 
 
-def _documents(cu_seqlens) -> dict:
-    """cu_seqlens as a keyword only when given: a registered method need not take it."""
+def _documents(cu_seqlens, bound) -> dict:
+    """cu_seqlens (or the context's) as a keyword only when there is one: a registered method
+    need not take it."""
+    cu_seqlens = bound if cu_seqlens is None else cu_seqlens
     return {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
 
 
@@ -87,6 +91,14 @@ class SequenceParallel:
         self.group, self.linear, self.softmax, self.delta, self.layout = group, linear, softmax, delta, layout
         self.validate, self.chunk_size = validate, chunk_size
         self.rank, self.world = group_rank_size(group)
+        self.cu_seqlens = None  # packed documents of the current batch (`with_documents`)
+
+    def with_documents(self, cu_seqlens) -> "SequenceParallel":
+        """This context for one packed row: every call below passes `cu_seqlens` (the global
+        document offsets, B = 1) unless given its own. The layers need not know."""
+        bound = copy.copy(self)
+        bound.cu_seqlens = cu_seqlens
+        return bound
 
     def __repr__(self) -> str:
         return (f"SequenceParallel(world={self.world}, rank={self.rank}, linear={self.linear!r}, "
@@ -97,25 +109,26 @@ class SequenceParallel:
         global offsets of packed documents, B = 1)."""
         return LINEAR_METHODS[self.linear].fn(q, k, v, log_decay, scale=scale, causal=causal, group=self.group,
                                               chunk_size=self.chunk_size, validate=self.validate, layout=self.layout,
-                                              **_documents(cu_seqlens))
+                                              **_documents(cu_seqlens, self.cu_seqlens))
 
     def softmax_attn(self, q, k, v, causal: bool = True, scale=None, cu_seqlens=None) -> torch.Tensor:
         """[B, C, Hq, D], [B, C, Hkv, D], [B, C, Hkv, Dv] local shard -> [B, C, Hq, Dv]
         (cu_seqlens: the global offsets of packed documents, B = 1)."""
         return SOFTMAX_METHODS[self.softmax].fn(q, k, v, causal=causal, scale=scale, group=self.group,
-                                                layout=self.layout, validate=self.validate, **_documents(cu_seqlens))
+                                                layout=self.layout, validate=self.validate, **_documents(cu_seqlens, self.cu_seqlens))
 
     def delta_rule(self, q, k, v, beta, log_decay=None, scale=None, cu_seqlens=None) -> torch.Tensor:
         """[B, C, Hk, K|K], [B, C, Hv, V], beta [B, C, Hv] local shard -> [B, C, Hv, V] (see
         lasp2_delta_rule; cu_seqlens: the global offsets of packed documents, B = 1)."""
         return DELTA_METHODS[self.delta].fn(q, k, v, beta, log_decay, scale=scale, group=self.group,
                                             layout=self.layout, chunk_size=self.chunk_size, validate=self.validate,
-                                            **_documents(cu_seqlens))
+                                            **_documents(cu_seqlens, self.cu_seqlens))
 
-    def causal_conv1d(self, x, weight, bias=None, activation="silu") -> torch.Tensor:
+    def causal_conv1d(self, x, weight, bias=None, activation="silu", cu_seqlens=None) -> torch.Tensor:
         """[B, C, D] local shard -> [B, C, D]: the short depthwise convolution over the whole
         sequence (see lasp2.parallel.conv)."""
-        return causal_conv1d(x, weight, bias, activation=activation, group=self.group, layout=self.layout)
+        return causal_conv1d(x, weight, bias, activation=activation, group=self.group, layout=self.layout,
+                             **_documents(cu_seqlens, self.cu_seqlens))
 
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return shard(x, self.group, self.layout, dim)

@@ -103,3 +103,22 @@ def test_parity_of_other_methods(dist_workers, tmp_path, linear, softmax):
 def test_parity_of_delta_rule_methods(dist_workers, tmp_path, method):
     check_case(dist_workers, tmp_path, "gated_deltanet", "LLLN", [("sp2", "zigzag"), ("dp2sp2", "contiguous")],
                ["--sp-linear", method])
+
+
+@pytest.fixture(scope="module")
+def documents_corpus(tmp_path_factory):
+    """400 short text files (1-14 words): rows of 48 tokens hold several whole documents."""
+    import random
+
+    root = tmp_path_factory.mktemp("documents")
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards hex the jolly kangaroo".split()
+    for i in range(400):
+        (root / f"{i:04d}.txt").write_text(" ".join(rng.choice(words) for _ in range(rng.randint(1, 14))) + ".")
+    return root
+
+
+@pytest.mark.parametrize("kind", ["simple_gla", "gated_deltanet"])
+def test_parity_of_packed_documents(dist_workers, tmp_path, documents_corpus, kind):
+    check_case(dist_workers, tmp_path, kind, "LLLN", [("sp2", "zigzag"), ("sp2", "contiguous")],
+               ["--packing", "documents", "--data", str(documents_corpus)])
