@@ -123,5 +123,5 @@ SPEC = MethodSpec(
     plan=Plan(forward=(Comm("all_gather", "S·B·H·(K·V + Kg)"),), backward=(Comm("all_gather", "S·B·H·K·V"),),
               steps="2", overlap="the intra-chunk compute"),
     bidirectional=Plan(forward=(Comm("all_gather", "B·H·K·V"),), backward=(Comm("all_gather", "B·H·K·V"),), steps="2"),
-    notes="independent of N",
+    notes="independent of N; packed documents (cu_seqlens) count the none and [H] forms as [B,T,H]",
 )

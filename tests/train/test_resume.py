@@ -6,10 +6,13 @@ from tests.parallel.cases import train_job
 from tests.train.test_parity import MESHES, argv
 
 
-@pytest.mark.parametrize("mesh", ["single", "sp2"])
-def test_resume_equals_straight_run(dist_workers, tmp_path, mesh):
+@pytest.mark.parametrize("mesh,packing", [("single", False), ("sp2", False), ("sp2", True)],
+                         ids=["single", "sp2", "sp2-packed"])
+def test_resume_equals_straight_run(dist_workers, tmp_path, mesh, packing):
     sp = ["--sp", "1" if mesh == "single" else "2"]
     common = ["--steps", "6", "--ckpt-every", "3", *sp]
+    if packing:  # rows of whole files of the built-in corpus, drawn from (seed, step)
+        common += ["--packing", "documents"]
     straight = dist_workers.run(train_job, MESHES[mesh], [*argv(tmp_path / "a", "simple_gla", "LLLN", "zigzag"),
                                                           *common], mesh)[0]
     first = dist_workers.run(train_job, MESHES[mesh], [*argv(tmp_path / "b", "simple_gla", "LLLN", "zigzag"), *common,
