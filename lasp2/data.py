@@ -66,12 +66,24 @@ class TokenData:
     description: str
     train_starts: np.ndarray | None = None
     val_starts: np.ndarray | None = None
+    end_token: int | None = None  # the end-of-document token
+
+
+def _separator(doc_sep: str) -> bytes:
+    """--doc-sep as bytes, backslash escapes read ("\\n\\n" on a command line: two newlines)."""
+    try:
+        sep = doc_sep.encode("latin-1", "backslashreplace").decode("unicode_escape").encode()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"--doc-sep {doc_sep!r}: not a valid escaped string ({exc.reason})") from None
+    if not sep:
+        raise DataError("--doc-sep '': the separator between documents must not be empty")
+    return sep
 
 
 def _documents_of_text(files, doc_sep: str | None) -> list[bytes]:
     if doc_sep is None:
         return [f.read_bytes() for f in files]
-    sep = doc_sep.encode().decode("unicode_escape").encode()  # "\n\n" on the command line means two newlines
+    sep = _separator(doc_sep)
     return [piece for f in files for piece in f.read_bytes().split(sep)]
 
 
@@ -79,7 +91,7 @@ def load_tokens(data: str | None, tokenizer: str | None, val_fraction: float, mi
                 documents: bool = False, doc_sep: str | None = None) -> TokenData:
     """Read the corpus and split off the last `val_fraction` of it for validation; with
     `documents`, also find where its documents start (see the module's docstring)."""
-    starts = None
+    starts = end_token = None
     if data is not None and Path(data).suffix in (".npy", ".bin"):
         if not Path(data).is_file():
             raise DataError(f"--data {data}: no such file")
@@ -90,7 +102,9 @@ def load_tokens(data: str | None, tokenizer: str | None, val_fraction: float, mi
                 raise DataError(f"--packing documents with --data {data}: give --doc-sep the token id that ends "
                                 f"each document, got {doc_sep!r}")
             ends = np.flatnonzero(np.asarray(tokens) == int(doc_sep)) + 1
-            starts = np.concatenate([[0], ends[ends < len(tokens)]])
+            if len(ends) == 0:
+                raise DataError(f"--doc-sep {doc_sep}: token id {doc_sep} never occurs in --data {data}")
+            starts, end_token = np.concatenate([[0], ends[ends < len(tokens)]]), int(doc_sep)
     else:
         files = stdlib_files() if data is None else None
         if files is None:
@@ -101,7 +115,7 @@ def load_tokens(data: str | None, tokenizer: str | None, val_fraction: float, mi
         what = f"{'the Python standard library' if data is None else data} ({len(files)} files)"
         if documents:  # each document, then the end-of-document token (a new id)
             pieces = [encode(doc) for doc in _documents_of_text(files, doc_sep)]
-            end = np.array([vocab], dtype=np.int64)
+            end, end_token = np.array([vocab], dtype=np.int64), vocab
             tokens = np.concatenate([np.concatenate([p.astype(np.int64), end]) for p in pieces])
             starts = np.concatenate([[0], np.cumsum([len(p) + 1 for p in pieces])[:-1]])
             vocab, what = vocab + 1, f"{what}, {len(pieces)} documents"
@@ -116,6 +130,7 @@ def load_tokens(data: str | None, tokenizer: str | None, val_fraction: float, mi
     if starts is not None:  # the validation part begins wherever the split falls: a start there too
         out.train_starts = starts[starts < split].astype(np.int64)
         out.val_starts = np.concatenate([[0], starts[starts > split] - split]).astype(np.int64)
+        out.end_token = end_token
     return out
 
 

@@ -104,6 +104,9 @@ def check_args(args, dims: ParallelDims, cfg) -> None:
                           f"(the {args.layout} layout over --sp {args.sp} cuts each sequence into {slots} equal slots)")
     if args.batch_size < 1 or args.batch_size % dims.dp:
         raise ConfigError(f"--batch-size {args.batch_size} must be a positive multiple of dp = {dims.dp}")
+    if args.doc_sep is not None and args.packing != "documents":
+        raise ConfigError(f"--doc-sep {args.doc_sep!r} separates documents for --packing documents; "
+                          f"it means nothing with --packing {args.packing}")
     for flag, value in (("--steps", args.steps), ("--chunk-size", args.chunk_size), ("--val-every", args.val_every)):
         if value < 1:
             raise ConfigError(f"{flag} {value} must be >= 1")
@@ -145,11 +148,14 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=args.adam_eps)
 
 
-def make_batch(tokens, starts, seed: int, step: int, args):
-    """(rows [B, T+1], each row's cu_seqlens or None): a function of (seed, step) alone."""
+def make_batch(tokens, starts, end_token, seed: int, step: int, args):
+    """(rows [B, T+1], each row's cu_seqlens or None, the labels to skip [B, T] or None): a
+    function of (seed, step) alone. Packed rows skip the label of every end-of-document token
+    (it would predict the next document's first token), the row's last included."""
     if args.packing == "documents":
-        return packed_batch_for_step(tokens, starts, seed, step, args.batch_size, args.seq_len)
-    return batch_for_step(tokens, seed, step, args.batch_size, args.seq_len), None
+        rows, documents = packed_batch_for_step(tokens, starts, seed, step, args.batch_size, args.seq_len)
+        return rows, documents, rows[:, :-1] == end_token
+    return batch_for_step(tokens, seed, step, args.batch_size, args.seq_len), None, None
 
 
 def _nll(model, inputs, labels, positions, ctx, device):
@@ -161,21 +167,19 @@ def _nll(model, inputs, labels, positions, ctx, device):
 def sequence_loss(model, sp, dims, batch, args):
     """This rank's share of the mean token loss of the global batch ([B, T+1] rows, their
     documents or None)."""
-    tokens, documents = batch
+    tokens, documents, skip = batch
     rows, first = args.batch_size // dims.dp, dims.dp_rank * (args.batch_size // dims.dp)
     mine = tokens[first:first + rows].to(dims.device)
     if documents is None:
         inputs, labels = sp.shard(mine[:, :-1]), sp.shard(mine[:, 1:])  # shift first, then shard
         positions = sp.positions(args.seq_len, dims.device)  # global positions, for RoPE
         return _nll(model, inputs, labels, positions, sp, dims.device) / (args.batch_size * args.seq_len)
-    # Packed rows, one at a time (documents are given per row, B = 1): a document's last token
-    # (its end-of-document token) does not predict the next document's first; positions restart.
-    counted = args.batch_size * args.seq_len - sum(len(cu) - 2 for cu in documents)
+    # Packed rows, one at a time (documents are given per row, B = 1); positions restart.
+    counted = args.batch_size * args.seq_len - int(skip.sum())  # over the global batch
     total = 0.0
     for i in range(rows):
         cu = documents[first + i].to(dims.device)
-        labels = mine[i:i + 1, 1:].clone()
-        labels[0, cu[1:-1] - 1] = -100
+        labels = mine[i:i + 1, 1:].masked_fill(skip[first + i:first + i + 1].to(dims.device), -100)
         positions = sp.positions(args.seq_len, dims.device, cu_seqlens=cu)
         total = total + _nll(model, sp.shard(mine[i:i + 1, :-1]), sp.shard(labels), positions, sp.with_documents(cu),
                              dims.device)
@@ -183,7 +187,8 @@ def sequence_loss(model, sp, dims, batch, args):
 
 
 def train_step(model, optimizer, sp, dims, data, step, args) -> float:
-    loss = sequence_loss(model, sp, dims, make_batch(data.train, data.train_starts, args.seed, step, args), args)
+    batch = make_batch(data.train, data.train_starts, data.end_token, args.seed, step, args)
+    loss = sequence_loss(model, sp, dims, batch, args)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     reduce_gradients(model.parameters(), dims)  # sum over dp x sp: the gradient of the global mean
@@ -194,7 +199,8 @@ def train_step(model, optimizer, sp, dims, data, step, args) -> float:
 
 @torch.no_grad()
 def evaluate(model, sp, dims, data, args) -> float:
-    losses = [sequence_loss(model, sp, dims, make_batch(data.val, data.val_starts, args.seed + 1, i, args), args)
+    losses = [sequence_loss(model, sp, dims, make_batch(data.val, data.val_starts, data.end_token, args.seed + 1, i,
+                                                        args), args)
               for i in range(args.val_batches)]
     return sum_over_ranks(torch.stack(losses).mean(), dims).item()
 

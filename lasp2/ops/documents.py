@@ -91,7 +91,8 @@ def reset_log_decay(log_decay: torch.Tensor | None, kind: str, resets: torch.Ten
         base = log_decay.view(1, 1, num_heads).expand(shape)
     else:
         base = log_decay
-    reset = torch.full((), RESET_LOG_DECAY, dtype=base.dtype, device=base.device)
+    base = base.to(dtype)  # in the compute dtype: -1e30 overflows fp16 to -inf, and 0 * -inf is nan
+    reset = torch.full((), RESET_LOG_DECAY, dtype=dtype, device=base.device)
     return torch.where(resets.view(1, T, *[1] * (len(shape) - 2)), reset, base), (DECAY_CHANNEL if channel else DECAY_TOKEN)
 
 

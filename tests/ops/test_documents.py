@@ -164,3 +164,17 @@ def test_bad_cu_seqlens_names_the_rule(fn):
         fn(*(torch.cat([t, t]) for t in args[:-1]), None, cu_seqlens=torch.tensor([0, 8]))
     with pytest.raises(ValueError, match="one state per document"):
         fn(*args, cu_seqlens=torch.tensor([0, 4, 8]), initial_state=x["s0"][:1])
+
+
+def test_half_precision_log_decay_with_resets_stays_finite():
+    """An fp16 log decay: the reset (-1e30) lives in the compute dtype, never in fp16 (-inf)."""
+    lengths = (5, 11)
+    x = make_inputs("token", B=1, T=sum(lengths), H=2, K=4, V=3, seed=2)
+    want = alone(linear_call, naive_recurrent_linear_attn, {**x, "s0": torch.zeros(2, 2, 4, 3, dtype=torch.float64)},
+                 lengths, False, False)
+    for decay in (x["g"].half(), x["g"][0, 0].half()):  # [B, T, H] and [H]
+        o, _ = chunk_linear_attn(x["q"].float(), x["k"].float(), x["v"].float(), decay, scale=0.7,
+                                 cu_seqlens=offsets(lengths))
+        assert torch.isfinite(o).all()
+        if decay.dim() == 3:
+            assert rel_err(o.double(), want["o"]) < 2e-3  # the decay itself rounded to fp16

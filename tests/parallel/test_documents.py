@@ -185,3 +185,11 @@ def test_positions_restart_at_each_document():
     cu = torch.tensor([0, 3, 10, 12])
     assert sp.positions(12, cu_seqlens=cu).tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 0, 1]
     assert sp.positions(12).tolist() == list(range(12))
+
+
+def test_validate_codes_tell_apart_offsets_a_weighted_sum_would_not():
+    from lasp2.parallel.inputs import _documents_code
+
+    a, b = _documents_code(torch.tensor([0, 1, 8, 12])), _documents_code(torch.tensor([0, 4, 6, 12]))
+    assert a[0] == b[0] and a != b
+    assert all(float(v) == v and abs(v) < 2**53 for v in a)  # travels exactly as float64

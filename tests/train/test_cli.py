@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
     (["--sp-linear", "ring", "--linear-kind", "gated_deltanet"], {}, "--sp-linear ring has no delta-rule form"),
     (["--hybrid", "2/3", "--steps", "1"], {}, "--hybrid 2/3"),
     (["--pattern", "LLX"], {}, "--pattern LLX"),
+    (["--doc-sep", "\\n\\n"], {}, "--doc-sep"),
 ])
 def test_bad_configuration_is_one_line(capsys, monkeypatch, tmp_path, args, env, flag):
     for key, value in env.items():

@@ -58,3 +58,32 @@ def test_text_documents_split_at_doc_sep(tmp_path):
     data = load_tokens(str(tmp_path / "all.txt"), None, 0.1, 5, documents=True, doc_sep="\\n\\n")
     whole = np.concatenate([data.train, data.val])
     assert (whole == 256).sum() == 21  # "three" and "one" of the next repeat join: 2 per repeat + the last
+
+
+def test_a_row_ending_at_a_document_end_skips_its_last_label(tmp_path):
+    """Four documents of three bytes (four tokens with the end token), rows of 4: every row ends
+    with an end token whose label is the next document's first token: skipped."""
+    import argparse
+
+    from lasp2.train import make_batch
+
+    for i in range(12):
+        (tmp_path / f"{i:02d}.txt").write_text("abc")
+    data = load_tokens(str(tmp_path), None, 0.25, 5, documents=True)
+    args = argparse.Namespace(packing="documents", batch_size=3, seq_len=4)
+    rows, documents, skip = make_batch(data.train, data.train_starts, data.end_token, 0, 0, args)
+    assert all(cu.tolist() == [0, 4] for cu in documents)
+    assert skip[:, -1].all() and not skip[:, :-1].any() and (rows[:, 3] == data.end_token).all()
+
+
+@pytest.mark.parametrize("doc_sep,message", [("", "must not be empty"), ("\\", "not a valid escaped string")])
+def test_bad_doc_sep_is_a_data_error(tmp_path, doc_sep, message):
+    (tmp_path / "a.txt").write_text("x" * 100)
+    with pytest.raises(DataError, match=message):
+        load_tokens(str(tmp_path / "a.txt"), None, 0.1, 5, documents=True, doc_sep=doc_sep)
+
+
+def test_non_ascii_doc_sep_splits(tmp_path):
+    (tmp_path / "a.txt").write_text("one§two§three" * 10, encoding="utf-8")
+    data = load_tokens(str(tmp_path / "a.txt"), None, 0.1, 5, documents=True, doc_sep="§")
+    assert (np.concatenate([data.train, data.val]) == 256).sum() == 21
