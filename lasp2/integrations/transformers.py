@@ -1,0 +1,166 @@
+"""Hugging Face transformers models, sequence-parallel in one call (optional: `pip install "lasp2[hf]"`).
+
+    from lasp2.integrations.transformers import parallelize, shard_batch
+    model = parallelize(AutoModelForCausalLM.from_config(config), sp)   # sp: lasp2 SequenceParallel
+    out = model(**shard_batch(sp, input_ids, labels=input_ids))        # this rank's tokens
+    out.loss.backward()                                                 # its share of the global mean
+
+`parallelize` swaps the class of every supported token mixer for a subclass whose forward runs
+the same math through `sp` on this rank's shard (parameters keep their names and shapes, so state
+dicts load both ways), and routes the softmax attention through `sp.softmax_attn` with a
+registered attention function. `shard_batch` hands each rank its tokens, their global (or
+per-document) positions, the labels shifted on the whole sequence (`shift_labels`) and the
+number of labelled tokens of the whole batch, so the ranks' losses add up to the global mean.
+
+Supported so far (transformers 5.24): Qwen3-Next and OLMo-hybrid (their Gated DeltaNet mixers and
+attention).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import transformers  # noqa: F401
+    from transformers.modeling_utils import AttentionInterface
+except ImportError as exc:  # the library works without transformers; this module needs it
+    raise ImportError("lasp2.integrations.transformers needs transformers: pip install 'lasp2[hf]'") from exc
+
+ATTENTION = "lasp2"  # the name lasp2's sequence-parallel softmax attention is registered under
+
+
+def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The delta-rule layers' q/k normalisation, as transformers (and FLA) compute it."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def _global_offsets(kwargs) -> torch.Tensor | None:
+    """The packed documents' global offsets `shard_batch` passes down (as `cu_seq_lens_q`)."""
+    return kwargs.get("cu_seq_lens_q")
+
+
+def _check_training_call(name: str, cache, attention_mask) -> None:
+    if cache is not None:
+        raise ValueError(f"{name}: a sequence-parallel model runs whole sequences without a cache (generation is not "
+                         f"supported); got a cache")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(f"{name}: padding masks are not supported under sequence parallelism; pack documents "
+                         f"instead (position_ids that restart, see shard_batch)")
+
+
+def _gated_delta_core(module, mixed_qkv, beta, a, kwargs):
+    """The part every Gated DeltaNet mixer shares, on this rank's shard: the short convolution of
+    q|k|v [B, C, 2·Hk·K + Hv·V] across ranks, L2-normalised q and k, the gate
+    -exp(A_log)·softplus(a + dt_bias), the delta rule with q scaled by K^-1/2 -> [B, C, Hv, V]."""
+    sp, cu = module._lasp2_sp, _global_offsets(kwargs)
+    b, c, _ = mixed_qkv.shape
+    mixed = sp.causal_conv1d(mixed_qkv, module.conv1d.weight.squeeze(1), module.conv1d.bias,
+                             activation=module.activation, cu_seqlens=cu)
+    query, key, value = torch.split(mixed, [module.key_dim, module.key_dim, module.value_dim], dim=-1)
+    query = _l2norm(query.reshape(b, c, -1, module.head_k_dim))
+    key = _l2norm(key.reshape(b, c, -1, module.head_k_dim))
+    value = value.reshape(b, c, -1, module.head_v_dim)
+    g = -module.A_log.float().exp() * F.softplus(a.float() + module.dt_bias)
+    return sp.delta_rule(query, key, value, beta, g, scale=module.head_k_dim**-0.5, cu_seqlens=cu)
+
+
+class _SPQwen3NextGatedDeltaNet:
+    """Qwen3NextGatedDeltaNet's forward on this rank's shard: fused projections, then the shared
+    core, RMSNorm·silu(z)."""
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        _check_training_call(type(self).__name__, cache, attention_mask)
+        b, c, _ = hidden_states.shape
+        query, key, value, z, beta_logit, a = self.fix_query_key_value_ordering(self.in_proj_qkvz(hidden_states),
+                                                                                self.in_proj_ba(hidden_states))
+        mixed = torch.cat([x.reshape(b, c, -1) for x in (query, key, value)], dim=-1)
+        core = _gated_delta_core(self, mixed, beta_logit.sigmoid(), a, kwargs)
+        core = self.norm(core.reshape(-1, core.shape[-1]), z.reshape(-1, z.shape[-1])).reshape(b, c, -1)
+        return self.out_proj(core)
+
+
+class _SPOlmoHybridGatedDeltaNet:
+    """OlmoHybridGatedDeltaNet's forward on this rank's shard: separate projections, beta up to 2
+    with negative eigenvalues allowed, then the shared core, RMSNorm·silu(g_proj)."""
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        _check_training_call(type(self).__name__, cache, attention_mask)
+        b, c, _ = hidden_states.shape
+        mixed = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], dim=-1)
+        beta = self.b_proj(hidden_states).sigmoid()
+        if self.allow_neg_eigval:
+            beta = beta * 2.0
+        core = _gated_delta_core(self, mixed, beta, self.a_proj(hidden_states), kwargs)
+        gate = self.g_proj(hidden_states)
+        core = self.o_norm(core.reshape(-1, self.head_v_dim), gate.reshape(-1, self.head_v_dim)).reshape(b, c, -1)
+        return self.o_proj(core)
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The registered attention function: query [B, Hq, C, D], key/value [B, Hkv, C, D] of this
+    rank's tokens -> ([B, C, Hq, Dv], None), causal over the whole (packed) sequence."""
+    if dropout:
+        raise ValueError("lasp2 attention: attention dropout is not supported under sequence parallelism")
+    sp = module._lasp2_sp
+    out = sp.softmax_attn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
+                          scale=scaling, cu_seqlens=_global_offsets(kwargs))
+    return out, None
+
+
+# class name of a token mixer -> the subclass body that runs it through sp
+MIXERS = {"Qwen3NextGatedDeltaNet": _SPQwen3NextGatedDeltaNet, "OlmoHybridGatedDeltaNet": _SPOlmoHybridGatedDeltaNet}
+# class names of the softmax attention modules routed through the registered function
+ATTENTIONS = ("Qwen3NextAttention", "OlmoHybridAttention")
+# model types whose every token mixer is covered
+FAMILIES = ("qwen3_next", "olmo_hybrid")
+
+
+def parallelize(model, sp):
+    """Make `model` (a transformers PreTrainedModel) sequence-parallel over `sp` in place, and
+    return it. Every supported mixer's class is swapped for a subclass with a sequence-parallel
+    forward; softmax attention goes through `sp.softmax_attn`. Names, shapes and parameters are
+    untouched. Raises ValueError naming an unsupported model type."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type not in FAMILIES:
+        raise ValueError(f"parallelize: {type(model).__name__} (model_type {model_type!r}) is not supported; "
+                         f"supported: {', '.join(FAMILIES)}")
+    AttentionInterface.register(ATTENTION, _attention)
+    for module in model.modules():
+        name = type(module).__name__
+        if name in MIXERS:
+            module.__class__ = type(f"SP{name}", (MIXERS[name], type(module)), {})
+            module._lasp2_sp = sp
+        elif name in ATTENTIONS:
+            module._lasp2_sp = sp
+    model.set_attn_implementation(ATTENTION)
+    return model
+
+
+def shard_batch(sp, input_ids, labels=None, position_ids=None) -> dict:
+    """The keyword arguments of this rank's forward: its tokens of `input_ids` [B, T], their
+    positions ([B, T] global, or restarting at each packed document when the caller's
+    `position_ids` restart; packing takes B = 1), and with `labels`, the labels shifted on the
+    whole sequence (`shift_labels`, so no rank loses the label of its last token) and
+    `num_items_in_batch` (the labelled tokens of the whole batch, so that the ranks' losses sum
+    to its mean)."""
+    b, t = input_ids.shape
+    if position_ids is None:
+        position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+    position_ids = position_ids.expand(b, t)
+    out = {"input_ids": sp.shard(input_ids), "position_ids": sp.shard(position_ids), "use_cache": False}
+    restarts = (position_ids[:, 1:] == 0).any()
+    if bool(restarts):  # packed documents: their global offsets go down to every layer
+        if b != 1:
+            raise ValueError(f"shard_batch: packed documents (position_ids that restart) need B = 1, got B = {b}")
+        starts = torch.nonzero(position_ids[0] == 0).flatten()
+        if int(starts[0]) != 0:
+            raise ValueError("shard_batch: position_ids must start at 0 (a document's first token)")
+        out["cu_seq_lens_q"] = torch.cat([starts, starts.new_tensor([t])])
+    if labels is not None:
+        shift = F.pad(labels[:, 1:], (0, 1), value=-100)
+        if "cu_seq_lens_q" in out:  # a document's last token does not predict the next one's first
+            shift[0, out["cu_seq_lens_q"][1:-1] - 1] = -100
+        out["shift_labels"] = sp.shard(shift)
+        out["labels"] = out["shift_labels"]  # transformers computes the loss only when labels are given
+        out["num_items_in_batch"] = (shift != -100).sum()
+    return out

@@ -1,0 +1,144 @@
+"""Hugging Face models made sequence-parallel by `parallelize`: the loss summed over the ranks and
+every parameter's gradient (summed over the ranks) equal the unmodified model's on one process;
+the ranks' logits are the model's; packed documents (restarting position_ids) equal each document
+run alone; state dicts load both ways; an unsupported model raises."""
+import functools
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tests.helpers import rel_err  # noqa: E402
+
+TOL = 1e-5
+T = 24
+
+
+def qwen3_next_config():
+    return transformers.Qwen3NextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=8, shared_expert_intermediate_size=8, full_attention_interval=4)
+
+
+def olmo_hybrid_config():
+    return transformers.OlmoHybridConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, layer_types=["linear_attention"] * 3 + ["full_attention"], pad_token_id=0,
+        eos_token_id=1)
+
+
+FAMILIES = {"qwen3_next": (qwen3_next_config, "Qwen3NextForCausalLM"),
+            "olmo_hybrid": (olmo_hybrid_config, "OlmoHybridForCausalLM")}
+
+
+def build(family):
+    config_fn, cls = FAMILIES[family]
+    torch.manual_seed(0)
+    return getattr(transformers, cls)(config_fn()).float()
+
+
+def batch(seed=1):
+    return torch.randint(0, 64, (1, T), generator=torch.Generator().manual_seed(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def reference(family, documents=None):
+    """The unmodified model on one process: loss, logits and every gradient; with `documents`
+    (offsets), each document run alone (its own positions), losses joined as one mean."""
+    model = build(family)
+    ids = batch()
+    if documents is None:
+        out = model(ids, labels=ids)
+        loss, logits = out.loss, out.logits
+    else:
+        total, count, logits = 0.0, 0, []
+        for a, b in zip(documents, documents[1:]):
+            out = model(ids[:, a:b])
+            total = total + torch.nn.functional.cross_entropy(out.logits[0, :-1], ids[0, a + 1:b], reduction="sum")
+            count += b - a - 1
+            logits.append(out.logits)
+        loss, logits = total / count, torch.cat(logits, dim=1)
+    loss.backward()
+    return float(loss.detach()), logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def sp_run(group, family, layout, documents=None):
+    from lasp2.integrations.transformers import parallelize, shard_batch
+    from lasp2.parallel import SequenceParallel, positions
+
+    sp = SequenceParallel(group, layout=layout)
+    model = parallelize(build(family), sp)
+    ids = batch()
+    position_ids = None
+    if documents is not None:
+        position_ids = torch.cat([torch.arange(b - a) for a, b in zip(documents, documents[1:])])[None]
+    out = model(**shard_batch(sp, ids, labels=ids, position_ids=position_ids))
+    out.loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.clone()
+        torch.distributed.all_reduce(g, group=group)
+        grads[name] = g
+    loss = out.loss.detach().clone()
+    torch.distributed.all_reduce(loss, group=group)
+    return {"loss": float(loss), "logits": out.logits.detach(), "grads": grads,
+            "positions": positions(T, group, layout)}
+
+
+def check(results, ref):
+    """Loss and logits within TOL relative; the gradient vector within TOL relative, and every
+    parameter's gradient within TOL of the vector's norm (the strong-decay gates' gradients are
+    ~1e-8 of the others: relative to themselves they are fp32 rounding)."""
+    ref_loss, ref_logits, ref_grads = ref
+    for rank, got in results.items():
+        assert abs(got["loss"] - ref_loss) / ref_loss < TOL, (rank, got["loss"], ref_loss)
+        assert rel_err(got["logits"], ref_logits[:, got["positions"]]) < TOL, rank
+    grads = results[0]["grads"]
+    scale = torch.cat([g.flatten() for g in ref_grads.values()]).norm()
+    whole = rel_err(torch.cat([grads[n].flatten() for n in ref_grads]), torch.cat([g.flatten() for g in ref_grads.values()]))
+    worst = max(float((grads[n] - g).norm() / scale) for n, g in ref_grads.items())
+    assert whole < TOL and worst < TOL, (whole, worst)
+    return whole
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_parallel_model_equals_the_unmodified_one(dist_workers, family, world, layout):
+    check(dist_workers.run(sp_run, tuple(range(world)), family, layout), reference(family))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_packed_documents_equal_each_document_alone(dist_workers, family, layout):
+    documents = (0, 5, 13, 14, 24)  # boundaries inside and at the edges of the ranks' shards
+    check(dist_workers.run(sp_run, (0, 1), family, layout, documents), reference(family, documents))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_state_dicts_load_both_ways(family):
+    from lasp2.integrations.transformers import parallelize
+    from lasp2.parallel import SequenceParallel
+
+    plain, parallel = build(family), parallelize(build(family), SequenceParallel(None))
+    with torch.no_grad():
+        for p in parallel.parameters():
+            p.add_(0.01)
+    assert list(plain.state_dict()) == list(parallel.state_dict())
+    plain.load_state_dict(parallel.state_dict())
+    parallel.load_state_dict(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), parallel.state_dict().values()))
+
+
+def test_an_unsupported_model_raises_naming_it():
+    from lasp2.integrations.transformers import parallelize
+    from lasp2.parallel import SequenceParallel
+
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))
+    with pytest.raises(ValueError, match=r"LlamaForCausalLM \(model_type 'llama'\) is not supported; supported: "):
+        parallelize(model, SequenceParallel(None))
