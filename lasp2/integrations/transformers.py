@@ -12,8 +12,9 @@ registered attention function. `shard_batch` hands each rank its tokens, their g
 per-document) positions, the labels shifted on the whole sequence (`shift_labels`) and the
 number of labelled tokens of the whole batch, so the ranks' losses add up to the global mean.
 
-Supported so far (transformers 5.24): Qwen3-Next and OLMo-hybrid (their Gated DeltaNet mixers and
-attention).
+Supported so far (transformers 5.24): Qwen3-Next and OLMo-hybrid (Gated DeltaNet), Kimi Linear
+(KDA, MLA), MiniMax (lightning attention), Mamba2, Bamba, NemotronH and GraniteMoeHybrid (SSD), mixers
+and attention.
 """
 from __future__ import annotations
 
@@ -34,9 +35,19 @@ def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
-def _global_offsets(kwargs) -> torch.Tensor | None:
-    """The packed documents' global offsets `shard_batch` passes down (as `cu_seq_lens_q`)."""
-    return kwargs.get("cu_seq_lens_q")
+class _Documents:
+    """The packed documents of the forward in progress: the global offsets `shard_batch` passes
+    as `cu_seq_lens_q`, caught by a pre-hook on the model (not every family hands its forward's
+    keyword arguments down to its mixers)."""
+
+    cu_seqlens = None
+
+    def catch(self, model, args, kwargs):
+        self.cu_seqlens = kwargs.get("cu_seq_lens_q")
+
+
+def _global_offsets(module) -> torch.Tensor | None:
+    return module._lasp2_documents.cu_seqlens
 
 
 def _check_training_call(name: str, cache, attention_mask) -> None:
@@ -48,11 +59,11 @@ def _check_training_call(name: str, cache, attention_mask) -> None:
                          f"instead (position_ids that restart, see shard_batch)")
 
 
-def _gated_delta_core(module, mixed_qkv, beta, a, kwargs):
+def _gated_delta_core(module, mixed_qkv, beta, a):
     """The part every Gated DeltaNet mixer shares, on this rank's shard: the short convolution of
     q|k|v [B, C, 2·Hk·K + Hv·V] across ranks, L2-normalised q and k, the gate
     -exp(A_log)·softplus(a + dt_bias), the delta rule with q scaled by K^-1/2 -> [B, C, Hv, V]."""
-    sp, cu = module._lasp2_sp, _global_offsets(kwargs)
+    sp, cu = module._lasp2_sp, _global_offsets(module)
     b, c, _ = mixed_qkv.shape
     mixed = sp.causal_conv1d(mixed_qkv, module.conv1d.weight.squeeze(1), module.conv1d.bias,
                              activation=module.activation, cu_seqlens=cu)
@@ -74,7 +85,7 @@ class _SPQwen3NextGatedDeltaNet:
         query, key, value, z, beta_logit, a = self.fix_query_key_value_ordering(self.in_proj_qkvz(hidden_states),
                                                                                 self.in_proj_ba(hidden_states))
         mixed = torch.cat([x.reshape(b, c, -1) for x in (query, key, value)], dim=-1)
-        core = _gated_delta_core(self, mixed, beta_logit.sigmoid(), a, kwargs)
+        core = _gated_delta_core(self, mixed, beta_logit.sigmoid(), a)
         core = self.norm(core.reshape(-1, core.shape[-1]), z.reshape(-1, z.shape[-1])).reshape(b, c, -1)
         return self.out_proj(core)
 
@@ -90,7 +101,7 @@ class _SPOlmoHybridGatedDeltaNet:
         beta = self.b_proj(hidden_states).sigmoid()
         if self.allow_neg_eigval:
             beta = beta * 2.0
-        core = _gated_delta_core(self, mixed, beta, self.a_proj(hidden_states), kwargs)
+        core = _gated_delta_core(self, mixed, beta, self.a_proj(hidden_states))
         gate = self.g_proj(hidden_states)
         core = self.o_norm(core.reshape(-1, self.head_v_dim), gate.reshape(-1, self.head_v_dim)).reshape(b, c, -1)
         return self.o_proj(core)
@@ -103,16 +114,89 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         raise ValueError("lasp2 attention: attention dropout is not supported under sequence parallelism")
     sp = module._lasp2_sp
     out = sp.softmax_attn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
-                          scale=scaling, cu_seqlens=_global_offsets(kwargs))
+                          scale=scaling, cu_seqlens=_global_offsets(module))
     return out, None
 
 
+class _SPKimiLinearDeltaAttention:
+    """KimiLinearDeltaAttention's forward on this rank's shard: KDA (a gate per key channel from a
+    low-rank projection), the short convolution and the delta rule through sp, RMSNorm·sigmoid of
+    a low-rank gate."""
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        _check_training_call(type(self).__name__, cache, attention_mask)
+        sp, cu = self._lasp2_sp, _global_offsets(self)
+        b, c, _ = hidden_states.shape
+        shape = (b, c, -1, self.head_dim)
+        mixed = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], dim=-1)
+        mixed = sp.causal_conv1d(mixed, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation,
+                                 cu_seqlens=cu)
+        query, key, value = (x.reshape(shape) for x in torch.split(mixed, [self.qkv_dim] * 3, dim=-1))
+        query, key = (x / torch.sqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6) for x in (query, key))  # as Kimi's l2norm
+        g = self.forget_gate(hidden_states)  # [B, C, H, K], <= 0
+        beta = torch.sigmoid(self.b_proj(hidden_states))
+        core = sp.delta_rule(query, key, value, beta, g, scale=self.head_dim**-0.5, cu_seqlens=cu)
+        gate = self.g_b_proj(self.g_a_proj(hidden_states)).view(shape)
+        return self.o_proj(self.o_norm(core, gate).reshape(b, c, -1))
+
+
+class _SPMiniMaxLightningAttention:
+    """MiniMaxLightningAttention's forward on this rank's shard. Its blocks compute causal linear
+    attention with one decay per layer and head, o_t = sum_{s<=t} (q_t . k_s) exp(-slope (t-s)) v_s
+    (the current token undecayed), unscaled: sp.linear_attn with log decay -slope per head. Then
+    RMSNorm, the sigmoid output gate and the projection."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        _check_training_call(type(self).__name__, cache, attention_mask)
+        sp = self._lasp2_sp
+        b, c, _ = hidden_states.shape
+        qkv = self.act_fn(self.qkv_proj(hidden_states)).reshape(b, c, self.num_attention_heads, 3 * self.head_dim)
+        query, key, value = torch.split(qkv, self.head_dim, dim=3)
+        log_decay = -self.slope_rate.reshape(self.num_attention_heads).to(torch.float32)
+        out = sp.linear_attn(query, key, value, log_decay, causal=True, scale=1.0, cu_seqlens=_global_offsets(self))
+        out = self.norm(out.reshape(b, c, self.num_attention_heads * self.head_dim))
+        out = torch.sigmoid(self.output_gate(hidden_states)) * out
+        return self.out_proj(out), None
+
+
+class _SPMamba2Mixer:
+    """Mamba2Mixer's forward (and its copies') on this rank's shard. SSD is causal linear attention
+    with q = C, k = B (groups shared by their heads), v = x · dt and a log decay dt · A per head and
+    token, unscaled, plus the skip D · x: sp.linear_attn after the short convolution (with its bias)
+    across ranks; then the gated RMSNorm and the projection."""
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        _check_training_call(type(self).__name__, cache, attention_mask)
+        sp, cu = self._lasp2_sp, _global_offsets(self)
+        b, c, _ = hidden_states.shape
+        gate, x_b_c, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads],
+                                                            dim=-1)
+        x_b_c = sp.causal_conv1d(x_b_c, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation=self.activation,
+                                 cu_seqlens=cu)
+        states = self.n_groups * self.ssm_state_size
+        x, B, C = torch.split(x_b_c, [self.intermediate_size, states, states], dim=-1)
+        dt = torch.clamp(F.softplus(dt + self.dt_bias.to(dt.dtype)), *self.time_step_limit)
+        A = -torch.exp(self.A_log.float())
+        x = x.reshape(b, c, self.num_heads, self.head_dim).float()
+        B, C = (t.reshape(b, c, self.n_groups, self.ssm_state_size).float()
+                .repeat_interleave(self.num_heads // self.n_groups, dim=2) for t in (B, C))
+        y = sp.linear_attn(C, B, x * dt[..., None].float(), A * dt.float(), causal=True, scale=1.0, cu_seqlens=cu)
+        y = y + self.D[:, None] * x
+        y = self.norm(y.reshape(b, c, -1), gate)
+        return self.out_proj(y.to(hidden_states.dtype))
+
+
 # class name of a token mixer -> the subclass body that runs it through sp
-MIXERS = {"Qwen3NextGatedDeltaNet": _SPQwen3NextGatedDeltaNet, "OlmoHybridGatedDeltaNet": _SPOlmoHybridGatedDeltaNet}
+MIXERS = {"Qwen3NextGatedDeltaNet": _SPQwen3NextGatedDeltaNet, "OlmoHybridGatedDeltaNet": _SPOlmoHybridGatedDeltaNet,
+          "KimiLinearDeltaAttention": _SPKimiLinearDeltaAttention,
+          "MiniMaxLightningAttention": _SPMiniMaxLightningAttention, "Mamba2Mixer": _SPMamba2Mixer,
+          "BambaMixer": _SPMamba2Mixer, "NemotronHMamba2Mixer": _SPMamba2Mixer,
+          "GraniteMoeHybridMambaLayer": _SPMamba2Mixer}
 # class names of the softmax attention modules routed through the registered function
-ATTENTIONS = ("Qwen3NextAttention", "OlmoHybridAttention")
+ATTENTIONS = ("Qwen3NextAttention", "OlmoHybridAttention", "KimiLinearAttention", "MiniMaxAttention", "BambaAttention",
+              "NemotronHAttention", "GraniteMoeHybridAttention")
 # model types whose every token mixer is covered
-FAMILIES = ("qwen3_next", "olmo_hybrid")
+FAMILIES = ("qwen3_next", "olmo_hybrid", "kimi_linear", "minimax", "mamba2", "bamba", "nemotron_h", "granitemoehybrid")
 
 
 def parallelize(model, sp):
@@ -125,14 +209,16 @@ def parallelize(model, sp):
         raise ValueError(f"parallelize: {type(model).__name__} (model_type {model_type!r}) is not supported; "
                          f"supported: {', '.join(FAMILIES)}")
     AttentionInterface.register(ATTENTION, _attention)
+    documents = _Documents()
     for module in model.modules():
         name = type(module).__name__
         if name in MIXERS:
             module.__class__ = type(f"SP{name}", (MIXERS[name], type(module)), {})
-            module._lasp2_sp = sp
-        elif name in ATTENTIONS:
-            module._lasp2_sp = sp
-    model.set_attn_implementation(ATTENTION)
+        if name in MIXERS or name in ATTENTIONS:
+            module._lasp2_sp, module._lasp2_documents = sp, documents
+    model.register_forward_pre_hook(documents.catch, with_kwargs=True)
+    if any(type(m).__name__ in ATTENTIONS for m in model.modules()):  # pure Mamba2 has none
+        model.set_attn_implementation(ATTENTION)
     return model
 
 

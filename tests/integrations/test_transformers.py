@@ -31,8 +31,58 @@ def olmo_hybrid_config():
         eos_token_id=1)
 
 
+def kimi_linear_config():
+    return transformers.KimiLinearConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=8,
+        v_head_dim=8, linear_head_dim=8, linear_num_heads=4, num_local_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=8, layer_types=["linear_attention"] * 3 + ["full_attention"], pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)
+
+
+def minimax_config():
+    return transformers.MiniMaxConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=8, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, block_size=8,
+        layer_types=["linear_attention"] * 3 + ["full_attention"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def mamba2_config():
+    return transformers.Mamba2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=8, head_dim=8, state_size=8, n_groups=2,
+        expand=2, conv_kernel=4, chunk_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def bamba_config():
+    return transformers.BambaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=2, mamba_expand=2,
+        mamba_d_conv=4, mamba_chunk_size=8, attn_layer_indices=[3], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def nemotron_h_config():
+    return transformers.NemotronHConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=8, n_groups=2,
+        conv_kernel=4, chunk_size=8, hybrid_override_pattern="M-M*", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def granite_config():
+    return transformers.GraniteMoeHybridConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=8, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=2, mamba_expand=2,
+        mamba_d_conv=4, mamba_chunk_size=8, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=8,
+        layer_types=["mamba", "mamba", "mamba", "attention"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
 FAMILIES = {"qwen3_next": (qwen3_next_config, "Qwen3NextForCausalLM"),
-            "olmo_hybrid": (olmo_hybrid_config, "OlmoHybridForCausalLM")}
+            "olmo_hybrid": (olmo_hybrid_config, "OlmoHybridForCausalLM"),
+            "kimi_linear": (kimi_linear_config, "KimiLinearForCausalLM"),
+            "minimax": (minimax_config, "MiniMaxForCausalLM"),
+            "mamba2": (mamba2_config, "Mamba2ForCausalLM"),
+            "bamba": (bamba_config, "BambaForCausalLM"),
+            "nemotron_h": (nemotron_h_config, "NemotronHForCausalLM"),
+            "granitemoehybrid": (granite_config, "GraniteMoeHybridForCausalLM")}
 
 
 def build(family):
