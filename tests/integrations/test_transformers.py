@@ -192,3 +192,54 @@ def test_an_unsupported_model_raises_naming_it():
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))
     with pytest.raises(ValueError, match=r"LlamaForCausalLM \(model_type 'llama'\) is not supported; supported: "):
         parallelize(model, SequenceParallel(None))
+
+
+def adamw_steps(group, family, steps=2):
+    """`steps` AdamW steps on the same batch: sequence-parallel when `group` spans ranks (the
+    gradients summed over them), else the unmodified model."""
+    from lasp2.integrations.transformers import parallelize, shard_batch
+    from lasp2.parallel import SequenceParallel
+
+    model, ids = build(family), batch()
+    sp = SequenceParallel(group) if group is not None else None
+    if sp is not None:
+        model = parallelize(model, sp)
+    # eps 1e-6: Adam moves a weight by ~lr whatever its gradient's size, so with eps 1e-8 the
+    # strong-decay gates' ~1e-8 gradients, whose rounding differs between any two correct runs,
+    # would decide the comparison
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-6)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        out = model(**shard_batch(sp, ids, labels=ids)) if sp is not None else model(ids, labels=ids)
+        out.loss.backward()
+        if sp is not None:
+            for p in model.parameters():
+                torch.distributed.all_reduce(p.grad, group=group)
+        optimizer.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "bamba"])
+def test_two_adamw_steps_give_equal_parameters(dist_workers, family):
+    want = adamw_steps(None, family)
+    got = dist_workers.run(adamw_steps, (0, 1), family)[0]
+    flat = torch.cat([want[n].flatten() for n in want])
+    assert rel_err(torch.cat([got[n].flatten() for n in want]), flat) < TOL
+
+
+def test_readme_hf_example_trains_as_one_process():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(root / "examples" / "hf_sequence_parallel.py")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pairs = [(float(a), float(b)) for a, b in re.findall(r"loss ([0-9.]+) on 2 ranks, ([0-9.]+) on one process",
+                                                           done.stdout)]
+    assert len(pairs) == 8 and all(abs(a - b) / b < 1e-5 for a, b in pairs), done.stdout
+    assert pairs[-1][1] < pairs[0][1] - 0.5  # it trains
+    assert "examples/hf_sequence_parallel.py" in (root / "README.md").read_text()
