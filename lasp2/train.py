@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--pattern", default="LLLN", help=f"layer types repeated to the depth, L linear, N softmax {d}")
     shape.add_argument("--hybrid", default=None, help="share of softmax layers instead of --pattern: 0, 1/8, 1/4, 1/2 or 1")
     m.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block (default: off)")
+    m.add_argument("--hf-config", default=None, help="train a Hugging Face model from this local config.json (or its "
+                   "directory) instead of Linear-Llama3; needs pip install 'lasp2[hf]' (default: none)")
     par = p.add_argument_group("parallelism")
     par.add_argument("--sp", type=int, default=1, help=f"sequence-parallel ranks; dp = processes / sp {d}")
     par.add_argument("--sp-linear", default="lasp2", choices=list(LINEAR_METHODS), help=f"method for linear layers {d}")
@@ -110,6 +112,8 @@ def check_args(args, dims: ParallelDims, cfg) -> None:
     for flag, value in (("--steps", args.steps), ("--chunk-size", args.chunk_size), ("--val-every", args.val_every)):
         if value < 1:
             raise ConfigError(f"{flag} {value} must be >= 1")
+    if cfg is None:  # a Hugging Face model: its mixers' rules are checked when it is parallelized
+        return
     # The methods' own rules (decay forms, heads), stated once in their specs.
     layer_types = set(cfg.layer_types())
     delta = cfg.linear_kind in DELTA_KINDS
@@ -205,18 +209,37 @@ def evaluate(model, sp, dims, data, args) -> float:
     return sum_over_ranks(torch.stack(losses).mean(), dims).item()
 
 
+def build_model(args, cfg, vocab_size: int, sp):
+    """(model, a line describing it, the run's default name): Linear-Llama3 from cfg, or with
+    --hf-config a Hugging Face model parallelized over sp (its mixers run through lasp2)."""
+    if cfg is not None:
+        return LinearLlama(cfg), f"{args.preset} (pattern {cfg.layer_pattern}, linear {cfg.linear_kind})", \
+            f"{args.preset}-{cfg.linear_kind}-{cfg.layer_pattern}"
+    try:
+        from .integrations.transformers import causal_lm_from_config
+    except ImportError as exc:
+        raise ConfigError(f"--hf-config {args.hf_config}: {exc}") from None
+    try:
+        model = causal_lm_from_config(args.hf_config, vocab_size, sp)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--hf-config {args.hf_config}: {exc}") from None
+    model_type = model.model.config.model_type
+    return model, f"Hugging Face {model_type} ({args.hf_config})", f"hf-{model_type}"
+
+
 def train(args, dims: ParallelDims, stream=sys.stdout) -> dict:
     """Runs the configured training; returns {"losses": [...], "val_loss": ..., "run_dir": ...}."""
     data = load_tokens(args.data, args.tokenizer, args.val_fraction, args.seq_len + 1,
                        documents=args.packing == "documents", doc_sep=args.doc_sep)
-    cfg = model_config(args, data.vocab_size)
+    cfg = None if args.hf_config else model_config(args, data.vocab_size)
     check_args(args, dims, cfg)
-    run_dir = Path(args.out or f"runs/{args.preset}-{cfg.linear_kind}-{cfg.layer_pattern}")
-    torch.manual_seed(args.seed)
-    model = LinearLlama(cfg).to(dims.device)
-    delta = args.sp_linear if cfg.linear_kind in DELTA_KINDS else "lasp2"  # --sp-linear serves either family
+    delta = args.sp_linear if cfg is not None and cfg.linear_kind in DELTA_KINDS else "lasp2"  # either family
     sp = SequenceParallel(dims.sp_group, linear=args.sp_linear, softmax=args.sp_softmax, layout=args.layout,
                           chunk_size=args.chunk_size, delta=delta)
+    torch.manual_seed(args.seed)
+    model, about, name = build_model(args, cfg, data.vocab_size, sp)
+    model = model.to(dims.device)
+    run_dir = Path(args.out or f"runs/{name}")
     optimizer = make_optimizer(model, args)
     progress, start = Progress(args.steps, dims.is_main, args.log_every, stream), 0
     resume_from = checkpoint.latest(run_dir) if args.resume else None
@@ -227,8 +250,7 @@ def train(args, dims: ParallelDims, stream=sys.stdout) -> dict:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     metrics = MetricsLog(run_dir / "metrics.jsonl", dims.is_main)
     progress.note(
-        f"model {args.preset} (pattern {cfg.layer_pattern}, linear {cfg.linear_kind}): {count_parameters(cfg) / 1e6:.2f}M "
-        f"parameters | data {data.description}: {len(data.train) / 1e6:.2f}M train, {len(data.val) / 1e3:.0f}k val tokens, "
+        f"model {about}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | data {data.description}: {len(data.train) / 1e6:.2f}M train, {len(data.val) / 1e3:.0f}k val tokens, "
         f"vocab {data.vocab_size} | dp {dims.dp} x sp {dims.sp} ({args.sp_linear} + {args.sp_softmax}, {args.layout}) on "
         f"{dims.device.type}" + (f" | resumed from {resume_from.name}" if resume_from else "")
     )
@@ -249,8 +271,7 @@ def train(args, dims: ParallelDims, stream=sys.stdout) -> dict:
         if args.ckpt_every and ((step + 1) % args.ckpt_every == 0 or step + 1 == last):
             checkpoint.save(run_dir, step, model, optimizer, dims, {"args": vars(args)})
     if dims.is_main and (run_dir / "metrics.jsonl").is_file():
-        plotted = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png",
-                              f"{args.preset} {cfg.layer_pattern} {cfg.linear_kind}")
+        plotted = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", about)
         plot = "loss.png" if plotted else "no loss.png (matplotlib is not installed: pip install lasp2[bench])"
         progress.note(f"final loss {losses[-1] if losses else float('nan'):.4f}, validation {val_loss:.4f}; "
                       f"wrote {run_dir}/metrics.jsonl, {plot}, checkpoints/")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 try:
-    import transformers  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_utils import AttentionInterface
 except ImportError as exc:  # the library works without transformers; this module needs it
     raise ImportError("lasp2.integrations.transformers needs transformers: pip install 'lasp2[hf]'") from exc
@@ -250,3 +250,28 @@ def shard_batch(sp, input_ids, labels=None, position_ids=None) -> dict:
         out["labels"] = out["shift_labels"]  # transformers computes the loss only when labels are given
         out["num_items_in_batch"] = (shift != -100).sum()
     return out
+
+
+class CausalLM(torch.nn.Module):
+    """A parallelized Hugging Face causal LM behind the trainer's model interface:
+    forward(tokens [B, C], positions [C], ctx) -> logits [B, C, vocab] (ctx: the sequence-parallel
+    context, bound to a packed row's documents or not)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, positions, ctx):
+        documents = getattr(ctx, "cu_seqlens", None)
+        kwargs = {} if documents is None else {"cu_seq_lens_q": documents}
+        return self.model(input_ids=tokens, position_ids=positions.expand(tokens.shape[0], -1), use_cache=False,
+                          **kwargs).logits
+
+
+def causal_lm_from_config(path: str, vocab_size: int, sp) -> CausalLM:
+    """A freshly initialised causal LM from a local config.json (the file or its directory),
+    parallelized over `sp`, for the trainer's token ids below `vocab_size`."""
+    config = AutoConfig.from_pretrained(path)
+    if config.vocab_size < vocab_size:
+        raise ValueError(f"its vocab_size {config.vocab_size} is smaller than the data's {vocab_size} token ids")
+    return CausalLM(parallelize(AutoModelForCausalLM.from_config(config), sp))

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
     (["--hybrid", "2/3", "--steps", "1"], {}, "--hybrid 2/3"),
     (["--pattern", "LLX"], {}, "--pattern LLX"),
     (["--doc-sep", "\\n\\n"], {}, "--doc-sep"),
+    (["--hf-config", "/no/such/config.json"], {}, "--hf-config /no/such/config.json"),
 ])
 def test_bad_configuration_is_one_line(capsys, monkeypatch, tmp_path, args, env, flag):
     for key, value in env.items():

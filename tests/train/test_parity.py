@@ -122,3 +122,25 @@ def documents_corpus(tmp_path_factory):
 def test_parity_of_packed_documents(dist_workers, tmp_path, documents_corpus, kind):
     check_case(dist_workers, tmp_path, kind, "LLLN", [("sp2", "zigzag"), ("sp2", "contiguous")],
                ["--packing", "documents", "--data", str(documents_corpus)])
+
+
+@pytest.fixture(scope="module")
+def hf_config(tmp_path_factory):
+    """A tiny Qwen3-Next config.json (3 Gated DeltaNet layers : 1 gated attention, MoE); its
+    vocabulary covers bytes and the end-of-document token."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("hf") / "config.json"
+    transformers.Qwen3NextConfig(
+        vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+        shared_expert_intermediate_size=8, full_attention_interval=4).to_json_file(path)
+    return path
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["rows", "packed"])
+def test_parity_of_a_hugging_face_model(dist_workers, tmp_path, hf_config, documents_corpus, packing):
+    extra = ["--hf-config", str(hf_config), "--adam-eps", "1e-6", "--lr", "1e-3"]
+    if packing:
+        extra += ["--packing", "documents", "--data", str(documents_corpus)]
+    check_case(dist_workers, tmp_path, "basic", "LLLN", [("sp2", "zigzag"), ("dp2sp2", "contiguous")], extra)
