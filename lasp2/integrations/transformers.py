@@ -12,7 +12,7 @@ registered attention function. `shard_batch` hands each rank its tokens, their g
 per-document) positions, the labels shifted on the whole sequence (`shift_labels`) and the
 number of labelled tokens of the whole batch, so the ranks' losses add up to the global mean.
 
-Supported so far (transformers 5.24): Qwen3-Next and OLMo-hybrid (Gated DeltaNet), Kimi Linear
+Supported (transformers 5.24): Qwen3-Next, Qwen3.5 (text) and OLMo-hybrid (Gated DeltaNet), Kimi Linear
 (KDA, MLA), MiniMax (lightning attention), Mamba2, Bamba, NemotronH and GraniteMoeHybrid (SSD), mixers
 and attention.
 """
@@ -87,6 +87,20 @@ class _SPQwen3NextGatedDeltaNet:
         mixed = torch.cat([x.reshape(b, c, -1) for x in (query, key, value)], dim=-1)
         core = _gated_delta_core(self, mixed, beta_logit.sigmoid(), a)
         core = self.norm(core.reshape(-1, core.shape[-1]), z.reshape(-1, z.shape[-1])).reshape(b, c, -1)
+        return self.out_proj(core)
+
+
+class _SPQwen3_5GatedDeltaNet:
+    """Qwen3_5GatedDeltaNet's forward on this rank's shard (Qwen3.5: separate qkv, z, b, a
+    projections), then the shared core, RMSNorm·silu(z)."""
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        _check_training_call(type(self).__name__, cache, attention_mask)
+        b, c, _ = hidden_states.shape
+        core = _gated_delta_core(self, self.in_proj_qkv(hidden_states), self.in_proj_b(hidden_states).sigmoid(),
+                                 self.in_proj_a(hidden_states))
+        z = self.in_proj_z(hidden_states)
+        core = self.norm(core.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim)).reshape(b, c, -1)
         return self.out_proj(core)
 
 
@@ -187,16 +201,19 @@ class _SPMamba2Mixer:
 
 
 # class name of a token mixer -> the subclass body that runs it through sp
-MIXERS = {"Qwen3NextGatedDeltaNet": _SPQwen3NextGatedDeltaNet, "OlmoHybridGatedDeltaNet": _SPOlmoHybridGatedDeltaNet,
+MIXERS = {"Qwen3NextGatedDeltaNet": _SPQwen3NextGatedDeltaNet, "Qwen3_5GatedDeltaNet": _SPQwen3_5GatedDeltaNet,
+          "Qwen3_5MoeGatedDeltaNet": _SPQwen3_5GatedDeltaNet, "OlmoHybridGatedDeltaNet": _SPOlmoHybridGatedDeltaNet,
           "KimiLinearDeltaAttention": _SPKimiLinearDeltaAttention,
           "MiniMaxLightningAttention": _SPMiniMaxLightningAttention, "Mamba2Mixer": _SPMamba2Mixer,
           "BambaMixer": _SPMamba2Mixer, "NemotronHMamba2Mixer": _SPMamba2Mixer,
           "GraniteMoeHybridMambaLayer": _SPMamba2Mixer}
 # class names of the softmax attention modules routed through the registered function
-ATTENTIONS = ("Qwen3NextAttention", "OlmoHybridAttention", "KimiLinearAttention", "MiniMaxAttention", "BambaAttention",
-              "NemotronHAttention", "GraniteMoeHybridAttention")
+ATTENTIONS = ("Qwen3NextAttention", "Qwen3_5Attention", "Qwen3_5MoeAttention", "OlmoHybridAttention",
+              "KimiLinearAttention", "MiniMaxAttention", "BambaAttention", "NemotronHAttention",
+              "GraniteMoeHybridAttention")
 # model types whose every token mixer is covered
-FAMILIES = ("qwen3_next", "olmo_hybrid", "kimi_linear", "minimax", "mamba2", "bamba", "nemotron_h", "granitemoehybrid")
+FAMILIES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "kimi_linear", "minimax", "mamba2",
+            "bamba", "nemotron_h", "granitemoehybrid")
 
 
 def parallelize(model, sp):

@@ -75,7 +75,25 @@ def granite_config():
         layer_types=["mamba", "mamba", "mamba", "attention"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+def qwen3_5_config():
+    return transformers.Qwen3_5TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+        linear_value_head_dim=8, linear_conv_kernel_dim=4,
+        layer_types=["linear_attention"] * 3 + ["full_attention"])
+
+
+def qwen3_5_moe_config():
+    return transformers.Qwen3_5MoeTextConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=8,
+        layer_types=["linear_attention"] * 3 + ["full_attention"])
+
+
 FAMILIES = {"qwen3_next": (qwen3_next_config, "Qwen3NextForCausalLM"),
+            "qwen3_5": (qwen3_5_config, "Qwen3_5ForCausalLM"),
+            "qwen3_5_moe": (qwen3_5_moe_config, "Qwen3_5MoeForCausalLM"),
             "olmo_hybrid": (olmo_hybrid_config, "OlmoHybridForCausalLM"),
             "kimi_linear": (kimi_linear_config, "KimiLinearForCausalLM"),
             "minimax": (minimax_config, "MiniMaxForCausalLM"),
@@ -219,7 +237,7 @@ def adamw_steps(group, family, steps=2):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "bamba"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_two_adamw_steps_give_equal_parameters(dist_workers, family):
     want = adamw_steps(None, family)
     got = dist_workers.run(adamw_steps, (0, 1), family)[0]
