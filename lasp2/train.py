@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--warmup", type=int, default=20, help=f"steps of linear warmup {d}")
     opt.add_argument("--weight-decay", type=float, default=0.1, help=f"AdamW weight decay on matrices {d}")
     opt.add_argument("--clip", type=float, default=1.0, help=f"gradient-norm clip {d}")
+    opt.add_argument("--grad-accum", type=int, default=1,
+                     help=f"micro-batches per optimizer step, each batch-size / dp / grad-accum rows {d}")
     opt.add_argument("--adam-eps", type=float, default=1e-8, help=f"AdamW epsilon {d}")
     opt.add_argument("--seed", type=int, default=0, help=f"seed of the weights and of the data order {d}")
     run = p.add_argument_group("run")
@@ -106,6 +108,9 @@ def check_args(args, dims: ParallelDims, cfg) -> None:
                           f"(the {args.layout} layout over --sp {args.sp} cuts each sequence into {slots} equal slots)")
     if args.batch_size < 1 or args.batch_size % dims.dp:
         raise ConfigError(f"--batch-size {args.batch_size} must be a positive multiple of dp = {dims.dp}")
+    if args.grad_accum < 1 or (args.batch_size // dims.dp) % args.grad_accum:
+        raise ConfigError(f"--grad-accum {args.grad_accum} must divide the {args.batch_size // dims.dp} rows each "
+                          f"data-parallel rank takes of --batch-size {args.batch_size}")
     if args.doc_sep is not None and args.packing != "documents":
         raise ConfigError(f"--doc-sep {args.doc_sep!r} separates documents for --packing documents; "
                           f"it means nothing with --packing {args.packing}")
@@ -168,11 +173,13 @@ def _nll(model, inputs, labels, positions, ctx, device):
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
 
 
-def sequence_loss(model, sp, dims, batch, args):
+def sequence_loss(model, sp, dims, batch, args, part: int = 0, parts: int = 1):
     """This rank's share of the mean token loss of the global batch ([B, T+1] rows, their
-    documents or None)."""
+    documents or None), from the `part`-th of `parts` equal slices of its rows (micro-batches
+    of gradient accumulation; the mean stays over every token of the global batch)."""
     tokens, documents, skip = batch
-    rows, first = args.batch_size // dims.dp, dims.dp_rank * (args.batch_size // dims.dp)
+    rows = args.batch_size // dims.dp // parts
+    first = dims.dp_rank * (args.batch_size // dims.dp) + part * rows
     mine = tokens[first:first + rows].to(dims.device)
     if documents is None:
         inputs, labels = sp.shard(mine[:, :-1]), sp.shard(mine[:, 1:])  # shift first, then shard
@@ -192,13 +199,16 @@ def sequence_loss(model, sp, dims, batch, args):
 
 def train_step(model, optimizer, sp, dims, data, step, args) -> float:
     batch = make_batch(data.train, data.train_starts, data.end_token, args.seed, step, args)
-    loss = sequence_loss(model, sp, dims, batch, args)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss = 0.0
+    for part in range(args.grad_accum):  # micro-batches: their gradients add up to the batch's
+        micro = sequence_loss(model, sp, dims, batch, args, part, args.grad_accum)
+        micro.backward()
+        loss = loss + micro.detach()
     reduce_gradients(model.parameters(), dims)  # sum over dp x sp: the gradient of the global mean
     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
     optimizer.step()
-    return sum_over_ranks(loss.detach(), dims).item()
+    return sum_over_ranks(loss, dims).item()
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
     (["--pattern", "LLX"], {}, "--pattern LLX"),
     (["--doc-sep", "\\n\\n"], {}, "--doc-sep"),
     (["--hf-config", "/no/such/config.json"], {}, "--hf-config /no/such/config.json"),
+    (["--grad-accum", "3"], {}, "--grad-accum 3 must divide the 8 rows"),
 ])
 def test_bad_configuration_is_one_line(capsys, monkeypatch, tmp_path, args, env, flag):
     for key, value in env.items():

@@ -144,3 +144,13 @@ def test_parity_of_a_hugging_face_model(dist_workers, tmp_path, hf_config, docum
     if packing:
         extra += ["--packing", "documents", "--data", str(documents_corpus)]
     check_case(dist_workers, tmp_path, "basic", "LLLN", [("sp2", "zigzag"), ("dp2sp2", "contiguous")], extra)
+
+
+@pytest.mark.parametrize("mesh", ["single", "sp2", "dp2sp2"])
+def test_gradient_accumulation_equals_the_whole_batch_in_one_step(dist_workers, tmp_path, mesh):
+    """--grad-accum 2 (two micro-batches of half the rows) against the same global batch in one
+    micro-batch, pure lightning (the least chaotic control of the sweep above): 1e-5."""
+    ref = run(dist_workers, "single", argv(tmp_path / "one", "lightning", "L", "zigzag"))
+    got = run(dist_workers, mesh, argv(tmp_path / mesh, "lightning", "L", "zigzag", ["--grad-accum", "2"]))
+    loss, val, whole, tensor = differences(got, ref)
+    assert max(loss, val, whole) <= TOL and tensor <= PER_TENSOR_TOL, (loss, val, whole, tensor)
