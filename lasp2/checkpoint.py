@@ -63,6 +63,58 @@ def latest(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def problem(path: Path, rank: int) -> str | None:
+    """Why the checkpoint at `path` cannot be loaded (a missing or truncated file, named), or None.
+    Reads DCP's metadata and checks that every byte range it lists is on disk; the same answer
+    on every rank (a shared file system), so no rank loads what another refuses."""
+    path = Path(path)
+    for name in (TRAINER_STATE, ".metadata", f"rng_rank{rank}.pt"):
+        if not (path / name).is_file():
+            return f"{path / name} is missing"
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as exc:  # a truncated or garbled metadata file
+        return f"{path / '.metadata'} cannot be read ({type(exc).__name__})"
+    needed = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size < size:
+            return f"{file} is truncated ({file.stat().st_size} of {size} bytes)"
+    return None
+
+
+def usable(run_dir: Path, rank: int, warn) -> Path | None:
+    """The newest checkpoint that can be loaded; each newer one that cannot is reported with
+    `warn(line)` naming its broken file. None when there is none."""
+    root = Path(run_dir) / "checkpoints"
+    complete = sorted((p for p in root.glob("step_*") if p.suffix != ".tmp" and (p / TRAINER_STATE).is_file()),
+                      reverse=True)
+    for candidate in complete:
+        why = problem(candidate, rank)
+        if why is None:
+            return candidate
+        warn(f"checkpoint {candidate.name} cannot be loaded: {why}; trying the one before it")
+    return None
+
+
+def saved_state(path: Path) -> dict:
+    """The trainer state a checkpoint holds (step, args, model), without loading the weights."""
+    return json.loads((Path(path) / TRAINER_STATE).read_text())
+
+
+def model_differences(saved: dict | None, current: dict) -> list[str]:
+    """'field (saved -> now)' for every model field that differs between a checkpoint's model
+    description and this run's."""
+    if saved is None:
+        return []
+    return [f"{key} ({saved.get(key)!r} -> {current.get(key)!r})" for key in sorted(set(saved) | set(current))
+            if saved.get(key) != current.get(key)]
+
+
 def load(path: Path, model, optimizer, dims: ParallelDims) -> dict:
     """Restores model, optimizer and this rank's RNG; returns the trainer state (step, ...)."""
     rng_file = Path(path) / f"rng_rank{dims.rank}.pt"

@@ -13,6 +13,8 @@ dp x sp ranks, which is the gradient of that mean whatever dp and sp are.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import sys
 import time
@@ -219,6 +221,15 @@ def evaluate(model, sp, dims, data, args) -> float:
     return sum_over_ranks(torch.stack(losses).mean(), dims).item()
 
 
+def describe(model) -> dict:
+    """The fields that define the model's parameters (saved with each checkpoint, compared on
+    resume): Linear-Llama3's configuration, or the Hugging Face model's config."""
+    config = model.cfg if hasattr(model, "cfg") else model.model.config
+    fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config.to_diff_dict()
+    fields = {k: v for k, v in fields.items() if k not in ("checkpointing", "_attn_implementation")}
+    return json.loads(json.dumps(fields))  # as the checkpoint's JSON holds it (tuples become lists)
+
+
 def build_model(args, cfg, vocab_size: int, sp):
     """(model, a line describing it, the run's default name): Linear-Llama3 from cfg, or with
     --hf-config a Hugging Face model parallelized over sp (its mixers run through lasp2)."""
@@ -252,8 +263,12 @@ def train(args, dims: ParallelDims, stream=sys.stdout) -> dict:
     run_dir = Path(args.out or f"runs/{name}")
     optimizer = make_optimizer(model, args)
     progress, start = Progress(args.steps, dims.is_main, args.log_every, stream), 0
-    resume_from = checkpoint.latest(run_dir) if args.resume else None
+    resume_from = checkpoint.usable(run_dir, dims.rank, progress.note) if args.resume else None
     if resume_from is not None:
+        differ = checkpoint.model_differences(checkpoint.saved_state(resume_from).get("model"), describe(model))
+        if differ:
+            raise ConfigError(f"--resume {resume_from}: the checkpoint's model differs from this run's in "
+                              + ", ".join(differ))
         start = checkpoint.load(resume_from, model, optimizer, dims)["step"] + 1
     elif dims.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -279,7 +294,7 @@ def train(args, dims: ParallelDims, stream=sys.stdout) -> dict:
             val_loss = evaluate(model, sp, dims, data, args)
             metrics.write(step=step, val_loss=val_loss)
         if args.ckpt_every and ((step + 1) % args.ckpt_every == 0 or step + 1 == last):
-            checkpoint.save(run_dir, step, model, optimizer, dims, {"args": vars(args)})
+            checkpoint.save(run_dir, step, model, optimizer, dims, {"args": vars(args), "model": describe(model)})
     if dims.is_main and (run_dir / "metrics.jsonl").is_file():
         plotted = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", about)
         plot = "loss.png" if plotted else "no loss.png (matplotlib is not installed: pip install lasp2[bench])"
