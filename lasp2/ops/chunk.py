@@ -9,7 +9,7 @@ from .chunk_kernels import (add_incoming, add_inter_output, add_outgoing_grad, g
                             key_side_grads, query_side_grads, state_pass)
 from .chunk_layout import ChunkedSeq
 from .documents import (add_state_tokens, check_cu_seqlens, check_document_states, check_readable, document_starts,
-                        read_states, reset_log_decay, scatter_tokens, with_state_tokens)
+                        each_document, read_states, reset_log_decay, scatter_tokens, with_state_tokens)
 from .precision import without_autocast
 
 
@@ -58,11 +58,8 @@ def _packed(q, k, v, log_decay, initial_state, output_final_state, shape, scale,
     per-document states through state tokens, in the compute dtype."""
     fn = "chunk_linear_attn"
     if not causal:  # every token sees its whole document: one bidirectional call per document
-        bounds = cu_seqlens.tolist()
-        parts = [bidirectional_linear_attn(q[:, a:b], k[:, a:b], v[:, a:b],
-                                           None if initial_state is None else initial_state[d:d + 1], scale)
-                 for d, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-        return torch.cat([o for o, _ in parts], dim=1), torch.cat([state for _, state in parts])
+        return each_document(cu_seqlens, initial_state, lambda span, state: bidirectional_linear_attn(
+            q[:, span], k[:, span], v[:, span], state, scale))
     check_readable(fn, scale, output_final_state)
     H, K, T, dtype = shape.num_heads, shape.key_dim, shape.seq_len, compute_dtype(shape.dtype)
     if initial_state is None and not output_final_state:

@@ -161,7 +161,7 @@ def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: in
 
     qc, kc = prepare(q, shape.group), prepare(k, shape.group)  # [B, H, n, L, K]
     vc, bc = prepare(v), prepare(beta)  # [B, H, n, L, V], [B, H, n, L]
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    causal = _tril(L, q.device)
     gamma = decay = decay_end = to_start = to_end = None
     if shape.decay != DECAY_NONE:
         gamma = torch.cumsum(prepare(log_decay), dim=3)  # [B, H, n, L(, K)]
@@ -198,7 +198,7 @@ def add_query_side(x: DeltaChunks) -> DeltaChunks:
     """Fills Q̃, P, Qe = Q̃ − P W and P Ū: what the outputs need beyond the states."""
     L = x.q.shape[3]
     x.qg = x.q if x.to_start is None else x.q * x.to_start
-    causal = torch.ones(L, L, dtype=torch.bool, device=x.q.device).tril()
+    causal = _tril(L, x.q.device)
     x.P = _scores(x.q, x.k, x.decay).masked_fill(~causal, 0.0)
     x.Qe = torch.baddbmm(x.qg.flatten(0, 2), x.P.flatten(0, 2), x.W.flatten(0, 2), alpha=-1).view_as(x.qg)
     x.PU = x.P @ x.U_bar

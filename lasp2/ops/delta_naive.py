@@ -15,7 +15,7 @@ import torch
 
 from .checks import DECAY_CHANNEL, DECAY_TOKEN, compute_dtype
 from .delta_checks import check_delta_rule_inputs
-from .documents import check_cu_seqlens, check_document_states
+from .documents import check_cu_seqlens, check_document_states, each_document
 
 
 def naive_recurrent_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None, cu_seqlens=None):
@@ -43,12 +43,9 @@ def naive_recurrent_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, ini
     if cu_seqlens is not None:  # each document alone, joined
         check_cu_seqlens(fn, cu_seqlens, shape.seq_len, shape.batch)
         check_document_states(fn, initial_state, cu_seqlens, (shape.value_heads, shape.key_dim, shape.value_dim))
-        bounds = cu_seqlens.tolist()
-        parts = [naive_recurrent_delta_rule(
-            q[:, a:b], k[:, a:b], v[:, a:b], beta[:, a:b], None if log_decay is None else log_decay[:, a:b],
-            scale=scale, initial_state=None if initial_state is None else initial_state[d:d + 1])
-            for d, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-        return torch.cat([o for o, _ in parts], dim=1), torch.cat([state for _, state in parts])
+        return each_document(cu_seqlens, initial_state, lambda span, state: naive_recurrent_delta_rule(
+            q[:, span], k[:, span], v[:, span], beta[:, span], None if log_decay is None else log_decay[:, span],
+            scale=scale, initial_state=state))
     dtype = compute_dtype(shape.dtype)
     scale = 1.0 if scale is None else float(scale)
     G = shape.group

@@ -76,6 +76,16 @@ def positions_in_documents(cu_seqlens: torch.Tensor, seq_len: int, device) -> to
     return torch.arange(seq_len, device=device) - cu_seqlens.to(device)[ids]
 
 
+def each_document(cu_seqlens: torch.Tensor, initial_state, run):
+    """Every document alone: run(span, its initial state [1, ...] or None) -> (o [B, n, ...], final
+    state [1, ...]) for each span (a slice of the packed row); -> (the outputs joined along the
+    row, the final states stacked [N, ...])."""
+    bounds = cu_seqlens.tolist()
+    parts = [run(slice(a, b), None if initial_state is None else initial_state[d:d + 1])
+             for d, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    return torch.cat([o for o, _ in parts], dim=1), torch.cat([state for _, state in parts])
+
+
 def reset_log_decay(log_decay: torch.Tensor | None, kind: str, resets: torch.Tensor, num_heads: int, key_dim: int,
                     dtype: torch.dtype) -> tuple[torch.Tensor, str]:
     """A linear-attention log decay of any form (None, [H], [1, T, H], [1, T, H, K]) with

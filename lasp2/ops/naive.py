@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_NONE, DECAY_TOKEN, check_linear_attn_inputs, compute_dtype
-from .documents import check_cu_seqlens, check_document_states
+from .documents import check_cu_seqlens, check_document_states, each_document
 
 
 def naive_recurrent_linear_attn(q, k, v, log_decay=None, *, scale=None, initial_state=None, causal=True,
@@ -41,13 +41,10 @@ def naive_recurrent_linear_attn(q, k, v, log_decay=None, *, scale=None, initial_
     if cu_seqlens is not None:  # each document alone, joined
         check_cu_seqlens(fn, cu_seqlens, shape.seq_len, shape.batch)
         check_document_states(fn, initial_state, cu_seqlens, (shape.num_heads, shape.key_dim, shape.value_dim))
-        bounds = cu_seqlens.tolist()
-        parts = [naive_recurrent_linear_attn(
-            q[:, a:b], k[:, a:b], v[:, a:b],
-            log_decay if log_decay is None or log_decay.dim() == 1 else log_decay[:, a:b], scale=scale,
-            initial_state=None if initial_state is None else initial_state[d:d + 1], causal=causal)
-            for d, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-        return torch.cat([o for o, _ in parts], dim=1), torch.cat([state for _, state in parts])
+        return each_document(cu_seqlens, initial_state, lambda span, state: naive_recurrent_linear_attn(
+            q[:, span], k[:, span], v[:, span],
+            log_decay if log_decay is None or log_decay.dim() == 1 else log_decay[:, span], scale=scale,
+            initial_state=state, causal=causal))
     dtype = compute_dtype(q.dtype)
     scale = 1.0 if scale is None else float(scale)
     b, t, h, dk, dv = shape.batch, shape.seq_len, shape.num_heads, shape.key_dim, shape.value_dim

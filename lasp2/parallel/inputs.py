@@ -15,7 +15,7 @@ from ..ops.checks import (LinearAttnShape, SoftmaxAttnShape, check_chunk_size, c
                           check_softmax_attn_inputs, compute_dtype)
 from ..ops.chunk import effective_chunk_size
 from ..ops.delta_checks import DeltaRuleShape, check_delta_rule_inputs
-from ..ops.documents import check_cu_seqlens, document_ids, reset_log_decay
+from ..ops.documents import check_cu_seqlens, document_ids, document_starts, reset_log_decay
 from .comm import checked_across_group, group_rank_size
 from .layout import Layout
 
@@ -73,10 +73,8 @@ def _packed_shard(fn: str, cu_seqlens, lay: Layout, rank: int, local_len: int, b
                          f"tokens hold {total}: with cu_seqlens every rank passes an equal shard of the packed row")
     check_cu_seqlens(fn, cu_seqlens, total, batch)
     positions = lay.local_positions(rank, local_len // lay.slots_per_rank, device)
-    doc_ids = document_ids(cu_seqlens, total, device)
-    resets = torch.zeros(total, dtype=torch.bool, device=device)
-    resets[cu_seqlens[:-1].to(device)] = True
-    return PackedShard(cu_seqlens, positions, resets[positions][None], doc_ids)
+    resets = document_starts(cu_seqlens, total, device)[positions][None]
+    return PackedShard(cu_seqlens, positions, resets, document_ids(cu_seqlens, total, device))
 
 
 def _documents_code(cu_seqlens) -> tuple:
