@@ -4,6 +4,10 @@ A save writes everything into <run>/checkpoints/step_NNNNNNN.tmp/ (model and opt
 through DCP, each rank's RNG state, the trainer state as JSON), waits for every rank, then
 renames the directory to step_NNNNNNN/ and replaces the `latest` pointer. A crash at any point
 leaves either the previous checkpoint as latest or a .tmp directory that is never loaded.
+
+The state dicts are sharded (FSDP2's DTensors, or whole tensors when replicated) and DCP
+reshards on load, so a run may resume on another number of processes or another dp x sp split;
+the RNG states then cannot follow the ranks and each rank reseeds from (seed, step, rank).
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ def save(run_dir: Path, step: int, model, optimizer, dims: ParallelDims, trainer
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tmp / f"rng_rank{dims.rank}.pt")
     if dims.is_main:
-        (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        state = {"step": step, "world": dims.world, **trainer_state}
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
     barrier(dims)
     if dims.is_main:
         shutil.rmtree(final, ignore_errors=True)
@@ -63,14 +68,22 @@ def latest(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def problem(path: Path, rank: int) -> str | None:
+def problem(path: Path) -> str | None:
     """Why the checkpoint at `path` cannot be loaded (a missing or truncated file, named), or None.
-    Reads DCP's metadata and checks that every byte range it lists is on disk; the same answer
-    on every rank (a shared file system), so no rank loads what another refuses."""
+    Reads DCP's metadata and checks that every byte range it lists is on disk, and that every
+    saving rank's RNG file is there; the same answer on every rank (a shared file system), so no
+    rank loads what another refuses."""
     path = Path(path)
-    for name in (TRAINER_STATE, ".metadata", f"rng_rank{rank}.pt"):
+    for name in (TRAINER_STATE, ".metadata"):
         if not (path / name).is_file():
             return f"{path / name} is missing"
+    try:
+        world = int(json.loads((path / TRAINER_STATE).read_text()).get("world", 1))
+    except (ValueError, TypeError):
+        return f"{path / TRAINER_STATE} cannot be read"
+    for rank in range(world):
+        if not (path / f"rng_rank{rank}.pt").is_file():
+            return f"{path / f'rng_rank{rank}.pt'} is missing"
     try:
         metadata = dcp.FileSystemReader(str(path)).read_metadata()
     except Exception as exc:  # a truncated or garbled metadata file
@@ -87,14 +100,14 @@ def problem(path: Path, rank: int) -> str | None:
     return None
 
 
-def usable(run_dir: Path, rank: int, warn) -> Path | None:
+def usable(run_dir: Path, warn) -> Path | None:
     """The newest checkpoint that can be loaded; each newer one that cannot is reported with
     `warn(line)` naming its broken file. None when there is none."""
     root = Path(run_dir) / "checkpoints"
     complete = sorted((p for p in root.glob("step_*") if p.suffix != ".tmp" and (p / TRAINER_STATE).is_file()),
                       reverse=True)
     for candidate in complete:
-        why = problem(candidate, rank)
+        why = problem(candidate)
         if why is None:
             return candidate
         warn(f"checkpoint {candidate.name} cannot be loaded: {why}; trying the one before it")
@@ -115,17 +128,23 @@ def model_differences(saved: dict | None, current: dict) -> list[str]:
             if saved.get(key) != current.get(key)]
 
 
-def load(path: Path, model, optimizer, dims: ParallelDims) -> dict:
-    """Restores model, optimizer and this rank's RNG; returns the trainer state (step, ...)."""
-    rng_file = Path(path) / f"rng_rank{dims.rank}.pt"
-    if not rng_file.is_file():
-        raise FileNotFoundError(f"{path} has no RNG state for rank {dims.rank}: resume with the same number of processes")
+def load(path: Path, model, optimizer, dims: ParallelDims, seed: int, warn) -> dict:
+    """Restores model and optimizer (resharded by DCP to this run's ranks) and, when the run has
+    as many processes as the one that saved, this rank's RNG state; otherwise every rank reseeds
+    from (seed, step, rank) and `warn` says so. Returns the trainer state (step, ...)."""
+    state = saved_state(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path), **_dcp_kwargs(dims))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng = torch.load(rng_file, weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return json.loads((Path(path) / TRAINER_STATE).read_text())
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=str(path), **_dcp_kwargs(dims))
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    saved_world = int(state.get("world", 1))
+    if saved_world == dims.world:
+        rng = torch.load(Path(path) / f"rng_rank{dims.rank}.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:
+        torch.manual_seed(hash((seed, state["step"], dims.rank)) % 2**63)
+        warn(f"{Path(path).name} was saved by {saved_world} processes and this run has {dims.world}: model and "
+             f"optimizer resharded, random streams reseeded from (seed, step, rank)")
+    return state

@@ -5,9 +5,11 @@ Sources (`--data`):
                    a real corpus on every machine, nothing to download
   a text file      or a directory of them (every file below it, sorted by path)
   a .npy file      an integer token array (np.load, memory-mapped)
-  a .bin file      raw uint16 tokens (nanoGPT's format)
+  a .bin file      raw uint16 tokens (nanoGPT's format, memory-mapped)
 Text is tokenised as bytes (vocab 256) unless `--tokenizer` names a local `tokenizers` JSON
-file (or a directory holding tokenizer.json).
+file (or a directory holding tokenizer.json). Token files stay on disk: batches read their rows
+from the memory map, and nothing scans the whole file, so the vocabulary comes from
+`--vocab-size` or the tokenizer (a batch holding a larger id is refused when it is drawn).
 
 Packing (`--packing documents`): the corpus is a sequence of documents (each text file, or the
 pieces between `--doc-sep` strings; in a .npy/.bin corpus the token id `--doc-sep` ends each),
@@ -87,21 +89,43 @@ def _documents_of_text(files, doc_sep: str | None) -> list[bytes]:
     return [piece for f in files for piece in f.read_bytes().split(sep)]
 
 
+def _token_file_vocab(data: str, tokenizer: str | None, vocab_size: int | None) -> int:
+    if vocab_size is not None:
+        return vocab_size
+    if tokenizer is not None:
+        return _tokenizer(tokenizer)[1]
+    raise DataError(f"--data {data}: give --vocab-size (or the --tokenizer that made it); a token file's vocabulary "
+                    f"is not found by scanning every token")
+
+
+def _positions_of(tokens: np.ndarray, token: int, block: int = 1 << 24) -> np.ndarray:
+    """Where `token` occurs in a (memory-mapped) array, read a block at a time."""
+    return np.concatenate([np.flatnonzero(tokens[i:i + block] == token) + i for i in range(0, len(tokens), block)]
+                          or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+
+
 def load_tokens(data: str | None, tokenizer: str | None, val_fraction: float, min_tokens: int,
-                documents: bool = False, doc_sep: str | None = None) -> TokenData:
+                documents: bool = False, doc_sep: str | None = None, vocab_size: int | None = None) -> TokenData:
     """Read the corpus and split off the last `val_fraction` of it for validation; with
-    `documents`, also find where its documents start (see the module's docstring)."""
+    `documents`, also find where its documents start (see the module's docstring). `vocab_size`:
+    the model's vocabulary (needed for token files unless a tokenizer gives it; for text, at least
+    the tokenizer's)."""
+    if vocab_size is not None and vocab_size < 1:
+        raise DataError(f"--vocab-size {vocab_size} must be >= 1")
     starts = end_token = None
     if data is not None and Path(data).suffix in (".npy", ".bin"):
         if not Path(data).is_file():
             raise DataError(f"--data {data}: no such file")
         tokens = np.load(data, mmap_mode="r") if data.endswith(".npy") else np.memmap(data, dtype=np.uint16, mode="r")
-        vocab, what = int(tokens.max()) + 1, f"{data} (pre-tokenised)"
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise DataError(f"--data {data}: a token file holds one array of integer ids, got {tokens.dtype} "
+                            f"of shape {tokens.shape}")
+        vocab, what = _token_file_vocab(data, tokenizer, vocab_size), f"{data} (pre-tokenised, memory-mapped)"
         if documents:
             if doc_sep is None or not doc_sep.isdigit():
                 raise DataError(f"--packing documents with --data {data}: give --doc-sep the token id that ends "
                                 f"each document, got {doc_sep!r}")
-            ends = np.flatnonzero(np.asarray(tokens) == int(doc_sep)) + 1
+            ends = _positions_of(tokens, int(doc_sep)) + 1
             if len(ends) == 0:
                 raise DataError(f"--doc-sep {doc_sep}: token id {doc_sep} never occurs in --data {data}")
             starts, end_token = np.concatenate([[0], ends[ends < len(tokens)]]), int(doc_sep)
@@ -121,12 +145,16 @@ def load_tokens(data: str | None, tokenizer: str | None, val_fraction: float, mi
             vocab, what = vocab + 1, f"{what}, {len(pieces)} documents"
         else:
             tokens = encode(b"".join(f.read_bytes() for f in files))
+        if vocab_size is not None:
+            if vocab_size < vocab:
+                raise DataError(f"--vocab-size {vocab_size} is smaller than the {vocab} ids the data's tokens take")
+            vocab = vocab_size
     n_val = max(min_tokens, int(len(tokens) * val_fraction))
     if len(tokens) < n_val + min_tokens:
         raise DataError(f"--data {data}: {len(tokens)} tokens, too few for sequences of {min_tokens - 1} "
                         f"plus a validation split")
     split = len(tokens) - n_val
-    out = TokenData(np.asarray(tokens[:split]), np.asarray(tokens[split:]), vocab, what)
+    out = TokenData(tokens[:split], tokens[split:], vocab, what)  # views: a memory map stays one
     if starts is not None:  # the validation part begins wherever the split falls: a start there too
         out.train_starts = starts[starts < split].astype(np.int64)
         out.val_starts = np.concatenate([[0], starts[starts > split] - split]).astype(np.int64)
@@ -156,3 +184,13 @@ def batch_for_step(tokens: np.ndarray, seed: int, step: int, batch_size: int, se
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
     return torch.from_numpy(np.stack([tokens[s:s + seq_len + 1].astype(np.int64) for s in starts]))
+
+
+def check_ids(rows: torch.Tensor, vocab_size: int, what: str) -> torch.Tensor:
+    """`rows` unchanged, or a DataError if an id is not below `vocab_size` (a token file's
+    vocabulary is given, not scanned, so each batch is checked as it is drawn)."""
+    top = int(rows.max())
+    if top >= vocab_size:
+        raise DataError(f"{what}: token id {top} is not below the vocabulary size {vocab_size}; give --vocab-size "
+                        f"(or --tokenizer) for this corpus")
+    return rows

@@ -1,8 +1,10 @@
-"""Process groups for training: a validated dp x sp layout of the ranks, from torchrun or given.
+"""Process groups for training: the dp x sp layout of a job's ranks, validated once and kept here.
 
-Ranks form a DeviceMesh with named axes ("dp", "sp"): sequences are split over "sp", batches
-over "dp", and every rank holds the whole model, so gradients are reduced over all dp x sp
-ranks. A single process (no torchrun) is dp = sp = 1 with no process group at all.
+The ranks form a DeviceMesh with axes ("dp", "sp"): sequences are split over "sp" (lasp2's
+collectives run on its groups) and batches over "dp". Its flattened axis "dp_sp" holds every
+rank of the job; FSDP2 shards parameters over it (torchtitan's dp_shard_cp) and the gradient of
+the global mean is summed over it. A single process (no torchrun) has no mesh at all. Every
+group the trainer uses is derived from the mesh.
 """
 from __future__ import annotations
 
@@ -12,31 +14,70 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+AXES = ("dp", "sp")
+FLAT_AXIS = "dp_sp"
 
 
 class ConfigError(ValueError):
     """A bad command-line configuration; the message names the flag."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelDims:
-    dp: int = 1
-    sp: int = 1
-    rank: int = 0
-    dp_rank: int = 0
-    world_group: object = None  # every rank of the run (gradient reduction); None: one process
-    dp_group: object = None
-    sp_group: object = None  # the sequence-parallel group; None when sp == 1
+    """The job's (dp, sp) mesh and its flattened dp_sp mesh (both None for one process), and the
+    device this rank computes on. Build meshes with `mesh_for`; the flattened one must be created
+    collectively, so it is passed in rather than derived here."""
+
+    mesh: DeviceMesh | None = None
+    flat_mesh: DeviceMesh | None = None
     device: torch.device = torch.device("cpu")
+
+    def __post_init__(self):
+        if (self.mesh is None) != (self.flat_mesh is None):
+            raise ValueError("ParallelDims: give both the (dp, sp) mesh and its flattened mesh, or neither")
+        if self.mesh is not None:
+            if self.mesh.mesh_dim_names != AXES or self.mesh.ndim != 2:
+                raise ValueError(f"ParallelDims: the mesh must have the axes {AXES}, got {self.mesh.mesh_dim_names}")
+            if self.flat_mesh.ndim != 1 or self.flat_mesh.size() != self.mesh.size():
+                raise ValueError(f"ParallelDims: the flattened mesh must be 1-D over the {self.mesh.size()} ranks of "
+                                 f"the mesh, got {self.flat_mesh}")
+
+    @property
+    def dp(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size(0)
+
+    @property
+    def sp(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size(1)
 
     @property
     def world(self) -> int:
         return self.dp * self.sp
 
     @property
+    def rank(self) -> int:
+        """This rank's index among the job's ranks (dp-major: rank = dp_rank * sp + sp_rank)."""
+        return 0 if self.flat_mesh is None else self.flat_mesh.get_local_rank()
+
+    @property
+    def dp_rank(self) -> int:
+        return 0 if self.mesh is None else self.mesh.get_local_rank("dp")
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def world_group(self):
+        """Every rank of the job (losses summed, checkpoints coordinated); None for one process."""
+        return None if self.flat_mesh is None else self.flat_mesh.get_group()
+
+    @property
+    def sp_group(self):
+        """This rank's sequence-parallel group; None when sp == 1 (the single-device path)."""
+        return None if self.sp == 1 else self.mesh.get_group("sp")
 
 
 def check_dims(world: int, sp: int) -> int:
@@ -47,8 +88,17 @@ def check_dims(world: int, sp: int) -> int:
     return world // sp
 
 
+def mesh_for(device_type: str, ranks, dp: int, sp: int) -> tuple[DeviceMesh, DeviceMesh]:
+    """The (dp, sp) mesh over `ranks` (global ranks, dp-major) and its flattened dp_sp mesh.
+    Collective over the default group: every process calls it, also those not in `ranks`."""
+    mesh = DeviceMesh(device_type, torch.tensor(list(ranks), dtype=torch.int).view(dp, sp), mesh_dim_names=AXES)
+    return mesh, mesh._flatten(FLAT_AXIS)
+
+
 def init_parallel(sp: int, timeout_s: int = 600) -> ParallelDims:
-    """From the environment torchrun sets (WORLD_SIZE, RANK, LOCAL_RANK): NCCL on CUDA, gloo on CPU."""
+    """From the environment torchrun sets (WORLD_SIZE, RANK, LOCAL_RANK): NCCL on CUDA, gloo on
+    CPU. The mesh lives on the device the parameters will live on (a CPU mesh on a CPU run, so
+    FSDP keeps them there)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dp = check_dims(world, sp)
     cuda = torch.cuda.is_available()
@@ -63,39 +113,12 @@ def init_parallel(sp: int, timeout_s: int = 600) -> ParallelDims:
     if world == 1:
         return ParallelDims(device=device)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    mesh = dist.device_mesh.init_device_mesh(device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
-    return ParallelDims(
-        dp=dp, sp=sp, rank=dist.get_rank(), dp_rank=mesh.get_local_rank("dp"), world_group=dist.group.WORLD,
-        dp_group=mesh.get_group("dp") if dp > 1 else None, sp_group=mesh.get_group("sp") if sp > 1 else None,
-        device=device,
-    )
-
-
-def reduce_gradients(params, dims: ParallelDims) -> None:
-    """Sums every gradient over all dp x sp ranks, in one flat buffer (one all-reduce).
-
-    The buffer holds every trainable parameter in order, zeros where this rank produced no
-    gradient, plus one flag per parameter counting the ranks that did: every rank hands the same
-    buffer to the all-reduce even when a parameter went unused on some of them (it then gets
-    the sum of the ranks that used it); a parameter no rank used keeps no gradient."""
-    if dims.world_group is None:
-        return
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        return
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-    used = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
-    flat = _flatten_dense_tensors(grads + [used])
-    dist.all_reduce(flat, group=dims.world_group)
-    *reduced, used = _unflatten_dense_tensors(flat, grads + [used])
-    for p, g, n in zip(params, reduced, used.tolist()):
-        if p.grad is not None:
-            p.grad.copy_(g)
-        elif n > 0:
-            p.grad = g.to(dtype=p.dtype, copy=True)
+    mesh = init_device_mesh(device.type, (dp, sp), mesh_dim_names=AXES)
+    return ParallelDims(mesh, mesh._flatten(FLAT_AXIS), device)
 
 
 def sum_over_ranks(value: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """A value summed over every rank of the job (the loss shares of the global mean)."""
     if dims.world_group is not None:
         value = value.clone()
         dist.all_reduce(value, group=dims.world_group)

@@ -1,5 +1,7 @@
-"""`python -m lasp2_bench model`: full training steps (forward, backward, gradient all-reduce,
-AdamW) of a preset Linear-Llama3, pure ("L") and 1/4-hybrid ("LLLN"), under each linear method.
+"""`python -m lasp2_bench model`: full training steps (forward, backward, gradient reduction,
+AdamW) of a preset Linear-Llama3, pure ("L") and 1/4-hybrid ("LLLN"), under each linear method,
+with the trainer's data parallelism over the ranks: FSDP2 sharding or replication
+(--data-parallel, both to compare what sharding saves), optionally activation checkpointing.
 
 Every configuration runs on --sp freshly spawned ranks (so each peak is its own): tokens/s is
 batch x seq_len over the slowest rank's median step after one warm-up step; memory is the
@@ -30,12 +32,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from lasp2.distributed import ParallelDims, mesh_for
 from lasp2.model import LinearLlama, count_parameters, preset
 from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS, Problem, SequenceParallel, count_collectives
+from lasp2.parallel.counting import CollectiveLog
+from lasp2.parallelize import DATA_PARALLEL, apply_activation_checkpointing, apply_data_parallel
 from .machine import describe, free_port, peak_memory_bytes, reset_peak_memory, sync
 
-FIELDS = ["preset", "pattern", "linear", "softmax", "sp", "seq_len", "batch", "status", "step_s", "tokens_per_s",
-          "peak_mb", "bytes_per_rank", "formula_bytes", "calls_per_rank", "params_m"]
+FIELDS = ["preset", "pattern", "linear", "softmax", "sp", "data_parallel", "checkpointing", "seq_len", "batch", "status",
+          "step_s", "tokens_per_s", "peak_mb", "bytes_per_rank", "formula_bytes", "calls_per_rank", "dp_bytes_per_rank",
+          "params_m"]
+KEY = ("preset", "pattern", "linear", "softmax", "sp", "data_parallel", "checkpointing", "batch", "seq_len")
 
 
 def add_arguments(p) -> None:
@@ -52,6 +59,9 @@ def add_arguments(p) -> None:
     p.add_argument("--mem-gb", type=float, default=None, help="per-rank memory limit in GB (default: 90%% of RAM / sp)")
     p.add_argument("--budget-seconds", type=float, default=120, help="longest step to attempt (default: %(default)s)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--data-parallel", nargs="+", default=["shard"], choices=list(DATA_PARALLEL),
+                   help="FSDP2 over the ranks: shard and/or replicate the parameters, gradients and AdamW state "
+                        "(default: %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--append", action="store_true",
                    help="merge into an existing model-<preset>.csv in --out (same pattern, method, sp and length: replaced), "
@@ -83,64 +93,79 @@ def _formula_bytes(cfg, linear, softmax, seq_len, sp, batch, slots, dtype_bytes)
     return total
 
 
-def _worker(rank, world, port, conf, args, out_path, use_cuda):
+def _worker(rank, world, port, conf, args, mem_gb, out_path, use_cuda):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.mem_gb * 2**30 / torch.cuda.get_device_properties(device).total_memory))
+        torch.cuda.set_per_process_memory_fraction(min(1.0, mem_gb * 2**30 / torch.cuda.get_device_properties(device).total_memory))
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=1800))
     group = dist.group.WORLD if world > 1 else None
-    cfg = preset(args.preset, vocab_size=256, layer_pattern=conf["pattern"], checkpointing=args.checkpointing)
+    dims = ParallelDims(*mesh_for(device.type, range(world), 1, world), device=device) if world > 1 else ParallelDims()
+    cfg = preset(args.preset, vocab_size=256, layer_pattern=conf["pattern"])
     torch.manual_seed(0)
     model = LinearLlama(cfg).to(device)
+    if args.checkpointing:
+        apply_activation_checkpointing(model.blocks)
+    if world > 1:
+        apply_data_parallel(model, model.blocks, dims.flat_mesh, conf["data_parallel"], device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    sp = SequenceParallel(group, linear=conf["linear"], softmax=args.softmax, layout=args.layout)
-    T, B = conf["seq_len"], args.batch
-    tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(1))
-    inputs, labels = sp.shard(tokens[:, :-1]).to(device), sp.shard(tokens[:, 1:]).to(device)
-    positions = sp.positions(T, device)
+    # Its own group over the same ranks, so that its collectives are told apart from FSDP's (with
+    # dp = 1 the mesh's sp axis and its flattened axis are one group).
+    sp_group = dist.new_group(list(range(world))) if world > 1 else None
+    sp = SequenceParallel(sp_group, linear=conf["linear"], softmax=args.softmax, layout=args.layout)
+    B = args.batch
+
+    def train_step(T: int):
+        tokens = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(1))
+        inputs, labels = sp.shard(tokens[:, :-1]).to(device), sp.shard(tokens[:, 1:]).to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and world == 1):  # else FSDP's policy
+            logits = model(inputs, sp.positions(T, device), sp)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum") / (B * T)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    # A short step first: the threads torch and gloo start lazily must exist before the limit (a
+    # thread started under it aborts the process with no error to report).
+    train_step(32 * world)
     if not use_cuda:
-        _limit_address_space(int(args.mem_gb * 2**30))
+        _limit_address_space(int(mem_gb * 2**30))
     reset_peak_memory(device)
-    times, log = [], None
+    times, log, T = [], None, conf["seq_len"]
     for step in range(args.steps):
         sync(device)
         start = time.perf_counter()
         # Counting passes every op through Python: only the first step, which the median skips.
         with count_collectives() if step == 0 else contextlib.nullcontext() as counted:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
-                logits = model(inputs, positions, sp)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum") / (B * T)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            train_step(T)
         log = log or counted
-        if group is not None:
-            for p in model.parameters():
-                dist.all_reduce(p.grad, group=group)
-        optimizer.step()
         sync(device)
         elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
         if group is not None:
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         times.append(elapsed.item())
-    stats = torch.tensor([peak_memory_bytes(device), log.bytes_sent(), log.count()], dtype=torch.float64, device=device)
+    attention = log.on(sp_group) if world > 1 else log  # the sequence-parallel collectives; FSDP's apart
+    data_parallel = log.on(dims.world_group) if world > 1 else CollectiveLog()  # FSDP's gathers and reductions
+    stats = torch.tensor([peak_memory_bytes(device), attention.bytes_sent(), attention.count(), data_parallel.bytes_sent()],
+                         dtype=torch.float64, device=device)
     if group is not None:
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     if rank == 0:
         step_s = statistics.median(times[1:] or times)
         Path(out_path).write_text(json.dumps(dict(status="ok", step_s=step_s, tokens_per_s=B * T / step_s,
                                                   peak_mb=stats[0].item() / 2**20, bytes_per_rank=int(stats[1]),
-                                                  calls_per_rank=int(stats[2]))))
+                                                  calls_per_rank=int(stats[2]), dp_bytes_per_rank=int(stats[3]))))
     dist.destroy_process_group()
 
 
-def run_one(conf, args, use_cuda) -> dict:
+def run_one(conf, args, mem_gb, use_cuda) -> dict:
     cfg = preset(args.preset, vocab_size=256, layer_pattern=conf["pattern"])
     slots = 1 if args.layout == "contiguous" else 2
     row = dict(preset=args.preset, softmax=args.softmax, sp=args.sp, batch=args.batch, params_m=count_parameters(cfg) / 1e6,
+               checkpointing=args.checkpointing,
                formula_bytes=_formula_bytes(cfg, conf["linear"], args.softmax, conf["seq_len"], args.sp, args.batch, slots,
                                              dtype_bytes=2 if use_cuda else 4), **conf)
     # A rank killed by a signal other than an allocation failure (a gloo transport abort, seen once
@@ -150,7 +175,8 @@ def run_one(conf, args, use_cuda) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             out_path = os.path.join(tmp, "row.json")
             try:
-                mp.spawn(_worker, args=(args.sp, free_port(), conf, args, out_path, use_cuda), nprocs=args.sp, join=True)
+                mp.spawn(_worker, args=(args.sp, free_port(), conf, args, mem_gb, out_path, use_cuda), nprocs=args.sp,
+                         join=True)
             except Exception as exc:  # a rank died: out of memory, or a refused configuration
                 text = str(exc)
                 # SIGKILL: the kernel's OOM killer (the ranks together outgrew the machine)
@@ -164,61 +190,83 @@ def run_one(conf, args, use_cuda) -> dict:
             return {**row, **json.loads(Path(out_path).read_text())}
 
 
+def memory_limit_gb(args, use_cuda: bool) -> float:
+    """--mem-gb, or 90% of the GPU's memory (CUDA) or of the RAM shared by the --sp ranks."""
+    if args.mem_gb is not None:
+        return args.mem_gb
+    total = (torch.cuda.get_device_properties(0).total_memory if use_cuda
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return 0.9 * total / 2**30 / (1 if use_cuda else args.sp)
+
+
 def run(args, on_row=None) -> tuple[list[dict], dict]:
     """All configurations; `on_row(rows)` after each one (the CLI rewrites its CSV there, so a
     sweep stopped part-way keeps what it measured)."""
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
-    if args.mem_gb is None:
-        total = (torch.cuda.get_device_properties(0).total_memory if use_cuda
-                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-        args.mem_gb = 0.9 * total / 2**30 / (1 if use_cuda else args.sp)
+    mem_gb = memory_limit_gb(args, use_cuda)
+    modes = args.data_parallel if args.sp > 1 else ["none"]  # one process: nothing to shard or replicate
     rows = []
     for pattern in args.patterns:
         for linear in args.linear:
-            lengths = sorted(args.seq_len)
-            while lengths:
-                T = lengths.pop(0)
-                row = run_one(dict(pattern=pattern, linear=linear, seq_len=T), args, use_cuda)
-                rows.append(row)
-                if on_row is not None:
-                    on_row(rows)
-                print(f"  {pattern:5s} {linear:9s} T={T:7d} " + (f"{row['tokens_per_s']:9.0f} tok/s {row['peak_mb']:8.0f} MB"
-                                                               if row["status"] == "ok" else row["status"]), flush=True)
-                if args.max_seq and not lengths and row["status"] == "ok":
-                    growth = 4 if linear in ("ring", "allgather") else 2.2 if "N" in pattern else 2
-                    if row["step_s"] * growth <= args.budget_seconds:
-                        lengths.append(2 * T)
+            for mode in modes:
+                lengths = sorted(args.seq_len)
+                while lengths:
+                    T = lengths.pop(0)
+                    row = run_one(dict(pattern=pattern, linear=linear, data_parallel=mode, seq_len=T), args, mem_gb,
+                                  use_cuda)
+                    rows.append(row)
+                    if on_row is not None:
+                        on_row(rows)
+                    print(f"  {pattern:5s} {linear:9s} {mode:9s} T={T:7d} "
+                          + (f"{row['tokens_per_s']:9.0f} tok/s {row['peak_mb']:8.0f} MB" if row["status"] == "ok"
+                             else row["status"]), flush=True)
+                    if args.max_seq and not lengths and row["status"] == "ok":
+                        growth = 4 if linear in ("ring", "allgather") else 2.2 if "N" in pattern else 2
+                        if row["step_s"] * growth <= args.budget_seconds:
+                            lengths.append(2 * T)
     return rows, describe(device)
 
 
-_INTS = ("sp", "seq_len", "batch", "bytes_per_rank", "formula_bytes", "calls_per_rank")
+_INTS = ("sp", "seq_len", "batch", "bytes_per_rank", "formula_bytes", "calls_per_rank", "dp_bytes_per_rank")
 _FLOATS = ("step_s", "tokens_per_s", "peak_mb", "params_m")
 
 
+def typed(r: dict) -> dict:
+    """A row read back from a CSV (strings) with its numbers as numbers; rows written before the
+    data_parallel and checkpointing columns existed were replicated, without checkpointing."""
+    r = dict(r)
+    for k in _INTS + _FLOATS:
+        if r.get(k) not in (None, ""):
+            r[k] = (int if k in _INTS else float)(r[k])
+    if r.get("data_parallel") in (None, ""):
+        r["data_parallel"] = "replicate" if r["sp"] > 1 else "none"
+    r["checkpointing"] = str(r.get("checkpointing")) == "True"
+    return r
+
+
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
-    """Rows read back from a CSV (strings) followed by `new`; a new row replaces an old one with the
-    same preset, pattern, linear, softmax, sp, batch and seq_len."""
-    def typed(r):
-        r = dict(r)
-        for k in _INTS + _FLOATS:
-            if r.get(k) not in (None, ""):
-                r[k] = (int if k in _INTS else float)(r[k])
-        return r
-
+    """Rows read back from a CSV followed by `new`; a new row replaces an old one with the same KEY."""
     def key(r):
-        return tuple(r[k] for k in ("preset", "pattern", "linear", "softmax", "sp", "batch", "seq_len"))
+        return tuple(r[k] for k in KEY)
 
+    new = [typed(r) for r in new]
     replaced = {key(r) for r in new}
-    return [r for r in map(typed, old) if key(r) not in replaced] + [typed(r) for r in new]
+    return [r for r in map(typed, old) if key(r) not in replaced] + new
+
+
+def setting(r: dict) -> tuple:
+    return r["pattern"], r["linear"], r["data_parallel"], r["checkpointing"]
 
 
 def longest_fitting(rows, mem_gb) -> dict:
-    """(pattern, linear) -> (longest length that ran, shortest length that ran out of memory or
-    None, length at which the line through the last two peaks reaches mem_gb or None)."""
+    """(pattern, linear, data_parallel, checkpointing) -> (longest length that ran, shortest
+    length that ran out of memory or None, length at which the line through the last two peaks
+    reaches mem_gb or None)."""
+    rows = [typed(r) for r in rows]
     out = {}
-    for key in {(r["pattern"], r["linear"]) for r in rows}:
-        mine = [r for r in rows if (r["pattern"], r["linear"]) == key]
+    for key in {setting(r) for r in rows}:
+        mine = [r for r in rows if setting(r) == key]
         ok = sorted((r["seq_len"], r["peak_mb"]) for r in mine if r["status"] == "ok")
         oom = min((r["seq_len"] for r in mine if r["status"] == "out of memory"), default=None)
         reach = None
@@ -230,13 +278,16 @@ def longest_fitting(rows, mem_gb) -> dict:
 
 
 def print_table(rows, stream) -> None:
-    head = (f"{'pattern':8s} {'linear':10s} {'sp':>2s} {'seq_len':>8s} {'step s':>8s} {'tok/s':>8s} {'peak MB':>8s} "
-            f"{'MB sent':>8s} {'formula':>8s} {'calls':>5s}")
+    head = (f"{'pattern':8s} {'linear':10s} {'sp':>2s} {'dp mode':9s} {'AC':2s} {'seq_len':>8s} {'step s':>8s} "
+            f"{'tok/s':>8s} {'peak MB':>8s} {'MB sent':>8s} {'formula':>8s} {'calls':>5s} {'dp MB':>8s}")
     stream.write(head + "\n" + "-" * len(head) + "\n")
-    for r in rows:
-        lead = f"{r['pattern']:8s} {r['linear']:10s} {r['sp']:2d} {r['seq_len']:8d} "
+    for r in map(typed, rows):
+        lead = (f"{r['pattern']:8s} {r['linear']:10s} {r['sp']:2d} {r['data_parallel']:9s} "
+                f"{'y' if r['checkpointing'] else 'n':2s} {r['seq_len']:8d} ")
         if r["status"] != "ok":
             stream.write(lead + r["status"] + "\n")
             continue
+        dp_mb = r.get("dp_bytes_per_rank")
         stream.write(lead + f"{r['step_s']:8.2f} {r['tokens_per_s']:8.0f} {r['peak_mb']:8.0f} {r['bytes_per_rank'] / 2**20:8.2f} "
-                     f"{r['formula_bytes'] / 2**20:8.2f} {r['calls_per_rank']:5d}\n")
+                     f"{r['formula_bytes'] / 2**20:8.2f} {r['calls_per_rank']:5d} "
+                     + (f"{dp_mb / 2**20:8.1f}" if isinstance(dp_mb, int) else f"{'':8s}") + "\n")

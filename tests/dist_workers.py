@@ -1,7 +1,7 @@
 """A pool of gloo ranks, forked once per test session, that run test jobs on chosen sub-groups.
 
 Starting ranks costs seconds, so the pool starts 4 ranks once and creates every group the tests
-use (ranks {0}, {0,1}, {0,1,2}, {0,1,2,3} and {1,3}). `run(fn, ranks, *args)` sends a job to
+use (ranks {0}, {0,1}, {0,1,2}, {0,1,2,3}, {1,3}, ...) and the trainer's dp x sp meshes. `run(fn, ranks, *args)` sends a job to
 every rank; ranks in `ranks` call fn(group, *args) with that group, the others skip it. Each
 rank's result (or its exception) comes back to the test process, which asserts.
 
@@ -26,9 +26,21 @@ GROUP_RANKS = ((0,), (0, 1), (0, 1, 2), (0, 1, 2, 3), (1, 3), (2, 3), (0, 2))
 _GROUPS: dict = {}  # in a worker: every group above, by its ranks
 
 
+# The trainer's dp x sp meshes, by name: (global ranks, dp, sp). Built at start-up by every rank
+# (a DeviceMesh and its flattened axis are created collectively over the whole pool).
+MESH_SHAPES = {"sp2": ((0, 1), 1, 2), "dp2": ((0, 1), 2, 1), "sp3": ((0, 1, 2), 1, 3), "dp2sp2": ((0, 1, 2, 3), 2, 2),
+               "sp4": ((0, 1, 2, 3), 1, 4), "dp4": ((0, 1, 2, 3), 4, 1)}
+_MESHES: dict = {}  # in a worker: name -> (mesh, flattened mesh)
+
+
 def group_of(ranks) -> object:
     """Inside a job: the process group of the given global ranks (created at start-up)."""
     return _GROUPS[tuple(ranks)]
+
+
+def mesh_of(name: str) -> tuple:
+    """Inside a job: the (dp, sp) DeviceMesh named in MESH_SHAPES and its flattened mesh."""
+    return _MESHES[name]
 GROUP_TIMEOUT_S = 60
 
 
@@ -58,6 +70,9 @@ def _worker(rank: int, port: int, jobs, results) -> None:
     )
     groups = {ranks: dist.new_group(list(ranks)) for ranks in GROUP_RANKS}
     _GROUPS.update(groups)
+    from lasp2.distributed import mesh_for
+
+    _MESHES.update({name: mesh_for("cpu", ranks, dp, sp) for name, (ranks, dp, sp) in MESH_SHAPES.items()})
     while True:
         job = jobs.get()
         if job is None:

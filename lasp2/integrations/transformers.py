@@ -278,6 +278,11 @@ class CausalLM(torch.nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        """The decoder layers (the units the trainer may checkpoint or shard)."""
+        return self.model.base_model.layers
+
     def forward(self, tokens, positions, ctx):
         documents = getattr(ctx, "cu_seqlens", None)
         kwargs = {} if documents is None else {"cu_seq_lens_q": documents}

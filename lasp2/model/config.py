@@ -39,7 +39,6 @@ class ModelConfig:
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    checkpointing: bool = False
     num_value_heads: int | None = None  # delta-rule kinds: value heads (grouped values), default num_heads
     conv_size: int = 4  # delta-rule kinds: width of the short causal convolution on q, k, v
     allow_neg_eigval: bool = False  # delta-rule kinds: beta in [0, 2] instead of [0, 1]

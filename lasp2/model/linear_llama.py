@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from ..ops.chunk import chunk_linear_attn
 from ..ops.conv import causal_conv1d
@@ -65,11 +64,8 @@ class LinearLlama(nn.Module):
         ctx = LocalAttention() if ctx is None else ctx
         positions = torch.arange(tokens.shape[1], device=tokens.device) if positions is None else positions
         h = self.embed(tokens)
-        for block in self.blocks:
-            if self.cfg.checkpointing and torch.is_grad_enabled():
-                h = checkpoint(block, h, positions, ctx, use_reentrant=False)
-            else:
-                h = block(h, positions, ctx)
+        for block in self.blocks:  # the units the trainer may checkpoint or shard (lasp2.parallelize)
+            h = block(h, positions, ctx)
         return self.lm_head(self.norm(h))
 
 

@@ -18,6 +18,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # c10d op -> (kind, index of the argument this rank hands over; None: it sends nothing)
@@ -44,11 +45,17 @@ _OPS = {
 class CollectiveCall:
     kind: str  # all_gather | reduce_scatter | all_to_all | all_reduce | broadcast | send | recv | barrier
     bytes_sent: int  # what this rank hands to the call (a send: the message; a receive: 0)
+    group: str | None = None  # the process group's name (ProcessGroup.group_name)
 
 
 @dataclass
 class CollectiveLog:
     calls: list[CollectiveCall] = field(default_factory=list)
+
+    def on(self, group) -> "CollectiveLog":
+        """The calls issued on one process group (e.g. a sequence-parallel group, apart from the
+        data-parallel collectives of FSDP)."""
+        return CollectiveLog([c for c in self.calls if c.group == group.group_name])
 
     def count(self, *kinds: str) -> int:
         """Calls of the given kinds (all calls if none given)."""
@@ -73,6 +80,13 @@ def _nbytes(arg) -> int:
     return 0
 
 
+def _group_name(args) -> str | None:
+    for arg in args:  # the process group reaches the dispatcher as a boxed ScriptObject
+        if isinstance(arg, torch.ScriptObject) and "ProcessGroup" in str(arg._type()):
+            return dist.ProcessGroup.unbox(arg).group_name
+    return None
+
+
 class _Counter(TorchDispatchMode):
     def __init__(self, log: CollectiveLog):
         super().__init__()
@@ -81,7 +95,7 @@ class _Counter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "c10d":
             kind, sent = _OPS.get(func._opname, (func._opname, None))
-            self.log.calls.append(CollectiveCall(kind, 0 if sent is None else _nbytes(args[sent])))
+            self.log.calls.append(CollectiveCall(kind, 0 if sent is None else _nbytes(args[sent]), _group_name(args)))
         return func(*args, **(kwargs or {}))
 
 

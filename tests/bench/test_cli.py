@@ -39,12 +39,14 @@ def test_attn_weak_command_times_each_pass_against_independent_runs(tmp_path):
 
 def test_model_command_and_memory_limit(tmp_path):
     main(["model", "--preset", "debug", "--sp", "2", "--patterns", "LLLN", "--linear", "lasp2", "--seq-len", "64",
-          "--steps", "2", "--out", str(tmp_path)])
-    (row,) = read(tmp_path / "model-debug.csv")
-    assert row["status"] == "ok" and row["bytes_per_rank"] == row["formula_bytes"] and float(row["tokens_per_s"]) > 0
+          "--steps", "2", "--data-parallel", "shard", "replicate", "--out", str(tmp_path)])
+    row, replicated = read(tmp_path / "model-debug.csv")
+    for r, mode in ((row, "shard"), (replicated, "replicate")):  # the attention's bytes apart from FSDP's
+        assert r["status"] == "ok" and r["data_parallel"] == mode and float(r["tokens_per_s"]) > 0
+        assert r["bytes_per_rank"] == r["formula_bytes"] and int(r["dp_bytes_per_rank"]) > 0
     main(["model", "--preset", "debug", "--sp", "2", "--patterns", "L", "--linear", "lasp2", "--seq-len", "4096",
           "--steps", "1", "--mem-gb", "0.05", "--append", "--out", str(tmp_path)])
-    kept, oom = read(tmp_path / "model-debug.csv")
+    kept, _, oom = read(tmp_path / "model-debug.csv")
     assert kept == row and (oom["pattern"], oom["status"]) == ("L", "out of memory")
 
 
@@ -57,6 +59,6 @@ def test_merge_rows_and_longest_fitting():
     rows = merge_rows(old, [row(2048, peak=300.0), row(4096, peak=500.0)])
     assert [(r["seq_len"], r["peak_mb"]) for r in rows] == [(1024, 128.0), (2048, 300.0), (4096, 500.0)]
     # the line through the last two peaks (200 MB per 2048 tokens) reaches 1 GiB at 4096 + 524 / 200 * 2048
-    assert longest_fitting(rows, 1.0) == {("L", "lasp2"): (4096, None, 4096 + int(524 / 200 * 2048))}
+    assert longest_fitting(rows, 1.0) == {("L", "lasp2", "replicate", False): (4096, None, 4096 + int(524 / 200 * 2048))}
     rows = merge_rows(rows, [row(8192, "out of memory"), row(16384, "out of memory")])
-    assert longest_fitting(rows, 1.0)[("L", "lasp2")][:2] == (4096, 8192)
+    assert longest_fitting(rows, 1.0)[("L", "lasp2", "replicate", False)][:2] == (4096, 8192)

@@ -239,23 +239,19 @@ def call_registered_and_catch(group, family, method, per_rank_inputs, layout, va
 
 
 def train_job(group, argv, mesh):
-    """Runs lasp2.train.train on this rank with dims from the pool's groups; mesh is
-    "single" (one process), "sp2" (ranks 0, 1 as sp) or "dp2sp2" (0-3, sp pairs {0,1}, {2,3})."""
+    """Runs lasp2.train.train on this rank; mesh is "single" (one process) or a name in
+    tests.dist_workers.MESH_SHAPES (e.g. "sp2": ranks 0, 1 as sp; "dp2sp2": ranks 0-3, sp pairs
+    {0,1}, {2,3}). Returns the losses and the whole (unsharded) parameters."""
     import io
 
-    from lasp2.distributed import ParallelDims
-    from lasp2.train import build_parser, train
-    from tests.dist_workers import group_of
+    from torch.distributed.tensor import DTensor
 
-    rank = dist.get_rank()
-    if mesh == "single":
-        dims = ParallelDims()
-    elif mesh == "sp2":
-        dims = ParallelDims(dp=1, sp=2, rank=rank, world_group=group, sp_group=group)
-    else:
-        sp_ranks, dp_ranks = (0, 1) if rank < 2 else (2, 3), (0, 2) if rank % 2 == 0 else (1, 3)
-        dims = ParallelDims(dp=2, sp=2, rank=rank, dp_rank=rank // 2, world_group=group,
-                            dp_group=group_of(dp_ranks), sp_group=group_of(sp_ranks))
-    result = train(build_parser().parse_args(argv), dims, stream=io.StringIO())
-    params = {n: p.detach().clone() for n, p in result["model"].named_parameters()}
+    from lasp2.distributed import ParallelDims
+    from lasp2.train import parse_config, train
+    from tests.dist_workers import mesh_of
+
+    dims = ParallelDims() if mesh == "single" else ParallelDims(*mesh_of(mesh))
+    result = train(parse_config(argv), dims, stream=io.StringIO())
+    params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+              for n, p in result["model"].named_parameters()}
     return {"losses": result["losses"], "val_loss": result["val_loss"], "params": params}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lasp2.distributed import ConfigError, ParallelDims
+from lasp2.distributed import ConfigError
 from lasp2.model import preset
 from lasp2.ops import chunk_linear_attn
 from lasp2.ops.checks import DECAY_HEAD, DECAY_NONE, DECAY_TOKEN
@@ -104,14 +104,13 @@ def test_toy_method_is_exact_and_sends_what_its_spec_says(dist_workers, world, l
 
 
 def test_toy_method_in_the_trainer_check_and_the_cost_model(toy_registered):
-    from lasp2.train import build_parser, check_args
+    from lasp2.train import check_config, parse_config
     from lasp2_bench import costs
 
-    args = build_parser().parse_args(["--sp", "2", "--sp-linear", "toy", "--seq-len", "64"])
-    dims = ParallelDims(dp=1, sp=2)
-    check_args(args, dims, preset("debug"))  # accepted
+    config = parse_config(["--sp", "2", "--sp-linear", "toy", "--seq-len", "64"])
+    check_config(config, 1, preset("debug"))  # accepted
     with pytest.raises(ConfigError, match="--sp-linear toy.*'channel' form.*per-channel gates"):
-        check_args(args, dims, preset("debug", linear_kind="gla"))
+        check_config(config, 1, preset("debug", linear_kind="gla"))
     problem = Problem(B=1, N=4096, W=2, H=8, K=64, V=64)
     assert TOY_SPEC.bytes_per_rank(problem) == 2048 * 8 * (2 * 64 + 64) * 4 * (1 + 2)  # gather + reduce-scatter
     net = costs.Network(1e-5, 1e10, 1e-5, 1e10, ranks_per_node=8)

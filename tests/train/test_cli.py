@@ -42,7 +42,7 @@ def test_help_documents_every_flag_with_its_default(capsys):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for flag in ("--sp ", "--sp-linear", "--sp-softmax", "--layout", "--seq-len", "--batch-size", "--steps", "--lr",
-                 "--ckpt-every", "--resume", "--data", "--tokenizer"):
+                 "--ckpt-every", "--resume", "--data", "--tokenizer", "--data-parallel", "--vocab-size", "--checkpointing"):
         assert flag in text
     assert "(default: lasp2)" in text and "(default: zigzag)" in text and "(default: allgather)" in text
 
@@ -55,6 +55,6 @@ def test_torchrun_two_ranks_end_to_end(tmp_path):
            "--ckpt-every", "2", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "dp 1 x sp 2 (lasp2 + allgather, zigzag)" in done.stdout
+    assert "dp 1 x sp 2 (lasp2 + allgather, zigzag; sharded over 2 ranks)" in done.stdout
     assert (out / "metrics.jsonl").is_file() and (out / "loss.png").is_file()
     assert (out / "checkpoints" / "latest").read_text() == "step_0000003"

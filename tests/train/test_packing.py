@@ -47,10 +47,10 @@ def test_pre_tokenised_corpus_ends_documents_at_the_given_id(tmp_path):
     tokens = np.array([5, 6, 0, 7, 0, 8, 9, 10, 0, 11] * 20, dtype=np.uint16)
     path = tmp_path / "tokens.bin"
     tokens.tofile(path)
-    data = load_tokens(str(path), None, 0.1, 5, documents=True, doc_sep="0")
+    data = load_tokens(str(path), None, 0.1, 5, documents=True, doc_sep="0", vocab_size=12)
     assert data.vocab_size == 12 and data.train_starts[:4].tolist() == [0, 3, 5, 9]
     with pytest.raises(DataError, match="--doc-sep the token id"):
-        load_tokens(str(path), None, 0.1, 5, documents=True)
+        load_tokens(str(path), None, 0.1, 5, documents=True, vocab_size=12)
 
 
 def test_text_documents_split_at_doc_sep(tmp_path):
@@ -63,15 +63,13 @@ def test_text_documents_split_at_doc_sep(tmp_path):
 def test_a_row_ending_at_a_document_end_skips_its_last_label(tmp_path):
     """Four documents of three bytes (four tokens with the end token), rows of 4: every row ends
     with an end token whose label is the next document's first token: skipped."""
-    import argparse
-
+    from lasp2.run_config import DataChoice
     from lasp2.train import make_batch
 
     for i in range(12):
         (tmp_path / f"{i:02d}.txt").write_text("abc")
     data = load_tokens(str(tmp_path), None, 0.25, 5, documents=True)
-    args = argparse.Namespace(packing="documents", batch_size=3, seq_len=4)
-    rows, documents, skip = make_batch(data.train, data.train_starts, data.end_token, 0, 0, args)
+    rows, documents, skip = make_batch(data, "train", 0, 0, DataChoice(packing="documents", batch_size=3, seq_len=4))
     assert all(cu.tolist() == [0, 4] for cu in documents)
     assert skip[:, -1].all() and not skip[:, :-1].any() and (rows[:, 3] == data.end_token).all()
 

@@ -19,12 +19,13 @@ import pytest
 import torch
 
 from lasp2.model import LINEAR_KINDS
+from tests.dist_workers import MESH_SHAPES
 from tests.helpers import rel_err
 from tests.parallel.cases import train_job
 
 TOL = 1e-5
 PER_TENSOR_TOL = 1e-4
-MESHES = {"single": (0,), "sp2": (0, 1), "dp2sp2": (0, 1, 2, 3)}
+MESHES = {"single": (0,), **{name: ranks for name, (ranks, _, _) in MESH_SHAPES.items()}}  # name -> ranks
 
 
 def argv(tmp_path, kind, pattern, layout, extra=()):
@@ -34,8 +35,11 @@ def argv(tmp_path, kind, pattern, layout, extra=()):
 
 
 def run(dist_workers, mesh, args):
-    sp = ["--sp", "1" if mesh == "single" else "2"]
-    return dist_workers.run(train_job, MESHES[mesh], [*args, *sp], mesh, timeout=300)[0]
+    """Rank 0's result of the trainer on `mesh` ("sp2", ...; "sp2-replicate": --data-parallel
+    replicate instead of the default shard)."""
+    mesh, _, mode = mesh.partition("-")
+    extra = ["--sp", "1" if mesh == "single" else str(MESH_SHAPES[mesh][2])] + (["--data-parallel", mode] if mode else [])
+    return dist_workers.run(train_job, MESHES[mesh], [*args, *extra], mesh, timeout=300)[0]
 
 
 def _flat(params):
@@ -72,6 +76,14 @@ ALL_MESHES = [("sp2", "contiguous"), ("sp2", "zigzag"), ("dp2sp2", "zigzag"), ("
 @pytest.mark.parametrize("pattern,kind", [("L", "lightning"), ("LLLN", "gla")], ids=["pure-lightning", "hybrid-gla"])
 def test_parity_over_meshes_and_layouts(dist_workers, tmp_path, pattern, kind):
     check_case(dist_workers, tmp_path, kind, pattern, ALL_MESHES)
+
+
+@pytest.mark.parametrize("pattern,kind", [("L", "lightning"), ("LLLN", "gla")], ids=["pure-lightning", "hybrid-gla"])
+def test_parity_of_sharded_and_replicated_data_parallelism(dist_workers, tmp_path, pattern, kind):
+    """FSDP2 sharding (the default, above) and replication against one process: sp = 1 with
+    dp = 2 and 4, and both modes at sp = 2 and dp = 2 x sp = 2."""
+    check_case(dist_workers, tmp_path, kind, pattern, [("dp2", "zigzag"), ("dp4", "contiguous"), ("sp2-replicate", "zigzag"),
+                                                       ("dp2sp2-replicate", "contiguous"), ("dp2-replicate", "zigzag")])
 
 
 VARIANT_PATTERNS = {"basic": "LLLN", "retention": "LLLN", "simple_gla": "LLLN", "based": "L", "rebased": "L",

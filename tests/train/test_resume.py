@@ -26,6 +26,31 @@ def test_resume_equals_straight_run(dist_workers, tmp_path, mesh, packing):
         assert rel_err(second["params"][name], p) == 0.0, name
 
 
+@pytest.mark.parametrize("saved,resumed", [("dp2sp2", "sp2"), ("dp2sp2", "sp4"), ("single", "dp2sp2"),
+                                           ("sp2-replicate", "dp2")])
+def test_resume_on_another_mesh_continues_the_loss_curve(dist_workers, tmp_path, saved, resumed):
+    """Three steps on one mesh, then three more from its checkpoint on another number of processes
+    or another dp x sp split (DCP reshards the sharded model and AdamW state; "-replicate": saved
+    with --data-parallel replicate, resumed sharded): the losses and parameters of the run that was
+    never stopped, within 1e-5 (fp32 sums in another order)."""
+    from tests.train.test_parity import run
+
+    def args(path, *extra):
+        mode = ["--data-parallel", "replicate"] if path.name.endswith("replicate") else []
+        return [*argv(path, "simple_gla", "LLLN", "zigzag"), "--steps", "6", "--ckpt-every", "3", *mode, *extra]
+
+    saved_mesh, resumed_mesh = saved.split("-")[0], resumed.split("-")[0]
+    straight = run(dist_workers, saved_mesh, args(tmp_path / f"straight-{saved}"))
+    first = run(dist_workers, saved_mesh, args(tmp_path / saved, "--stop-at", "3"))
+    (tmp_path / saved).rename(tmp_path / resumed)
+    second = run(dist_workers, resumed_mesh, args(tmp_path / resumed, "--resume"))
+    assert first["losses"] == straight["losses"][:3] and len(second["losses"]) == 3
+    worst = max(abs(a - b) / abs(b) for a, b in zip(second["losses"], straight["losses"][3:]))
+    assert worst <= 1e-5, (second["losses"], straight["losses"][3:])
+    for name, p in straight["params"].items():
+        assert rel_err(second["params"][name], p) <= 1e-5, name
+
+
 def test_half_written_checkpoint_is_ignored(tmp_path):
     from lasp2 import checkpoint
 
@@ -49,7 +74,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_one_before(dist_workers, tmp_p
     import io
 
     from lasp2.distributed import ParallelDims
-    from lasp2.train import build_parser, train
+    from lasp2.train import parse_config, train
     from tests.train.test_parity import argv as parity_argv
 
     straight = _train(dist_workers, tmp_path, ["--steps", "9"], "straight")
@@ -58,7 +83,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_one_before(dist_workers, tmp_p
     data = sorted(newest.glob("*.distcp"))[0]
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     out = io.StringIO()
-    args = build_parser().parse_args([*parity_argv(tmp_path / "run", "simple_gla", "LLLN", "zigzag"), "--steps", "9",
+    args = parse_config([*parity_argv(tmp_path / "run", "simple_gla", "LLLN", "zigzag"), "--steps", "9",
                                       "--ckpt-every", "3", "--resume"])
     resumed = train(args, ParallelDims(), stream=out)
     assert f"checkpoint step_0000005 cannot be loaded: {data} is truncated" in out.getvalue()
@@ -69,11 +94,11 @@ def test_resuming_a_different_model_names_the_fields(dist_workers, tmp_path):
     import io
 
     from lasp2.distributed import ParallelDims
-    from lasp2.train import ConfigError, build_parser, train
+    from lasp2.train import ConfigError, parse_config, train
     from tests.train.test_parity import argv as parity_argv
 
     _train(dist_workers, tmp_path, ["--stop-at", "3"])
-    args = build_parser().parse_args([*parity_argv(tmp_path / "run", "gla", "LLLN", "zigzag"), "--steps", "6",
+    args = parse_config([*parity_argv(tmp_path / "run", "gla", "LLLN", "zigzag"), "--steps", "6",
                                       "--ckpt-every", "3", "--resume"])
     with pytest.raises(ConfigError, match=r"model differs from this run's in linear_kind \('simple_gla' -> 'gla'\)"):
         train(args, ParallelDims(), stream=io.StringIO())
