@@ -115,7 +115,7 @@ def usable(run_dir: Path, warn) -> Path | None:
 
 
 def saved_state(path: Path) -> dict:
-    """The trainer state a checkpoint holds (step, args, model), without loading the weights."""
+    """The trainer state a checkpoint holds (step, world, config, model), without loading the weights."""
     return json.loads((Path(path) / TRAINER_STATE).read_text())
 
 

@@ -8,8 +8,9 @@ Sources (`--data`):
   a .bin file      raw uint16 tokens (nanoGPT's format, memory-mapped)
 Text is tokenised as bytes (vocab 256) unless `--tokenizer` names a local `tokenizers` JSON
 file (or a directory holding tokenizer.json). Token files stay on disk: batches read their rows
-from the memory map, and nothing scans the whole file, so the vocabulary comes from
-`--vocab-size` or the tokenizer (a batch holding a larger id is refused when it is drawn).
+from the memory map and nothing reads the whole file (except packing, which finds the document
+ends once, a block at a time), so the vocabulary comes from `--vocab-size` or the tokenizer (a
+batch holding an id outside it is refused when it is drawn).
 
 Packing (`--packing documents`): the corpus is a sequence of documents (each text file, or the
 pieces between `--doc-sep` strings; in a .npy/.bin corpus the token id `--doc-sep` ends each),
@@ -173,7 +174,7 @@ def packed_batch_for_step(tokens: np.ndarray, starts: np.ndarray, seed: int, ste
     rows, offsets = [], []
     for s in candidates[rng.integers(0, len(candidates), size=batch_size)]:
         rows.append(tokens[s:s + seq_len + 1].astype(np.int64))
-        inside = starts[(starts > s) & (starts < s + seq_len)] - s
+        inside = starts[np.searchsorted(starts, s, "right"):np.searchsorted(starts, s + seq_len, "left")] - s
         offsets.append(torch.from_numpy(np.concatenate([[0], inside, [seq_len]]).astype(np.int64)))
     return torch.from_numpy(np.stack(rows)), offsets
 
@@ -189,8 +190,8 @@ def batch_for_step(tokens: np.ndarray, seed: int, step: int, batch_size: int, se
 def check_ids(rows: torch.Tensor, vocab_size: int, what: str) -> torch.Tensor:
     """`rows` unchanged, or a DataError if an id is not below `vocab_size` (a token file's
     vocabulary is given, not scanned, so each batch is checked as it is drawn)."""
-    top = int(rows.max())
-    if top >= vocab_size:
-        raise DataError(f"{what}: token id {top} is not below the vocabulary size {vocab_size}; give --vocab-size "
-                        f"(or --tokenizer) for this corpus")
+    low, top = int(rows.min()), int(rows.max())
+    if low < 0 or top >= vocab_size:
+        raise DataError(f"{what}: token id {low if low < 0 else top} is not in [0, {vocab_size}), the vocabulary; "
+                        f"give --vocab-size (or --tokenizer) for this corpus")
     return rows

@@ -9,8 +9,12 @@ Data parallelism, one unit per block plus the root (the embedding, final norm an
   replicate  FSDP2's `replicate`: every rank holds the whole model; gradients all-reduced.
 Either way the gradients are summed, not averaged: every rank's loss is its share of the global
 batch's mean (its token losses over the global token count), so the sum over ranks is the
-gradient of that mean whatever dp and sp are. On CUDA the blocks compute in bf16 from fp32 master
-weights and reduce in fp32 (`MixedPrecisionPolicy`); on the CPU everything stays fp32.
+gradient of that mean whatever dp and sp are. A parameter that some ranks leave unused gets a
+zero gradient there, so every rank hands the same buffers to the reduction (otherwise the
+collectives would not match); one that no rank uses gets a zero gradient too (AdamW's weight
+decay still moves it, where one process would skip it). On CUDA the whole model (blocks and
+root) computes in bf16 from fp32 master weights and reduces in fp32 (`MixedPrecisionPolicy`);
+on the CPU everything stays fp32.
 """
 from __future__ import annotations
 
@@ -53,3 +57,4 @@ def apply_data_parallel(model: torch.nn.Module, blocks, mesh, mode: str, device:
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # a sum (see above)
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM
+            module.set_reduce_scatter_unused_params(True, recurse=False)  # the same buffers on every rank

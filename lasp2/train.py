@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -170,11 +171,13 @@ def lr_at(step: int, optim: OptimChoice) -> float:
 
 def make_optimizer(model, optim: OptimChoice):
     """AdamW(0.9, 0.95); weight decay on matrices and embeddings, none on norms, biases, gains.
-    Under FSDP each rank's AdamW holds the moments of its own shards only."""
+    Sharded (FSDP), each rank's AdamW holds the moments of its own shards only. The fused kernel
+    updates each tensor in place (the multi-tensor one allocates a temporary the size of every
+    parameter at once, which decides whether a large model fits)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(0.9, 0.95), eps=optim.adam_eps)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(0.9, 0.95), eps=optim.adam_eps, fused=True)
 
 
 def make_batch(data, part: str, seed: int, step: int, choice: DataChoice):
@@ -227,7 +230,10 @@ def train_step(model, optimizer, sp, dims, data, step: int, config: RunConfig) -
     batch = make_batch(data, "train", config.seed, step, config.data)
     optimizer.zero_grad(set_to_none=True)
     loss, parts = 0.0, config.optim.grad_accum
+    replicated = dims.world > 1 and config.parallel.data_parallel == "replicate"
     for part in range(parts):  # micro-batches: their gradients add up to the batch's
+        if replicated:  # whole gradients are kept anyway: all-reduce them once, after the last micro-batch
+            model.set_requires_gradient_sync(part == parts - 1)
         micro = sequence_loss(model, sp, dims, batch, config.data, part, parts)
         micro.backward()  # with more than one process, FSDP sums the gradients over dp x sp here
         loss = loss + micro.detach()
@@ -304,6 +310,9 @@ def train(config: RunConfig, dims: ParallelDims, stream=sys.stdout) -> dict:
     optimizer = make_optimizer(model, config.optim)
     progress, start = Progress(config.optim.steps, dims.is_main, config.run.log_every, stream), 0
     resume_from = checkpoint.usable(run_dir, progress.note) if config.run.resume else None
+    if resume_from is None and config.run.resume and checkpoint.latest(run_dir) is not None:
+        raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} can be loaded (see above); "
+                          f"not starting over on top of them")
     if resume_from is not None:
         differ = checkpoint.model_differences(checkpoint.saved_state(resume_from).get("model"), describe(model))
         if differ:
@@ -362,8 +371,9 @@ def main(argv=None) -> int:
     try:
         dims = init_parallel(config.parallel.sp)
         train(config, dims)
-    except (ConfigError, DataError) as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    except (ConfigError, DataError) as exc:  # every rank stops; rank 0 says why in one line
+        main_rank = dims.is_main if dims is not None else os.environ.get("RANK", "0") == "0"
+        parser.exit(2, f"{parser.prog}: error: {exc}\n" if main_rank else None)
     finally:
         if dims is not None:
             shutdown(dims)

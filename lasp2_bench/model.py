@@ -18,6 +18,7 @@ rewritten after every configuration, so a sweep stopped part-way keeps what it m
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import json
 import os
@@ -68,6 +69,14 @@ def add_arguments(p) -> None:
                         "so a sweep can run in pieces")
 
 
+def _return_freed_memory() -> None:
+    """glibc keeps freed heap pages resident; hand them back so that they do not count as held."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _limit_address_space(limit_bytes: int) -> None:
     """CPU ranks: let the process grow to about `limit_bytes` resident. RLIMIT_AS counts address
     space, which runs ahead of resident memory (shared libraries, reserved heaps), so the room
@@ -111,9 +120,11 @@ def _worker(rank, world, port, conf, args, mem_gb, out_path, use_cuda):
         apply_activation_checkpointing(model.blocks)
     if world > 1:
         apply_data_parallel(model, model.blocks, dims.flat_mesh, conf["data_parallel"], device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)  # as the trainer
     # Its own group over the same ranks, so that its collectives are told apart from FSDP's (with
-    # dp = 1 the mesh's sp axis and its flattened axis are one group).
+    # dp = 1 the trainer's mesh puts both on one group; on NCCL that serialises FSDP's prefetch
+    # with the attention's collectives, which this benchmark therefore may overlap where the
+    # trainer does not).
     sp_group = dist.new_group(list(range(world))) if world > 1 else None
     sp = SequenceParallel(sp_group, linear=conf["linear"], softmax=args.softmax, layout=args.layout)
     B = args.batch
@@ -126,12 +137,14 @@ def _worker(rank, world, port, conf, args, mem_gb, out_path, use_cuda):
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum") / (B * T)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as the trainer (one norm all-reduce when sharded)
         optimizer.step()
 
     # A short step first: the threads torch and gloo start lazily must exist before the limit (a
     # thread started under it aborts the process with no error to report).
     train_step(32 * world)
     if not use_cuda:
+        _return_freed_memory()  # the whole model each rank built before sharding it, among others
         _limit_address_space(int(mem_gb * 2**30))
     reset_peak_memory(device)
     times, log, T = [], None, conf["seq_len"]

@@ -128,7 +128,7 @@ class LinearAttention(nn.Module):
         if self.kind == "based":
             return taylor_feature_map(x)
         if self.kind == "rebased":
-            return rebased_feature_map(x, self.feature_weight, self.feature_bias)
+            return rebased_feature_map(x, self.feature_weight, self.feature_bias).to(x.dtype)  # fp32 gains: keep x's
         return x
 
     def log_decay_of(self, x):
@@ -208,8 +208,8 @@ class DeltaRuleAttention(nn.Module):
         hk, hv, d = self.key_heads, self.value_heads, self.head_dim
         qkv = ctx.causal_conv1d(torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1), self.conv, None, "silu")
         q, k, v = qkv.split([hk * d, hk * d, hv * d], dim=-1)
-        q = F.normalize(q.view(b, c, hk, d).float(), dim=-1).to(x.dtype)
-        k = F.normalize(k.view(b, c, hk, d).float(), dim=-1).to(x.dtype)
+        q = F.normalize(q.view(b, c, hk, d).float(), dim=-1).to(v.dtype)  # under autocast x stays fp32, v is not
+        k = F.normalize(k.view(b, c, hk, d).float(), dim=-1).to(v.dtype)
         beta = self.beta_max * torch.sigmoid(self.beta(x).float())
         o = ctx.delta_rule(q, k, v.view(b, c, hv, d), beta, self.log_decay_of(x), scale=d**-0.5)
         gate = torch.sigmoid(self.output_gate(x)) if self.kind == "kda" else F.silu(self.output_gate(x))

@@ -3,7 +3,7 @@ results equal the same bf16 inputs without autocast, and the model trains under 
 import pytest
 import torch
 
-from lasp2.model import LinearLlama, ModelConfig
+from lasp2.model import LINEAR_KINDS, LinearLlama, ModelConfig
 from lasp2.ops import chunk_linear_attn
 from lasp2.ops.softmax_attn import softmax_attn
 from tests.helpers import leaf, make_inputs
@@ -26,8 +26,10 @@ def test_chunk_op_ignores_autocast(kind):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-def test_model_trains_under_autocast():
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, linear_kind="gla",
+@pytest.mark.parametrize("kind", LINEAR_KINDS)
+def test_model_trains_under_autocast(kind):
+    """Every variant (q, k and v reach the ops in one dtype though autocast leaves some fp32)."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, linear_kind=kind,
                       feature_dim=4, gate_rank=4)
     model = LinearLlama(cfg)
     tokens = torch.randint(0, 64, (2, 40))

@@ -44,8 +44,10 @@ def test_token_files_need_the_vocabulary_given(tmp_path, suffix):
 def test_a_batch_with_an_id_beyond_the_vocabulary_is_refused():
     rows = torch.tensor([[1, 2, 39], [0, 0, 0]])
     assert check_ids(rows, 40, "batch 3") is rows
-    with pytest.raises(DataError, match="batch 3: token id 39 is not below the vocabulary size 39; give --vocab-size"):
+    with pytest.raises(DataError, match=r"batch 3: token id 39 is not in \[0, 39\), the vocabulary; give --vocab-size"):
         check_ids(rows, 39, "batch 3")
+    with pytest.raises(DataError, match=r"token id -2 is not in \[0, 40\)"):
+        check_ids(torch.tensor([[1, -2]]), 40, "batch 0")
 
 
 def test_text_vocabulary_may_grow_but_not_shrink(tmp_path):
@@ -60,3 +62,22 @@ def test_document_ends_are_found_block_by_block():
     for block in (1, 2, 3, 4, 100):
         assert _positions_of(tokens, 0, block).tolist() == np.flatnonzero(tokens == 0).tolist()
     assert _positions_of(tokens, 7, 3).tolist() == []
+
+
+def test_the_trainer_takes_a_token_file_with_its_vocabulary(tmp_path):
+    """A .npy corpus through lasp2.train: --vocab-size sizes the model; one too small stops the
+    run at the first batch, naming the id."""
+    import io
+
+    from lasp2.distributed import ParallelDims
+    from lasp2.train import parse_config, train
+
+    np.save(tmp_path / "tokens.npy", (np.arange(4000) * 7 % 300).astype(np.int32))
+    common = ["--data", str(tmp_path / "tokens.npy"), "--steps", "2", "--seq-len", "32", "--batch-size", "2",
+              "--val-batches", "1", "--ckpt-every", "0"]
+    out = io.StringIO()
+    result = train(parse_config([*common, "--vocab-size", "300", "--out", str(tmp_path / "a")]), ParallelDims(), out)
+    assert result["model"].lm_head.out_features == 300 and len(result["losses"]) == 2
+    assert "vocab 300" in out.getvalue() and "memory-mapped" in out.getvalue()
+    with pytest.raises(DataError, match=r"train batch 0: token id 2\d\d is not in \[0, 200\)"):
+        train(parse_config([*common, "--vocab-size", "200", "--out", str(tmp_path / "b")]), ParallelDims(), io.StringIO())

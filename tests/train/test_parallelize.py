@@ -96,3 +96,60 @@ def test_data_parallel_refuses_a_2d_mesh_and_an_unknown_mode(dist_workers):
     two_d, unknown = dist_workers.run(_refusals, (0, 1, 2, 3))[0]
     assert two_d.startswith("data parallelism needs the flattened 1-D mesh of every rank, got DeviceMesh((dp=2, sp=2)")
     assert unknown == "data parallelism 'hsdp': choose one of shard, replicate"
+
+
+def test_mixed_precision_is_bf16_compute_fp32_reduction_on_cuda_only():
+    from lasp2.parallelize import mixed_precision
+
+    cuda = mixed_precision(torch.device("cuda", 0))
+    assert (cuda.param_dtype, cuda.reduce_dtype) == (torch.bfloat16, torch.float32)
+    cpu = mixed_precision(torch.device("cpu"))
+    assert (cpu.param_dtype, cpu.reduce_dtype) == (None, None)  # the parameters' own dtype: fp32
+
+
+class _Branching(torch.nn.Module):
+    """One block of two layers; the second runs only when asked (a rank-dependent branch, like
+    an expert no token of this rank is routed to)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+
+    def forward(self, x, use_second: bool):
+        x = self.first(x)
+        return self.second(x) if use_second else x
+
+
+class _OneBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Branching()])
+
+    def forward(self, x, use_second: bool):
+        return self.blocks[0](x, use_second)
+
+
+def _unused_job(group, mode):
+    from tests.dist_workers import mesh_of
+
+    _, flat = mesh_of("sp3")
+    rank = flat.get_local_rank()
+    torch.manual_seed(0)
+    model = _OneBlock()
+    apply_data_parallel(model, model.blocks, flat, mode, torch.device("cpu"))
+    ((rank + 1) * model(torch.ones(1, 3), use_second=rank == 1).sum()).backward()
+    return [p.grad.full_tensor() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["shard", "replicate"])
+def test_a_parameter_unused_on_some_ranks_gets_the_sum_of_the_others(dist_workers, mode):
+    """Three ranks; the block's second layer runs on rank 1 only: its gradient is rank 1's (times
+    2), the first layer's the sum of all three; the collectives still match (no hang)."""
+    results = dist_workers.run(_unused_job, (0, 1, 2), mode, timeout=60)
+    torch.manual_seed(0)
+    reference = _OneBlock()
+    for rank in range(3):
+        ((rank + 1) * reference(torch.ones(1, 3), use_second=rank == 1).sum()).backward()
+    for rank, grads in results.items():
+        for got, p in zip(grads, reference.parameters()):
+            assert torch.allclose(got, p.grad, atol=1e-6), (rank, got, p.grad)

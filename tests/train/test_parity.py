@@ -36,9 +36,11 @@ def argv(tmp_path, kind, pattern, layout, extra=()):
 
 def run(dist_workers, mesh, args):
     """Rank 0's result of the trainer on `mesh` ("sp2", ...; "sp2-replicate": --data-parallel
-    replicate instead of the default shard)."""
-    mesh, _, mode = mesh.partition("-")
-    extra = ["--sp", "1" if mesh == "single" else str(MESH_SHAPES[mesh][2])] + (["--data-parallel", mode] if mode else [])
+    replicate instead of the default shard; "-ac": with activation checkpointing)."""
+    mesh, *options = mesh.split("-")
+    extra = ["--sp", "1" if mesh == "single" else str(MESH_SHAPES[mesh][2])]
+    extra += ["--checkpointing"] if "ac" in options else []
+    extra += ["--data-parallel", "replicate"] if "replicate" in options else []
     return dist_workers.run(train_job, MESHES[mesh], [*args, *extra], mesh, timeout=300)[0]
 
 
@@ -56,10 +58,21 @@ def differences(got, ref):
     return loss, val, whole, tensor
 
 
+_ONE_PROCESS: dict = {}  # the single-process runs, kept for the cases that compare against the same one
+
+
+def one_process(dist_workers, args):
+    """run(dist_workers, "single", args), computed once per command line (the --out folder aside)."""
+    key = tuple("<out>" if i and args[i - 1] == "--out" else a for i, a in enumerate(args))
+    if key not in _ONE_PROCESS:
+        _ONE_PROCESS[key] = run(dist_workers, "single", args)
+    return _ONE_PROCESS[key]
+
+
 def check_case(dist_workers, tmp_path, kind, pattern, runs, extra=()):
-    ref = run(dist_workers, "single", argv(tmp_path / "single", kind, pattern, "zigzag", extra))
+    ref = one_process(dist_workers, argv(tmp_path / "single", kind, pattern, "zigzag", extra))
     assert ref["losses"][-1] < ref["losses"][0] - 0.2, ref["losses"]  # it trains
-    control = run(dist_workers, "single", argv(tmp_path / "control", kind, pattern, "zigzag", [*extra, "--chunk-size", "16"]))
+    control = one_process(dist_workers, argv(tmp_path / "control", kind, pattern, "zigzag", [*extra, "--chunk-size", "16"]))
     loss, val, whole, tensor = differences(control, ref)
     assert max(loss, val, whole) < TOL / 3 and tensor < PER_TENSOR_TOL / 3, ("setting too chaotic", loss, val, whole, tensor)
     for mesh, layout in runs:
@@ -78,12 +91,18 @@ def test_parity_over_meshes_and_layouts(dist_workers, tmp_path, pattern, kind):
     check_case(dist_workers, tmp_path, kind, pattern, ALL_MESHES)
 
 
+SHARD_AND_REPLICATE = {"L": [("dp2", "zigzag"), ("sp2-replicate", "zigzag"), ("dp2sp2-replicate", "contiguous")],
+                       "LLLN": [("dp4", "contiguous"), ("dp2-replicate", "zigzag"), ("sp2-replicate", "contiguous"),
+                                ("dp2sp2-ac", "zigzag")]}
+
+
 @pytest.mark.parametrize("pattern,kind", [("L", "lightning"), ("LLLN", "gla")], ids=["pure-lightning", "hybrid-gla"])
 def test_parity_of_sharded_and_replicated_data_parallelism(dist_workers, tmp_path, pattern, kind):
-    """FSDP2 sharding (the default, above) and replication against one process: sp = 1 with
-    dp = 2 and 4, and both modes at sp = 2 and dp = 2 x sp = 2."""
-    check_case(dist_workers, tmp_path, kind, pattern, [("dp2", "zigzag"), ("dp4", "contiguous"), ("sp2-replicate", "zigzag"),
-                                                       ("dp2sp2-replicate", "contiguous"), ("dp2-replicate", "zigzag")])
+    """FSDP2 sharding (the default, above, at sp = 2 and dp = 2 x sp = 2) and replication against
+    one process: sp = 1 with dp = 2 and 4 sharded, replicated at dp = 2, sp = 2, dp = 2 x sp = 2;
+    sharded dp = 2 x sp = 2 with activation checkpointing (its recompute repeats the attention's
+    collectives and FSDP's gathers)."""
+    check_case(dist_workers, tmp_path, kind, pattern, SHARD_AND_REPLICATE[pattern])
 
 
 VARIANT_PATTERNS = {"basic": "LLLN", "retention": "LLLN", "simple_gla": "LLLN", "based": "L", "rebased": "L",
@@ -162,7 +181,7 @@ def test_parity_of_a_hugging_face_model(dist_workers, tmp_path, hf_config, docum
 def test_gradient_accumulation_equals_the_whole_batch_in_one_step(dist_workers, tmp_path, mesh):
     """--grad-accum 2 (two micro-batches of half the rows) against the same global batch in one
     micro-batch, pure lightning (the least chaotic control of the sweep above): 1e-5."""
-    ref = run(dist_workers, "single", argv(tmp_path / "one", "lightning", "L", "zigzag"))
+    ref = one_process(dist_workers, argv(tmp_path / "one", "lightning", "L", "zigzag"))
     got = run(dist_workers, mesh, argv(tmp_path / mesh, "lightning", "L", "zigzag", ["--grad-accum", "2"]))
     loss, val, whole, tensor = differences(got, ref)
     assert max(loss, val, whole) <= TOL and tensor <= PER_TENSOR_TOL, (loss, val, whole, tensor)

@@ -26,8 +26,7 @@ def test_resume_equals_straight_run(dist_workers, tmp_path, mesh, packing):
         assert rel_err(second["params"][name], p) == 0.0, name
 
 
-@pytest.mark.parametrize("saved,resumed", [("dp2sp2", "sp2"), ("dp2sp2", "sp4"), ("single", "dp2sp2"),
-                                           ("sp2-replicate", "dp2")])
+@pytest.mark.parametrize("saved,resumed", [("dp2sp2", "sp2"), ("dp2sp2", "sp4"), ("sp2-replicate", "dp2")])
 def test_resume_on_another_mesh_continues_the_loss_curve(dist_workers, tmp_path, saved, resumed):
     """Three steps on one mesh, then three more from its checkpoint on another number of processes
     or another dp x sp split (DCP reshards the sharded model and AdamW state; "-replicate": saved
@@ -102,3 +101,23 @@ def test_resuming_a_different_model_names_the_fields(dist_workers, tmp_path):
                                       "--ckpt-every", "3", "--resume"])
     with pytest.raises(ConfigError, match=r"model differs from this run's in linear_kind \('simple_gla' -> 'gla'\)"):
         train(args, ParallelDims(), stream=io.StringIO())
+
+
+def test_resume_with_no_loadable_checkpoint_stops_instead_of_starting_over(dist_workers, tmp_path):
+    import io
+
+    from lasp2.distributed import ParallelDims
+    from lasp2.train import ConfigError, parse_config, train
+    from tests.train.test_parity import argv as parity_argv
+
+    _train(dist_workers, tmp_path, [])
+    for data in (tmp_path / "run" / "checkpoints").glob("step_*/*.distcp"):
+        data.write_bytes(b"")
+    args = parse_config([*parity_argv(tmp_path / "run", "simple_gla", "LLLN", "zigzag"), "--steps", "6",
+                         "--ckpt-every", "3", "--resume"])
+    out = io.StringIO()
+    with pytest.raises(ConfigError, match="--resume: no checkpoint in .* can be loaded"):
+        train(args, ParallelDims(), stream=out)
+    assert "checkpoint step_0000005 cannot be loaded" in out.getvalue()
+    assert "checkpoint step_0000002 cannot be loaded" in out.getvalue()
+    assert (tmp_path / "run" / "checkpoints" / "step_0000005").is_dir()  # nothing overwritten
