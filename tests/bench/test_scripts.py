@@ -22,3 +22,19 @@ def test_bench_delta():
     out = run("benchmarks/bench_delta.py", "--T", "128", "--H", "2", "--D", "8", "--repeats", "1", "--warmup", "0")
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("128")]
     assert len(rows) == 1 and float(rows[0][1]) > 0
+
+
+def test_bench_peers(tmp_path):
+    """Every recurrence at a tiny size: lasp2's row, each installed peer's, outputs that agree
+    (a DIFFERS mark would be printed), a peer that is missing named on a 'skipped' line."""
+    import csv
+
+    out = run("benchmarks/bench_peers.py", "--T", "128", "--H", "2", "--D", "16", "--repeats", "1", "--warmup", "0",
+              "--out", str(tmp_path))
+    rows = list(csv.DictReader((tmp_path / "peers.csv").open()))
+    assert {r["recurrence"] for r in rows if r["op"] == "lasp2"} == {"none", "head", "token", "channel", "deltanet",
+                                                                     "gated_deltanet", "kda"}
+    assert "DIFFERS" not in out and all(float(r["relative_difference"]) < 1e-3 for r in rows)
+    peers = [r for r in rows if r["op"] != "lasp2"]
+    assert peers or out.count("skipped") == 7  # with transformers installed: its SSD and delta-rule paths
+    assert all(float(r["ratio_to_lasp2"]) > 0 for r in peers)
