@@ -58,13 +58,18 @@ def save(run_dir: Path, step: int, model, optimizer, dims: ParallelDims, trainer
     return final
 
 
+def _complete(root: Path) -> list[Path]:
+    """The run's renamed checkpoint directories holding a trainer state, oldest first."""
+    return sorted(p for p in root.glob("step_*") if p.suffix != ".tmp" and (p / TRAINER_STATE).is_file())
+
+
 def latest(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
     if pointer.is_file() and (root / pointer.read_text().strip() / TRAINER_STATE).is_file():
         return root / pointer.read_text().strip()
-    complete = sorted(p for p in root.glob("step_*") if p.suffix != ".tmp" and (p / TRAINER_STATE).is_file())
+    complete = _complete(root)
     return complete[-1] if complete else None
 
 
@@ -103,10 +108,7 @@ def problem(path: Path) -> str | None:
 def usable(run_dir: Path, warn) -> Path | None:
     """The newest checkpoint that can be loaded; each newer one that cannot is reported with
     `warn(line)` naming its broken file. None when there is none."""
-    root = Path(run_dir) / "checkpoints"
-    complete = sorted((p for p in root.glob("step_*") if p.suffix != ".tmp" and (p / TRAINER_STATE).is_file()),
-                      reverse=True)
-    for candidate in complete:
+    for candidate in reversed(_complete(Path(run_dir) / "checkpoints")):
         why = problem(candidate)
         if why is None:
             return candidate

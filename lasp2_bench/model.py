@@ -37,7 +37,9 @@ from lasp2.distributed import ParallelDims, mesh_for
 from lasp2.model import LinearLlama, count_parameters, preset
 from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS, Problem, SequenceParallel, count_collectives
 from lasp2.parallel.counting import CollectiveLog
-from lasp2.parallelize import DATA_PARALLEL, apply_activation_checkpointing, apply_data_parallel
+from lasp2.parallelize import DATA_PARALLEL
+from lasp2.run_config import ParallelChoice
+from lasp2.train import apply_parallelism
 from .machine import describe, free_port, peak_memory_bytes, reset_peak_memory, sync
 
 FIELDS = ["preset", "pattern", "linear", "softmax", "sp", "data_parallel", "checkpointing", "seq_len", "batch", "status",
@@ -116,10 +118,8 @@ def _worker(rank, world, port, conf, args, mem_gb, out_path, use_cuda):
     cfg = preset(args.preset, vocab_size=256, layer_pattern=conf["pattern"])
     torch.manual_seed(0)
     model = LinearLlama(cfg).to(device)
-    if args.checkpointing:
-        apply_activation_checkpointing(model.blocks)
-    if world > 1:
-        apply_data_parallel(model, model.blocks, dims.flat_mesh, conf["data_parallel"], device)
+    apply_parallelism(model, dims, ParallelChoice(data_parallel=conf["data_parallel"],
+                                                  activation_checkpointing=args.checkpointing))  # as the trainer
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)  # as the trainer
     # Its own group over the same ranks, so that its collectives are told apart from FSDP's (with
     # dp = 1 the trainer's mesh puts both on one group; on NCCL that serialises FSDP's prefetch
