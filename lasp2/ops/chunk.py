@@ -5,8 +5,7 @@ import torch
 
 from .bidirectional import bidirectional_linear_attn
 from .checks import DECAY_CHANNEL, DECAY_HEAD, check_chunk_size, check_linear_attn_inputs, compute_dtype
-from .chunk_kernels import (add_incoming, add_inter_output, add_outgoing_grad, grad_state_pass, intra_output,
-                            key_side_grads, query_side_grads, state_pass)
+from .chunk_kernels import add_incoming, add_outgoing_grad, grad_state_pass, state_pass, tiled_input_grads, tiled_outputs
 from .chunk_layout import ChunkedSeq
 from .documents import (add_state_tokens, check_cu_seqlens, check_document_states, check_readable, document_starts,
                         each_document, read_states, reset_log_decay, scatter_tokens, with_state_tokens)
@@ -29,27 +28,25 @@ class _ChunkLinearAttn(torch.autograd.Function):
         h_start, final_state = state_pass(x)
         if S0 is not None:
             h_start, final_state = add_incoming(x, h_start, final_state, S0)
-        o = add_inter_output(x, intra_output(x), h_start, scale)
-        x.save_for_backward(ctx, q, k, v, log_decay, initial_state)
+        o = tiled_outputs(x, x.tiles(), h_start, scale)
+        x.save_for_backward(ctx, h_start)
         ctx.scale = scale
-        return x.unchunk(o, q.dtype), final_state
+        ctx.initial_dtype = None if initial_state is None else initial_state.dtype
+        return o, final_state
 
     @staticmethod
     @without_autocast
     def backward(ctx, do, d_final):
         if do is None and d_final is None:
             return (None,) * 8
-        x, (initial_state,) = ChunkedSeq.from_ctx(ctx)
+        x, (h_start,) = ChunkedSeq.from_ctx(ctx)
         do_hat = x.output_grad(do, ctx.scale) if do is not None else x.v.new_zeros(x.v.shape)
         delta_after, dS0 = grad_state_pass(x, do_hat)
         if d_final is not None:
             delta_after, dS0 = add_outgoing_grad(x, delta_after, dS0, d_final.to(x.q.dtype))
-        h_start, _ = state_pass(x)
-        if initial_state is not None:
-            h_start, _ = add_incoming(x, h_start, None, initial_state.to(x.q.dtype))
-        grads = key_side_grads(x, h_start, delta_after, *query_side_grads(x, do_hat, h_start))
-        dS0 = None if initial_state is None else dS0.to(initial_state.dtype)
-        return (*x.input_grads(*grads), dS0, None, None, None)
+        grads = tiled_input_grads(x, x.tiles(), h_start, delta_after, do_hat)
+        dS0 = None if ctx.initial_dtype is None else dS0.to(ctx.initial_dtype)
+        return (*grads, dS0, None, None, None)
 
 
 def _packed(q, k, v, log_decay, initial_state, output_final_state, shape, scale, chunk_size, causal, cu_seqlens):

@@ -11,7 +11,12 @@ that does not need them while they travel, then fold them in with one cheap elem
 
     forward:  state_pass (zero S_in) -> [exchange] -> add_incoming -> intra_output + inter_output
     backward: grad_state_pass (zero dS_out) -> [exchange] -> add_outgoing_grad; meanwhile
-              state_pass + add_incoming -> query_side_grads; then key_side_grads
+              query_side_grads; then key_side_grads
+
+The forward keeps every chunk's start state for the backward (the size of one [B, T, H, 64]
+tensor at c = K = V = 64) rather than recomputing it. The per-chunk steps run tile by tile
+(`tiled_*` below, `ChunkedSeq.tiles`): a block of chunks goes through all its matmuls and
+element-wise steps while it is in cache, and its results go straight to the [B, T, H, D] layout.
 
 On one device the exchange is just the given initial state and final-state gradient, so the op
 and every sequence-parallel method run the same kernels and the same number of matmuls.
@@ -50,12 +55,11 @@ def bmm_plus(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1
 
 def _crossing_sums(p: torch.Tensor) -> torch.Tensor:
     """[..., c, c] -> [..., c]: dg_t = sum_{i >= t} sum_{j < t} p[i, j], the pairs (i, j) whose
-    decay includes g_t. Two small matmuls against 0/1 matrices, no cancellation."""
-    c = p.shape[-1]
-    r = torch.arange(c, device=p.device)
-    before = (r.view(c, 1) < r.view(1, c)).to(p.dtype)  # [j, t] = j < t
-    partial = p @ before  # [i, t] = sum_{j < t} p[i, j]
-    return (partial * (r.view(c, 1) >= r.view(1, c))).sum(dim=-2)  # keep i >= t
+    decay includes g_t. Running sums along each row, then column sums: no cancellation."""
+    partial = p.cumsum(dim=-1).tril_(-1)  # [i, s] = sum_{j <= s} p[i, j], kept for i > s
+    out = p.new_zeros(p.shape[:-1])
+    out[..., 1:] = partial[..., :-1].sum(dim=-2)  # t = s + 1: rows i >= t
+    return out
 
 
 def _rows_scaled(decay: torch.Tensor | None, state: torch.Tensor) -> torch.Tensor:
@@ -121,17 +125,18 @@ def add_outgoing_grad(x: ChunkedSeq, delta_after: torch.Tensor, dS_in: torch.Ten
 
 
 def _intra_grads(x: ChunkedSeq, do_hat: torch.Tensor):
-    """-> (dq, dk, dv, dg or None) of the intra-chunk term."""
+    """-> (dq, dk, dv, dg or None) of the intra-chunk term (its scores recomputed)."""
     d_scores = bmm(do_hat, _t(x.v))  # dL/dA_ij before masking
     if not x.has_decay:
-        scores = bmm(x.q, _t(x.k)).tril_()
         d_scores.tril_()
-        return bmm(d_scores, x.k), bmm(_t(d_scores), x.q), bmm(_t(scores), do_hat), None
+        dv = bmm(_t(bmm(x.q, _t(x.k)).tril_()), do_hat)
+        return bmm(d_scores, x.k), bmm(_t(d_scores), x.q), dv, None
     if x.scalar_decay:
-        d_qk = d_scores * x.intra_decay  # dL/d(q_i . k_j)
-        scores = bmm(x.q, _t(x.k)).mul_(x.intra_decay)
-        dq, dk, dv = bmm(d_qk, x.k), bmm(_t(d_qk), x.q), bmm(_t(scores), do_hat)
-        return dq, dk, dv, _crossing_sums(d_scores.mul_(scores)).unsqueeze(-1)
+        qk = bmm(x.q, _t(x.k))
+        dv = bmm(_t(qk * x.intra_decay), do_hat)
+        d_qk = d_scores.mul_(x.intra_decay)  # dL/d(q_i . k_j)
+        dq, dk = bmm(d_qk, x.k), bmm(_t(d_qk), x.q)
+        return dq, dk, dv, _crossing_sums(d_qk.mul_(qk)).unsqueeze(-1)
     scores, dq, dk, dg = channel_score_grads(x.q, x.k, x.g, d_scores)
     return dq, dk, bmm(_t(scores), do_hat), dg
 
@@ -167,3 +172,40 @@ def key_side_grads(x: ChunkedSeq, h_start: torch.Tensor, delta_after: torch.Tens
     carried = (x.chunk_decay.unsqueeze(-1) * h_start * delta_after).sum(dim=-1)
     dg += x.per_decay_channel(carried).unsqueeze(-2)
     return dq, dk, dv, dg
+
+
+def tiled_intra_outputs(tiles) -> list[torch.Tensor]:
+    """`intra_output` of every tile (for callers that add the inter-chunk term later)."""
+    return [intra_output(tile.x) for tile in tiles]
+
+
+def tiled_outputs(x: ChunkedSeq, tiles, h_start: torch.Tensor, scale: float, intra=None) -> torch.Tensor:
+    """-> o [B, T, H, V] in the inputs' dtype: intra (computed here, or `tiled_intra_outputs`'
+    list) plus the inter-chunk term from h_start, scaled."""
+    o = x.empty_tokens(x.v.shape[-1], x.dtypes[0])
+    for n, tile in enumerate(tiles):
+        o_intra = intra_output(tile.x) if intra is None else intra[n]
+        tile.put(o, add_inter_output(tile.x, o_intra, tile.of(h_start), scale))
+    return o
+
+
+def tiled_query_side_grads(tiles, do_hat: torch.Tensor, h_start: torch.Tensor) -> list[tuple]:
+    """`query_side_grads` of every tile."""
+    return [query_side_grads(tile.x, tile.of(do_hat), tile.of(h_start)) for tile in tiles]
+
+
+def tiled_input_grads(x: ChunkedSeq, tiles, h_start: torch.Tensor, delta_after: torch.Tensor, do_hat=None,
+                      query_side=None) -> tuple:
+    """-> (dq, dk, dv, d_log_decay) in the inputs' layouts and dtypes: each tile's query-side
+    gradients (computed here from do_hat, or `tiled_query_side_grads`' list) plus its key side."""
+    dtype = x.dtypes[0]
+    dq, dk = x.empty_tokens(x.q.shape[-1], dtype), x.empty_tokens(x.k.shape[-1], dtype)
+    dv = x.empty_tokens(x.v.shape[-1], dtype)
+    dg = None if x.g is None else x.empty_tokens(x.g.shape[-1], x.g.dtype)
+    for n, tile in enumerate(tiles):
+        grads = query_side_grads(tile.x, tile.of(do_hat), tile.of(h_start)) if query_side is None else query_side[n]
+        grads = key_side_grads(tile.x, tile.of(h_start), tile.of(delta_after), *grads)
+        for dest, grad in zip((dq, dk, dv, dg), grads):
+            if dest is not None:
+                tile.put(dest, grad)
+    return dq, dk, dv, x.log_decay_grad(dg)

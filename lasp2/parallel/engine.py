@@ -6,9 +6,8 @@ chunk states with a zero incoming state give its summary (M_t, A_t); the exchang
 (LASP-2: the all-gather of every summary; LASP-1: the hops that need no remote state) and,
 while that travels, the intra-chunk output is computed; then the incoming state S_in arrives,
 is folded into the chunk states with one element-wise step, and one inter-chunk matmul adds
-its term. The backward mirrors it: each slot's gradient
-on its incoming state travels while the chunk states are recomputed and the query-side
-gradients formed; the gradient arriving on its outgoing state is folded into the chunk
+its term. The backward mirrors it: each slot's gradient on its incoming state travels while the
+query-side gradients are formed (from the chunk states and scores the forward kept); the gradient arriving on its outgoing state is folded into the chunk
 gradients before the key-side matmuls. So a rank does the matmuls of the single-device op on
 its tokens and nothing more.
 
@@ -26,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from ..ops import bidirectional as bi
-from ..ops.chunk_kernels import (add_incoming, add_inter_output, add_outgoing_grad, grad_state_pass, intra_output,
-                                 key_side_grads, query_side_grads, state_pass)
+from ..ops.chunk_kernels import (add_incoming, add_outgoing_grad, grad_state_pass, state_pass, tiled_input_grads,
+                                 tiled_intra_outputs, tiled_outputs, tiled_query_side_grads)
 from ..ops.chunk_layout import ChunkedSeq
 from ..ops.precision import without_autocast
 from .layout import from_segments, segments, to_segments, unsegment_grads
@@ -53,29 +52,29 @@ class _Causal(torch.autograd.Function):
         x = ChunkedSeq.from_inputs(*seg, kind, chunk_size)
         h_start, h_end = state_pass(x)  # M_t: each slot's state from a zero incoming state
         pending = exchange.start_forward(h_end, x.total_decay)  # share [M_t, A_t], asynchronously
-        o = intra_output(x)  # O_intra = [(Q K^T) . Psi] V, while the states travel
+        tiles = x.tiles()
+        intra = tiled_intra_outputs(tiles)  # O_intra = [(Q K^T) . Psi] V, while the states travel
         S_in = pending.wait()  # M_{1:t-1} combined: the state entering each slot
         h_start, _ = add_incoming(x, h_start, None, S_in)
-        o = add_inter_output(x, o, h_start, scale)  # O_inter = Q_hat S, one matmul for all of it
-        x.save_for_backward(ctx, *seg, S_in)
+        o = tiled_outputs(x, tiles, h_start, scale, intra)  # + O_inter = Q_hat S
+        x.save_for_backward(ctx, h_start)
         ctx.scale, ctx.exchange = scale, exchange
-        return from_segments(x.unchunk(o, q.dtype), S)
+        return from_segments(o, S)
 
     @staticmethod
     @without_autocast
     def backward(ctx, do):
-        x, (S_in,) = ChunkedSeq.from_ctx(ctx)
+        x, (h_start,) = ChunkedSeq.from_ctx(ctx)
         exchange, S = ctx.exchange, ctx.exchange.slots_per_rank
         do_hat = x.output_grad(to_segments(do, S), ctx.scale)
         delta_after, d_in = grad_state_pass(x, do_hat)  # dM_t: each slot's gradient on its S_in
         pending = exchange.start_backward(d_in)  # share dM_t, asynchronously
-        h_start, _ = state_pass(x)  # recomputed while the gradients travel
-        h_start, _ = add_incoming(x, h_start, None, S_in)
-        grads = query_side_grads(x, do_hat, h_start)
+        tiles = x.tiles()
+        query_side = tiled_query_side_grads(tiles, do_hat, h_start)  # while the gradients travel
         d_out = pending.wait()  # dM_{t+1:T} combined: the gradient on each slot's outgoing state
         delta_after, _ = add_outgoing_grad(x, delta_after, None, d_out)
-        grads = key_side_grads(x, h_start, delta_after, *grads)
-        return (*unsegment_grads(x.input_grads(*grads), S), None, None, None, None)
+        grads = tiled_input_grads(x, tiles, h_start, delta_after, query_side=query_side)
+        return (*unsegment_grads(grads, S), None, None, None, None)
 
 
 class _Bidirectional(torch.autograd.Function):

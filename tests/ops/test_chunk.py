@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lasp2.ops import chunk_linear_attn, naive_recurrent_linear_attn
+from lasp2.ops import chunk_layout, chunk_linear_attn, naive_recurrent_linear_attn
 from tests.helpers import DECAY_FORMS, leaf, make_inputs, rel_err
 
 
@@ -60,6 +60,18 @@ def test_fp64_exact_for_every_chunk_size(kind, chunk_size, device):
     inputs = make_inputs(kind, T=70, seed=chunk_size)
     s0 = torch.randn(2, 3, 6, 5, dtype=torch.float64)
     _compare(inputs, s0, True, tol=1e-12, device=device, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("kind", DECAY_FORMS)
+@pytest.mark.parametrize("chunks_per_tile", [1, 3, 28, 42])
+def test_fp64_exact_in_any_tiling(kind, chunks_per_tile, monkeypatch):
+    """The per-chunk kernels run over cache-sized tiles: runs of one head's chunks (1 or 3 of
+    its 14 chunks, the last run shorter) or groups of whole heads (2 or 3 heads of 3, B = 2);
+    every tiling gives the recurrence's outputs and gradients."""
+    monkeypatch.setattr(chunk_layout, "TILE_VALUES", chunks_per_tile * 5 * 6)  # chunk 5 x max(c, K, V) = 6
+    inputs = make_inputs(kind, T=70, seed=chunks_per_tile)
+    s0 = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    _compare(inputs, s0, True, tol=1e-12, chunk_size=5)
 
 
 @pytest.mark.parametrize("T", [1, 63, 200])

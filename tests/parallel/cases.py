@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lasp2.ops import naive_recurrent_linear_attn
+from lasp2.ops import chunk_layout, naive_recurrent_linear_attn
 from lasp2.parallel import count_collectives, lasp1_linear_attn, lasp2_linear_attn
 from tests.helpers import leaf
 
@@ -39,6 +39,16 @@ def run_shard(group, method, inputs, do, bounds, causal=True, scale=0.9, chunk_s
     o.backward(do[:, lo:hi])
     grads = {f"d{n}": None if t is None else t.grad for n, t in x.items()}
     return {"o": o.detach(), **grads}
+
+
+def run_shard_in_tiles(group, tile_values, *args, **kwargs):
+    """run_shard with the kernels' tiles bounded to `tile_values` values per tensor (a few chunks)."""
+    saved = chunk_layout.TILE_VALUES
+    chunk_layout.TILE_VALUES = tile_values
+    try:
+        return run_shard(group, *args, **kwargs)
+    finally:
+        chunk_layout.TILE_VALUES = saved
 
 
 def single_device(inputs, do, causal=True, scale=0.9):

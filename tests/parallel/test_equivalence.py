@@ -5,7 +5,7 @@ import torch
 from lasp2.ops import chunk_linear_attn
 from lasp2.parallel import lasp1_linear_attn, lasp2_linear_attn
 from tests.helpers import DECAY_FORMS, make_inputs, rel_err
-from tests.parallel.cases import even_bounds, reference_slice, run_shard, single_device
+from tests.parallel.cases import even_bounds, reference_slice, run_shard, run_shard_in_tiles, single_device
 
 FORMS = DECAY_FORMS + ("bidirectional",)
 T = 84  # divisible by 1..4; shards of 21-84 tokens with chunk_size 16 end in partial chunks
@@ -37,6 +37,22 @@ def run_case(dist_workers, method, ranks, form, dtype, tol, bounds, total_len=T)
 @pytest.mark.parametrize("method", ["lasp2", "lasp1"])
 def test_matches_single_device(dist_workers, method, world, form, dtype, tol):
     run_case(dist_workers, method, tuple(range(world)), form, dtype, tol, even_bounds(T, world))
+
+
+@pytest.mark.parametrize("chunks_per_tile", [1, 2])
+@pytest.mark.parametrize("form", DECAY_FORMS)
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("method", ["lasp2", "lasp1"])
+def test_matches_single_device_in_small_tiles(dist_workers, method, world, form, chunks_per_tile):
+    """The per-chunk kernels run over tiles of 1 or 2 chunks (16 tokens each): every rank's
+    shard spans several tiles, and the intra-chunk outputs and query-side gradients computed
+    while the states travel meet the inter-chunk terms of the same tile."""
+    inputs = make_inputs(form, B=2, T=T, H=3, K=6, V=5, seed=world)
+    do = torch.randn(2, T, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    bounds = even_bounds(T, world)
+    results = dist_workers.run(run_shard_in_tiles, tuple(range(world)), chunks_per_tile * 16 * 16, method, inputs,
+                               do, bounds)
+    check_ranks(results, single_device(inputs, do), bounds, form == "head", 1e-10)
 
 
 @pytest.mark.parametrize("form", ["none", "token", "channel", "bidirectional"])
