@@ -20,8 +20,8 @@ element-wise steps while it is in cache, and its results go straight to the [B, 
 
 On one device the exchange is just the given initial state and final-state gradient, so the op
 and every sequence-parallel method run the same kernels and the same number of matmuls.
-`do_hat` below is scale * dL/do. Shapes: q, k [B, H, N, c, K]; v, o [B, H, N, c, V]; states
-[B, H, N, K, V] per chunk or [B, H, K, V] for the stretch; g-shaped [.., c, Kg].
+`do_hat` below is scale * dL/do. Shapes: q, k [B, N, H, c, K]; v, o [B, N, H, c, V]; states
+[B, N, H, K, V] per chunk or [B, H, K, V] for the stretch; g-shaped [.., c, Kg].
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def _rows_scaled(decay: torch.Tensor | None, state: torch.Tensor) -> torch.Tenso
 
 
 def intra_scores(x: ChunkedSeq) -> torch.Tensor:
-    """[B, H, N, c, c] A_ij = sum_k q_ik k_jk exp(G_ik - G_jk) for j <= i, 0 above the diagonal."""
+    """[B, N, H, c, c] A_ij = sum_k q_ik k_jk exp(G_ik - G_jk) for j <= i, 0 above the diagonal."""
     if not x.has_decay:
         return bmm(x.q, _t(x.k)).tril_()
     if x.scalar_decay:
@@ -77,24 +77,24 @@ def intra_scores(x: ChunkedSeq) -> torch.Tensor:
 
 
 def state_pass(x: ChunkedSeq):
-    """-> (h_start [B, H, N, K, V]: the state entering each chunk, h_end [B, H, K, V]: the state
+    """-> (h_start [B, N, H, K, V]: the state entering each chunk, h_end [B, H, K, V]: the state
     leaving the stretch), both for a zero incoming state."""
     kv = bmm(_t(x.k_to_end), x.v)
-    return prefix_scan(kv, x.chunk_decay if x.has_decay else None)
+    return prefix_scan(kv, x.chunk_decay if x.has_decay else None, dim=-4)
 
 
 def add_incoming(x: ChunkedSeq, h_start: torch.Tensor, h_end: torch.Tensor | None, S_in: torch.Tensor):
     """Folds a state S_in [B, H, K, V] entering the stretch into `state_pass`'s results: each
     chunk's start state gains S_in decayed to it, the end state S_in decayed across the stretch.
     -> (h_start, h_end); h_end may be None when not needed."""
-    h_start = h_start + _rows_scaled(x.decay_before_chunk, S_in.unsqueeze(2))
+    h_start = h_start + _rows_scaled(x.decay_before_chunk, S_in.unsqueeze(1))
     if h_end is not None:
         h_end = h_end + _rows_scaled(x.total_decay, S_in)
     return h_start, h_end
 
 
 def intra_output(x: ChunkedSeq) -> torch.Tensor:
-    """-> o [B, H, N, c, V], unscaled: each token's output from the tokens of its own chunk."""
+    """-> o [B, N, H, c, V], unscaled: each token's output from the tokens of its own chunk."""
     return bmm(intra_scores(x), x.v)
 
 
@@ -105,20 +105,20 @@ def add_inter_output(x: ChunkedSeq, o: torch.Tensor, h_start: torch.Tensor, scal
 
 
 def grad_state_pass(x: ChunkedSeq, do_hat: torch.Tensor):
-    """-> (delta_after [B, H, N, K, V], dS_in [B, H, K, V]) for a zero gradient on the state
+    """-> (delta_after [B, N, H, K, V], dS_in [B, H, K, V]) for a zero gradient on the state
     leaving the stretch.
 
     delta_after[n] is the gradient w.r.t. the state leaving chunk n from the outputs of later
     chunks; dS_in the gradient w.r.t. the state entering the stretch (its initial state).
     """
     u = bmm(_t(x.q_from_start), do_hat)
-    return suffix_scan(u, x.chunk_decay if x.has_decay else None)
+    return suffix_scan(u, x.chunk_decay if x.has_decay else None, dim=-4)
 
 
 def add_outgoing_grad(x: ChunkedSeq, delta_after: torch.Tensor, dS_in: torch.Tensor | None, dS_out: torch.Tensor):
     """Folds a gradient dS_out [B, H, K, V] on the state leaving the stretch into
     `grad_state_pass`'s results. -> (delta_after, dS_in); dS_in may be None when not needed."""
-    delta_after = delta_after + _rows_scaled(x.decay_after_chunk, dS_out.unsqueeze(2))
+    delta_after = delta_after + _rows_scaled(x.decay_after_chunk, dS_out.unsqueeze(1))
     if dS_in is not None:
         dS_in = dS_in + _rows_scaled(x.total_decay, dS_out)
     return delta_after, dS_in
@@ -142,7 +142,7 @@ def _intra_grads(x: ChunkedSeq, do_hat: torch.Tensor):
 
 
 def query_side_grads(x: ChunkedSeq, do_hat: torch.Tensor, h_start: torch.Tensor):
-    """-> (dq, dk, dv [B, H, N, c, D], dg [B, H, N, c, Kg] or None): every gradient of the
+    """-> (dq, dk, dv [B, N, H, c, D], dg [B, N, H, c, Kg] or None): every gradient of the
     outputs that does not need the gradient arriving from later chunks (the intra-chunk term,
     and the inter-chunk term through q and the decays of its start state). h_start: every
     chunk's start state, the incoming state folded in."""

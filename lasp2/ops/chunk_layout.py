@@ -2,7 +2,8 @@
 
 A sequence of T tokens is cut into N = ceil(T / c) chunks of c tokens; the tail is padded with
 zeros (q = k = v = 0, log decay 0), which changes no output and no state. Tensors become
-[B, H, N, c, D] so that every per-chunk product is one batched matmul.
+[B, N, H, c, D] so that every per-chunk product is one batched matmul, and a run of chunks (all
+heads) is one contiguous block both here and in [B, T, H, D].
 """
 from __future__ import annotations
 
@@ -15,18 +16,22 @@ from .scan import exclusive_cumsum, reverse_exclusive_cumsum
 
 
 def to_chunks(x_BTHD: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, T, H, D] -> [B, H, N, c, D] in `dtype`, zero-padded to N * c tokens (one copy: the
-    cast and the transposition together)."""
+    """[B, T, H, D] -> [B, N, H, c, D] in `dtype`, zero-padded to N * c tokens (one copy: the
+    cast and a transposition inside each chunk)."""
     b, t, h, d = x_BTHD.shape
-    n = -(-t // chunk_size)
-    out = x_BTHD.new_empty(b, h, n * chunk_size, d, dtype=dtype)
-    out[:, :, :t].copy_(x_BTHD.transpose(1, 2))
-    out[:, :, t:].zero_()
-    return out.view(b, h, n, chunk_size, d)
+    c = chunk_size
+    full, rest = divmod(t, c)
+    out = x_BTHD.new_empty(b, full + (rest > 0), h, c, d, dtype=dtype)
+    if full:
+        out[:, :full].copy_(x_BTHD[:, : full * c].view(b, full, c, h, d).transpose(2, 3))
+    if rest:
+        out[:, full].zero_()
+        out[:, full, :, :rest].copy_(x_BTHD[:, full * c :].transpose(1, 2))
+    return out
 
 
 def log_decay_to_chunks(log_decay, kind: str, batch: int, seq_len: int, chunk_size: int, dtype) -> torch.Tensor:
-    """Any public log-decay form -> per-token g as [B, H, N, c, Kg] (Kg = K for GLA, else 1)."""
+    """Any public log-decay form -> per-token g as [B, N, H, c, Kg] (Kg = K for GLA, else 1)."""
     if kind == DECAY_HEAD:
         g_BTHK = log_decay.to(dtype).view(1, 1, -1, 1).expand(batch, seq_len, -1, 1)
     elif kind == DECAY_TOKEN:
@@ -76,39 +81,42 @@ TILE_VALUES = 1 << 18
 
 
 class Tile:
-    """A block of chunks of a `ChunkedSeq` that is contiguous in every [B, H, N, ...] tensor: one
-    batch row and either whole heads or a run of one head's chunks.
+    """A run of chunks of a `ChunkedSeq`, every head, contiguous in every [B, N, H, ...] tensor:
+    a run of one batch row's chunks, or whole batch rows.
 
     Attributes:
-        x: the block as a ChunkedSeq of views (every per-chunk decay factor works on it).
+        x: the run as a ChunkedSeq of views (every per-chunk decay factor works on it).
     """
 
-    def __init__(self, seq: "ChunkedSeq", b: int, heads: slice, chunks: slice):
-        self.b, self.heads, self.chunks = b, heads, chunks
-        self._seq_len, self._c = seq.seq_len, seq.chunk_size
+    def __init__(self, seq: "ChunkedSeq", rows: slice, chunks: slice):
+        self.rows, self.chunks = rows, chunks
+        self._seq_len = seq.seq_len
         q, k, v, g = (None if t is None else self.of(t) for t in (seq.q, seq.k, seq.v, seq.g))
         self.x = ChunkedSeq(q, k, v, g, seq.kind, seq.seq_len, seq.dtypes)
 
     def of(self, t: torch.Tensor) -> torch.Tensor:
-        """This block's view of a [B, H, N, ...] tensor."""
-        return t[self.b : self.b + 1, self.heads, self.chunks]
+        """This run's view of a [B, N, ...] tensor."""
+        return t[self.rows, self.chunks]
 
     def put(self, dest_BTHD: torch.Tensor, src: torch.Tensor) -> None:
-        """Copies the block's [1, h, n, c, D] values into their tokens of a [B, T, H, D] tensor
+        """Copies the run's [b, n, H, c, D] values into their tokens of a [B, T, H, D] tensor
         (padding dropped, cast to dest's dtype)."""
-        _, h, n, c, d = src.shape
+        b, n, h, c, d = src.shape
         start = (self.chunks.start or 0) * c
-        stop = min(start + n * c, self._seq_len)
-        dest = dest_BTHD[self.b : self.b + 1, start:stop, self.heads]
-        dest.transpose(1, 2).copy_(src.reshape(1, h, n * c, d)[:, :, : stop - start])
+        full, rest = divmod(min(n * c, self._seq_len - start), c)
+        dest = dest_BTHD[self.rows, start:]
+        if full:
+            dest[:, : full * c].view(b, full, c, h, d).copy_(src[:, :full].transpose(2, 3))
+        if rest:
+            dest[:, full * c : full * c + rest].copy_(src[:, full, :, :rest].transpose(1, 2))
 
 
 class ChunkedSeq:
     """One rank's (or one device's) sequence in chunked layout, with its decay factors.
 
     Attributes:
-        q, k: [B, H, N, c, K];  v: [B, H, N, c, V]  (compute dtype: fp32, or fp64 for fp64 input)
-        g: [B, H, N, c, Kg] per-token log decay, or None without decay (Kg = K for GLA, else 1).
+        q, k: [B, N, H, c, K];  v: [B, N, H, c, V]  (compute dtype: fp32, or fp64 for fp64 input)
+        g: [B, N, H, c, Kg] per-token log decay, or None without decay (Kg = K for GLA, else 1).
     Every decay factor below is exp of a sum of non-positive terms, formed as that sum and not
     as a difference of prefix sums, so strong decay gives exact zeros and never inf or nan.
     """
@@ -146,19 +154,17 @@ class ChunkedSeq:
         return cls(q, k, v, g, kind, seq_len, dtypes), extra
 
     def tiles(self) -> list[Tile]:
-        """The sequence cut into cache-sized blocks of chunks (one block when it is small)."""
-        B, H, N, c = self.q.shape[:4]
-        per_tile = max(1, TILE_VALUES // (c * max(c, self.q.shape[-1], self.v.shape[-1])))  # chunks
-        if per_tile >= N:  # whole heads
+        """The sequence cut into cache-sized runs of chunks (one run when it is small)."""
+        B, N, H, c = self.q.shape[:4]
+        per_tile = max(1, TILE_VALUES // (H * c * max(c, self.q.shape[-1], self.v.shape[-1])))  # chunks
+        if per_tile >= N:  # whole batch rows
             step = per_tile // N
-            return [Tile(self, b, slice(h, h + step), slice(None)) for b in range(B) for h in range(0, H, step)]
-        return [Tile(self, b, slice(h, h + 1), slice(n, n + per_tile))
-                for b in range(B) for h in range(H) for n in range(0, N, per_tile)]
+            return [Tile(self, slice(b, b + step), slice(None)) for b in range(0, B, step)]
+        return [Tile(self, slice(b, b + 1), slice(n, n + per_tile)) for b in range(B) for n in range(0, N, per_tile)]
 
     def empty_tokens(self, dim: int, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised [B, T, H, dim] tensor for results that tiles `put` into."""
-        B, H = self.q.shape[:2]
-        return self.q.new_empty(B, self.seq_len, H, dim, dtype=dtype)
+        return self.q.new_empty(self.q.shape[0], self.seq_len, self.q.shape[2], dim, dtype=dtype)
 
     def output_grad(self, do: torch.Tensor, scale: float) -> torch.Tensor:
         """dL/do [B, T, H, V] -> scale * dL/do in chunked layout (a fresh tensor)."""
@@ -175,7 +181,7 @@ class ChunkedSeq:
 
     @property
     def num_chunks(self) -> int:
-        return self.q.shape[2]
+        return self.q.shape[1]
 
     @property
     def has_decay(self) -> bool:
@@ -187,22 +193,22 @@ class ChunkedSeq:
 
     @cached_property
     def G(self) -> torch.Tensor:
-        """[B, H, N, c, Kg] log decay from the chunk start to each token (inclusive)."""
+        """[B, N, H, c, Kg] log decay from the chunk start to each token (inclusive)."""
         return torch.cumsum(self.g, dim=-2)
 
     @cached_property
     def Gamma(self) -> torch.Tensor:
-        """[B, H, N, Kg] log decay across each whole chunk."""
+        """[B, N, H, Kg] log decay across each whole chunk."""
         return self.g.sum(dim=-2)
 
     @cached_property
     def chunk_decay(self) -> torch.Tensor:
-        """[B, H, N, Kg] exp(Gamma): carries a chunk's start state to its end."""
+        """[B, N, H, Kg] exp(Gamma): carries a chunk's start state to its end."""
         return torch.exp(self.Gamma)
 
     @cached_property
     def exp_G(self) -> torch.Tensor:
-        """[B, H, N, c, Kg] exp(G_i)."""
+        """[B, N, H, c, Kg] exp(G_i)."""
         return torch.exp(self.G)
 
     @cached_property
@@ -212,7 +218,7 @@ class ChunkedSeq:
 
     @cached_property
     def decay_to_end(self) -> torch.Tensor:
-        """[B, H, N, c, Kg] exp(sum of g after token j to the chunk end)."""
+        """[B, N, H, c, Kg] exp(sum of g after token j to the chunk end)."""
         return torch.exp(reverse_exclusive_cumsum(self.g, dim=-2))
 
     @cached_property
@@ -222,30 +228,30 @@ class ChunkedSeq:
 
     @cached_property
     def intra_decay(self) -> torch.Tensor:
-        """Scalar decays: [B, H, N, c, c] exp(G_i - G_j) for j <= i, zero above the diagonal
-        ([1, H, 1, c, c] for one constant per head, the same in every chunk: padding tokens have
+        """Scalar decays: [B, N, H, c, c] exp(G_i - G_j) for j <= i, zero above the diagonal
+        ([1, 1, H, c, c] for one constant per head, the same in every chunk: padding tokens have
         q = k = 0, so their entries never count). Per-channel gates are handled by `gated_intra`."""
         if self.kind == DECAY_HEAD:
-            return constant_decays(self.g[:1, :, :1, :1], self.chunk_size)
+            return constant_decays(self.g[:1, :1, :, :1], self.chunk_size)
         return segment_decays(self.g)
 
     @cached_property
     def decay_before_chunk(self) -> torch.Tensor | None:
-        """[B, H, N, Kg] exp(log decay from the stretch's start to each chunk's start); None
+        """[B, N, H, Kg] exp(log decay from the stretch's start to each chunk's start); None
         without decay. Carries an incoming state to each chunk."""
-        return None if self.g is None else torch.exp(exclusive_cumsum(self.Gamma, dim=2))
+        return None if self.g is None else torch.exp(exclusive_cumsum(self.Gamma, dim=1))
 
     @cached_property
     def decay_after_chunk(self) -> torch.Tensor | None:
-        """[B, H, N, Kg] exp(log decay from each chunk's end to the stretch's end); None without
+        """[B, N, H, Kg] exp(log decay from each chunk's end to the stretch's end); None without
         decay. Carries the gradient on the outgoing state back to each chunk."""
-        return None if self.g is None else torch.exp(reverse_exclusive_cumsum(self.Gamma, dim=2))
+        return None if self.g is None else torch.exp(reverse_exclusive_cumsum(self.Gamma, dim=1))
 
     @cached_property
     def total_decay(self) -> torch.Tensor | None:
         """[B, H, Kg] exp(log decay across the whole stretch): the stretch's transition; None
         without decay."""
-        return None if self.g is None else torch.exp(self.Gamma.sum(dim=2))
+        return None if self.g is None else torch.exp(self.Gamma.sum(dim=1))
 
     def chunk(self, x_BTHD: torch.Tensor) -> torch.Tensor:
         return to_chunks(x_BTHD, self.chunk_size, self.q.dtype)

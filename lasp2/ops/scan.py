@@ -6,8 +6,9 @@ Kg is K for per-channel gates and 1 for scalar decay, scaling the rows of the st
     prefix:  s_0 = 0,  s_{n+1} = a_n * s_n + x_n        (the state entering each slot)
     suffix:  r_N = 0,  r_n = x_n + a_n * r_{n+1}          (the gradient leaving each slot)
 
-Shapes: x [..., N, K, V], a [..., N, Kg] or None. The loop runs over N slots; each step is one
-elementwise op on [..., K, V], so it stays cheap next to the matmuls that produce x.
+Shapes: x [..., N, K, V] and a [..., N, Kg] or None, with the slot axis at `dim` of x (-3 by
+default; -4 for [B, N, H, K, V], where a is [B, N, H, Kg]). The loop runs over N slots; each step
+is one elementwise op on a slot's states, so it stays cheap next to the matmuls that produce x.
 """
 from __future__ import annotations
 
@@ -16,38 +17,40 @@ import math
 import torch
 
 
-def prefix_scan(x: torch.Tensor, a: torch.Tensor | None = None):
-    """Returns (before [..., N, K, V] with before[n] = s_n, total s_N [..., K, V])."""
-    return _scan(x, a, reverse=False)
+def prefix_scan(x: torch.Tensor, a: torch.Tensor | None = None, dim: int = -3):
+    """Returns (before, with before[n] = s_n along `dim`; the total s_N, without that axis)."""
+    return _scan(x, a, reverse=False, dim=dim)
 
 
-def suffix_scan(x: torch.Tensor, a: torch.Tensor | None = None):
-    """Returns (after [..., N, K, V] with after[n] = r_{n+1}, total r_0 [..., K, V]).
+def suffix_scan(x: torch.Tensor, a: torch.Tensor | None = None, dim: int = -3):
+    """Returns (after, with after[n] = r_{n+1} along `dim`; the total r_0, without that axis).
 
     after[n] is the gradient w.r.t. the state leaving slot n from every later slot; r_0 is the
     gradient w.r.t. the state entering slot 0.
     """
-    return _scan(x, a, reverse=True)
+    return _scan(x, a, reverse=True, dim=dim)
 
 
-def _scan(x: torch.Tensor, a: torch.Tensor | None, reverse: bool):
-    n_slots = x.shape[-3]
+def _scan(x: torch.Tensor, a: torch.Tensor | None, reverse: bool, dim: int):
+    assert dim <= -3, dim
+    a = None if a is None else a.unsqueeze(-1)  # [..., Kg, 1]: scales the rows, aligned with x
+    n_slots = x.shape[dim]
     group = _group_size(n_slots)
     if group == 1:
-        return _sequential_scan(x, a, reverse)
+        return _sequential_scan(x, a, reverse, dim)
     # Two levels, ~2 sqrt(N) steps instead of N: scan inside groups of `group` slots (all groups
     # at once), scan the group totals, then add each group's incoming state, decayed to each slot.
-    xg = _grouped(x, group, fill=0.0)
-    ag = None if a is None else _grouped(a.unsqueeze(-1), group, fill=1.0).squeeze(-1)
-    inner, totals = _sequential_scan(xg, ag, reverse)  # [..., G, g, K, V], [..., G, K, V]
-    group_decay = None if ag is None else torch.prod(ag, dim=-2)  # [..., G, Kg]
-    group_in, total = _sequential_scan(totals, group_decay, reverse)
+    xg = _grouped(x, group, 0.0, dim)  # the slot axis becomes (groups at dim - 1, slots at dim)
+    ag = None if a is None else _grouped(a, group, 1.0, dim)
+    inner, totals = _sequential_scan(xg, ag, reverse, dim)
+    group_decay = None if ag is None else torch.prod(ag, dim=dim)
+    group_in, total = _sequential_scan(totals, group_decay, reverse, dim)
     if ag is None:
-        inner += group_in.unsqueeze(-3)
+        inner += group_in.unsqueeze(dim)
     else:
-        decay_in = _exclusive_cumprod(ag, dim=-2, reverse=reverse)  # group edge -> each slot
-        inner.addcmul_(decay_in.unsqueeze(-1), group_in.unsqueeze(-3))
-    return _ungrouped(inner, n_slots), total
+        decay_in = _exclusive_cumprod(ag, dim=dim, reverse=reverse)  # group edge -> each slot
+        inner.addcmul_(decay_in, group_in.unsqueeze(dim))
+    return _ungrouped(inner, n_slots, dim), total
 
 
 def _group_size(n_slots: int) -> int:
@@ -58,18 +61,19 @@ def _group_size(n_slots: int) -> int:
     return next((d for d in range(root, 2 * root + 1) if n_slots % d == 0), root + 1)
 
 
-def _grouped(x: torch.Tensor, group: int, fill: float) -> torch.Tensor:
-    """[..., N, K, V] -> [..., G, group, K, V], padded at the end with `fill` (0 for states, 1
-    for decays, so padding slots change nothing); a view when group divides N."""
-    n = x.shape[-3]
+def _grouped(x: torch.Tensor, group: int, fill: float, dim: int) -> torch.Tensor:
+    """Slot axis N at `dim` -> (G, group), padded at the end with `fill` (0 for states, 1 for
+    decays, so padding slots change nothing); a view when group divides N."""
+    n = x.shape[dim]
     pad = -n % group
     if pad:
-        x = torch.cat([x, x.new_full((*x.shape[:-3], pad, *x.shape[-2:]), fill)], dim=-3)
-    return x.view(*x.shape[:-3], -1, group, *x.shape[-2:])
+        x = torch.cat([x, x.new_full((*x.shape[:dim], pad, *x.shape[dim + 1:]), fill)], dim=dim)
+    return x.view(*x.shape[:dim], -1, group, *x.shape[dim + 1:])
 
 
-def _ungrouped(x: torch.Tensor, n_slots: int) -> torch.Tensor:
-    return x.reshape(*x.shape[:-4], -1, *x.shape[-2:])[..., :n_slots, :, :]
+def _ungrouped(x: torch.Tensor, n_slots: int, dim: int) -> torch.Tensor:
+    merged = x.reshape(*x.shape[:dim - 1], -1, *x.shape[dim + 1:])
+    return merged if merged.shape[dim] == n_slots else merged.narrow(dim, 0, n_slots)
 
 
 def _exclusive_cumprod(a: torch.Tensor, dim: int, reverse: bool) -> torch.Tensor:
@@ -84,22 +88,22 @@ def _exclusive_cumprod(a: torch.Tensor, dim: int, reverse: bool) -> torch.Tensor
     return out
 
 
-def _sequential_scan(x: torch.Tensor, a: torch.Tensor | None, reverse: bool):
+def _sequential_scan(x: torch.Tensor, a: torch.Tensor | None, reverse: bool, dim: int):
     """One step per slot: out[n] is the carry entering slot n in scan order; returns (out, the
-    carry leaving the last slot)."""
-    order = list(range(x.shape[-3]))
+    carry leaving the last slot). a is aligned with x ([..., Kg, 1])."""
+    order = list(range(x.shape[dim]))
     order = order[::-1] if reverse else order
 
     def step(n, out=None):  # x_n + a_n * carry_n, with a_n scaling the rows
-        carry = result[..., n, :, :]
+        carry = result.select(dim, n)
         if a is None:
-            return torch.add(x[..., n, :, :], carry, out=out)
-        return torch.addcmul(x[..., n, :, :], a[..., n, :].unsqueeze(-1), carry, out=out)
+            return torch.add(x.select(dim, n), carry, out=out)
+        return torch.addcmul(x.select(dim, n), a.select(dim, n), carry, out=out)
 
     result = torch.empty_like(x)
-    result[..., order[0], :, :] = 0
+    result.select(dim, order[0]).zero_()
     for prev, n in zip(order, order[1:]):
-        step(prev, out=result[..., n, :, :])
+        step(prev, out=result.select(dim, n))
     return result, step(order[-1])
 
 

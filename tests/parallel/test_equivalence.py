@@ -50,7 +50,7 @@ def test_matches_single_device_in_small_tiles(dist_workers, method, world, form,
     inputs = make_inputs(form, B=2, T=T, H=3, K=6, V=5, seed=world)
     do = torch.randn(2, T, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     bounds = even_bounds(T, world)
-    results = dist_workers.run(run_shard_in_tiles, tuple(range(world)), chunks_per_tile * 16 * 16, method, inputs,
+    results = dist_workers.run(run_shard_in_tiles, tuple(range(world)), chunks_per_tile * 3 * 16 * 16, method, inputs,
                                do, bounds)
     check_ranks(results, single_device(inputs, do), bounds, form == "head", 1e-10)
 
