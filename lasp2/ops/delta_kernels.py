@@ -124,13 +124,14 @@ class DeltaChunks:
         if do is None:
             return torch.zeros_like(self.v)
         pad = self.v.shape[2] * self.v.shape[3] - do.shape[1]
-        do = do.to(self.v.dtype)
-        return scale * _chunks(F.pad(do, (0, 0, 0, 0, 0, pad)) if pad else do, self.v.shape[3])
+        do = _chunks(F.pad(do, (0, 0, 0, 0, 0, pad)) if pad else do, self.v.shape[3])
+        return do.to(dtype=self.v.dtype, memory_format=torch.contiguous_format, copy=True).mul_(scale)
 
     def unchunk(self, o: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[B, H, n, L, D] -> [B, T, H, D] (padding dropped) in `dtype`."""
         b, h, n, L, d = o.shape
-        return o.movedim(1, 3).reshape(b, n * L, h, d)[:, :self.shape.seq_len].to(dtype)
+        o = o.movedim(1, 3).to(dtype=dtype, memory_format=torch.contiguous_format)  # one copy: layout and cast
+        return o.reshape(b, n * L, h, d)[:, :self.shape.seq_len]
 
 
 def _reset_masks(resets: torch.Tensor, L: int, pad: int):
@@ -154,10 +155,11 @@ def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: in
     pad = -shape.seq_len % L  # padded tokens have k = v = beta = g = 0: they leave the state as it is
 
     def prepare(x, heads_repeat=1):
-        x = x.to(dtype)
         if heads_repeat > 1:
             x = x.repeat_interleave(heads_repeat, dim=2)
-        return _chunks(F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) if pad else x, L)
+        x = _chunks(F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) if pad else x, L)
+        # One copy casts and lays out: every later matmul reads contiguous chunks.
+        return x.to(dtype=dtype, memory_format=torch.contiguous_format)
 
     qc, kc = prepare(q, shape.group), prepare(k, shape.group)  # [B, H, n, L, K]
     vc, bc = prepare(v), prepare(beta)  # [B, H, n, L, V], [B, H, n, L]
