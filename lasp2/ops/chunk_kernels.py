@@ -174,36 +174,28 @@ def key_side_grads(x: ChunkedSeq, h_start: torch.Tensor, delta_after: torch.Tens
     return dq, dk, dv, dg
 
 
-def tiled_intra_outputs(tiles) -> list[torch.Tensor]:
-    """`intra_output` of every tile (for callers that add the inter-chunk term later)."""
-    return [intra_output(tile.x) for tile in tiles]
-
-
-def tiled_outputs(x: ChunkedSeq, tiles, h_start: torch.Tensor, scale: float, intra=None) -> torch.Tensor:
-    """-> o [B, T, H, V] in the inputs' dtype: intra (computed here, or `tiled_intra_outputs`'
-    list) plus the inter-chunk term from h_start, scaled."""
+def tiled_outputs(x: ChunkedSeq, tiles, h_start: torch.Tensor, scale: float, intra=()) -> torch.Tensor:
+    """-> o [B, T, H, V] in the inputs' dtype: each tile's intra output plus its inter-chunk term
+    from h_start, scaled. intra: `intra_output` of the first len(intra) tiles, computed earlier
+    (while the states travelled); the other tiles' are computed here, in the same pass."""
     o = x.empty_tokens(x.v.shape[-1], x.dtypes[0])
     for n, tile in enumerate(tiles):
-        o_intra = intra_output(tile.x) if intra is None else intra[n]
+        o_intra = intra[n] if n < len(intra) else intra_output(tile.x)
         tile.put(o, add_inter_output(tile.x, o_intra, tile.of(h_start), scale))
     return o
 
 
-def tiled_query_side_grads(tiles, do_hat: torch.Tensor, h_start: torch.Tensor) -> list[tuple]:
-    """`query_side_grads` of every tile."""
-    return [query_side_grads(tile.x, tile.of(do_hat), tile.of(h_start)) for tile in tiles]
-
-
-def tiled_input_grads(x: ChunkedSeq, tiles, h_start: torch.Tensor, delta_after: torch.Tensor, do_hat=None,
-                      query_side=None) -> tuple:
+def tiled_input_grads(x: ChunkedSeq, tiles, h_start: torch.Tensor, delta_after: torch.Tensor, do_hat: torch.Tensor,
+                      query_side=()) -> tuple:
     """-> (dq, dk, dv, d_log_decay) in the inputs' layouts and dtypes: each tile's query-side
-    gradients (computed here from do_hat, or `tiled_query_side_grads`' list) plus its key side."""
+    gradients plus its key side. query_side: `query_side_grads` of the first len(query_side)
+    tiles, computed earlier (while the gradients travelled); the others' are computed here."""
     dtype = x.dtypes[0]
     dq, dk = x.empty_tokens(x.q.shape[-1], dtype), x.empty_tokens(x.k.shape[-1], dtype)
     dv = x.empty_tokens(x.v.shape[-1], dtype)
     dg = None if x.g is None else x.empty_tokens(x.g.shape[-1], x.g.dtype)
     for n, tile in enumerate(tiles):
-        grads = query_side_grads(tile.x, tile.of(do_hat), tile.of(h_start)) if query_side is None else query_side[n]
+        grads = query_side[n] if n < len(query_side) else query_side_grads(tile.x, tile.of(do_hat), tile.of(h_start))
         grads = key_side_grads(tile.x, tile.of(h_start), tile.of(delta_after), *grads)
         for dest, grad in zip((dq, dk, dv, dg), grads):
             if dest is not None:

@@ -53,6 +53,10 @@ class Work:
         self._works = [w for w in works if w is not None]
         self._outputs = staged_outputs
 
+    def is_completed(self) -> bool:
+        """True once the communication has finished (wait() then returns at once)."""
+        return all(work.is_completed() for work in self._works)
+
     def wait(self):
         for work in self._works:
             work.wait()

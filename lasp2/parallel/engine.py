@@ -4,7 +4,8 @@ direction, with the exchange between ranks plugged in.
 Causal (Alg. 2 forward / Alg. 4 backward of the LASP-2 paper, per rank and slot): the slot's
 chunk states with a zero incoming state give its summary (M_t, A_t); the exchange starts
 (LASP-2: the all-gather of every summary; LASP-1: the hops that need no remote state) and,
-while that travels, the intra-chunk output is computed; then the incoming state S_in arrives,
+while that travels, the intra-chunk output is computed tile by tile (once it has arrived, the
+remaining tiles compute it fused with their inter-chunk term, which keeps them in cache); then the incoming state S_in arrives,
 is folded into the chunk states with one element-wise step, and one inter-chunk matmul adds
 its term. The backward mirrors it: each slot's gradient on its incoming state travels while the
 query-side gradients are formed (from the chunk states and scores the forward kept); the gradient arriving on its outgoing state is folded into the chunk
@@ -25,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from ..ops import bidirectional as bi
-from ..ops.chunk_kernels import (add_incoming, add_outgoing_grad, grad_state_pass, state_pass, tiled_input_grads,
-                                 tiled_intra_outputs, tiled_outputs, tiled_query_side_grads)
+from ..ops.chunk_kernels import (add_incoming, add_outgoing_grad, grad_state_pass, intra_output, query_side_grads,
+                                 state_pass, tiled_input_grads, tiled_outputs)
 from ..ops.chunk_layout import ChunkedSeq
 from ..ops.precision import without_autocast
 from .layout import from_segments, segments, to_segments, unsegment_grads
@@ -37,6 +38,11 @@ class Pending:
 
     def __init__(self, works, finish):
         self._works, self._finish = works, finish
+
+    def arrived(self) -> bool:
+        """True once the communication has completed (never for an exchange that communicates
+        inside wait(), such as LASP-1's relay)."""
+        return bool(self._works) and all(work.is_completed() for work in self._works)
 
     def wait(self):
         for work in self._works:
@@ -53,7 +59,11 @@ class _Causal(torch.autograd.Function):
         h_start, h_end = state_pass(x)  # M_t: each slot's state from a zero incoming state
         pending = exchange.start_forward(h_end, x.total_decay)  # share [M_t, A_t], asynchronously
         tiles = x.tiles()
-        intra = tiled_intra_outputs(tiles)  # O_intra = [(Q K^T) . Psi] V, while the states travel
+        intra = []  # O_intra = [(Q K^T) . Psi] V tile by tile while the states travel, at least one;
+        for tile in tiles:  # once they are here, the other tiles run fused with O_inter (cache-hot)
+            intra.append(intra_output(tile.x))
+            if pending.arrived():
+                break
         S_in = pending.wait()  # M_{1:t-1} combined: the state entering each slot
         h_start, _ = add_incoming(x, h_start, None, S_in)
         o = tiled_outputs(x, tiles, h_start, scale, intra)  # + O_inter = Q_hat S
@@ -70,10 +80,14 @@ class _Causal(torch.autograd.Function):
         delta_after, d_in = grad_state_pass(x, do_hat)  # dM_t: each slot's gradient on its S_in
         pending = exchange.start_backward(d_in)  # share dM_t, asynchronously
         tiles = x.tiles()
-        query_side = tiled_query_side_grads(tiles, do_hat, h_start)  # while the gradients travel
+        query_side = []  # tile by tile while the gradients travel (at least one), as in the forward
+        for tile in tiles:
+            query_side.append(query_side_grads(tile.x, tile.of(do_hat), tile.of(h_start)))
+            if pending.arrived():
+                break
         d_out = pending.wait()  # dM_{t+1:T} combined: the gradient on each slot's outgoing state
         delta_after, _ = add_outgoing_grad(x, delta_after, None, d_out)
-        grads = tiled_input_grads(x, tiles, h_start, delta_after, query_side=query_side)
+        grads = tiled_input_grads(x, tiles, h_start, delta_after, do_hat, query_side)
         return (*unsegment_grads(grads, S), None, None, None, None)
 
 
