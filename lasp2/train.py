@@ -348,8 +348,9 @@ def train(config: RunConfig, dims: ParallelDims, stream=sys.stdout) -> dict:
     if dims.is_main and (run_dir / "metrics.jsonl").is_file():
         plotted = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", about)
         plot = "loss.png" if plotted else "no loss.png (matplotlib is not installed: pip install lasp2[bench])"
-        progress.note(f"final loss {losses[-1] if losses else float('nan'):.4f}, validation {val_loss:.4f}; "
-                      f"wrote {run_dir}/metrics.jsonl, {plot}, checkpoints/")
+        summary = (f"final loss {losses[-1]:.4f}, validation {val_loss:.4f}" if losses else
+                   f"nothing left to train (resumed at step {start} of {last})")
+        progress.note(f"{summary}; wrote {run_dir}/metrics.jsonl, {plot}, checkpoints/")
     return {"losses": losses, "val_loss": val_loss, "run_dir": run_dir, "model": model}
 
 

@@ -4,6 +4,7 @@
     python -m lasp2_bench attn --world 2 --weak 8192 # SP at 8192 tokens per rank vs as many single-device runs
     python -m lasp2_bench model --preset debug       # full training steps: tokens/s, peak memory
     python -m lasp2_bench project                    # the cost model against the paper's 64-GPU figures
+    python -m lasp2_bench convergence                # the paper's convergence study, every kind pure and hybrid
     python -m lasp2_bench project --calibrate benchmarks/results/<date>-<machine>/attn.csv
 
 Each command prints a table and writes CSV, PNG and machine.json under
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import attn, model, project, weak
+from . import attn, convergence, model, project, weak
 from .machine import describe, read_csv, results_dir, write_csv
 from .plots import lines_by_method
 
@@ -89,6 +90,26 @@ def cmd_project(args) -> None:
     project.run(args, out, sys.stdout)
 
 
+def cmd_convergence(args) -> None:
+    out = args.out or Path("benchmarks") / "results" / f"convergence-{args.preset}"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = convergence.run(args, out, sys.stdout)
+    table = convergence.table(rows)
+    lines = convergence.findings(rows)
+    wall = sum(float(r["wall_s"]) for r in rows if r["status"] == "ok")
+    first = next((r for r in rows if r["status"] == "ok"), None)
+    about = (f"{first['preset']}, sp {first['sp']}, {int(first['tokens']) / 1e6:.2f}M tokens per configuration "
+             f"({first['steps']} steps x {first['batch_size']} x {first['seq_len']})" if first else "nothing completed")
+    (out / "convergence.md").write_text(
+        f"Final validation loss ({about}; the paper's 1B / 50B-token losses in brackets); "
+        f"{len(rows)} configurations, {wall / 60:.0f} min of training in all.\n\n{table}\n\n"
+        + "".join(f"- {line}\n" for line in lines))
+    plotted = convergence.plot(rows, out / "convergence.png", f"validation loss ({about})")
+    print(f"\n{table}\n\n" + "\n".join(lines))
+    print(f"wrote {out}/convergence.csv, convergence.md" + (", convergence.png" if plotted else
+                                                          " (no plot: pip install lasp2[bench])"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lasp2-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -101,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("project", help="the α–β cost model, calibrated here and against the paper",
                         description=project.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     project.add_arguments(pr)
+    c = sub.add_parser("convergence", help="the paper's convergence study at small scale, every kind pure and hybrid",
+                       description=convergence.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    convergence.add_arguments(c)
+    c.add_argument("--out", type=Path, default=None,
+                   help="results folder, kept across pieces of the study (default: benchmarks/results/convergence-<preset>)")
     for s in (a, m, pr):
         s.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results/<date>-<machine>)")
     return p
@@ -108,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    {"attn": cmd_attn, "model": cmd_model, "project": cmd_project}[args.command](args)
+    commands = {"attn": cmd_attn, "model": cmd_model, "project": cmd_project, "convergence": cmd_convergence}
+    commands[args.command](args)
     return 0
 
 

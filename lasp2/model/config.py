@@ -100,6 +100,9 @@ def pattern_for_ratio(ratio: str | float) -> str:
 # Llama 3's tokenizer has 128256 tokens; the trainer replaces vocab_size by its tokenizer's.
 PRESETS = {
     "debug": ModelConfig(vocab_size=256, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2),
+    # Narrower and twice as deep as debug: 8 layers give every hybrid ratio down to 1/8 a softmax
+    # layer, at about debug's cost per token (the convergence study's model).
+    "tiny": ModelConfig(vocab_size=256, hidden_size=128, num_layers=8, num_heads=4, num_kv_heads=2),
     "0.3b": ModelConfig(vocab_size=128256, hidden_size=1024, num_layers=16, num_heads=16, num_kv_heads=4,
                         ffn_size=4096),
     "1b": ModelConfig(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=8,

@@ -54,7 +54,7 @@ def _short(n: int) -> str:
 
 def test_preset_sizes_are_exact_and_the_readme_prints_them():
     counts = {name: count_parameters(cfg) for name, cfg in PRESETS.items()}
-    assert counts == {"debug": 3_475_904, "0.3b": 537_429_760, "1b": 1_632_701_952, "8b": 9_036_897_280}
+    assert counts == {"debug": 3_475_904, "tiny": 1_837_376, "0.3b": 537_429_760, "1b": 1_632_701_952, "8b": 9_036_897_280}
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for name, cfg in PRESETS.items():
         assert counts[name] == _closed_form_parameters(cfg), name
