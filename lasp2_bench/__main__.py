@@ -93,21 +93,20 @@ def cmd_project(args) -> None:
 def cmd_convergence(args) -> None:
     out = args.out or Path("benchmarks") / "results" / f"convergence-{args.preset}"
     out.mkdir(parents=True, exist_ok=True)
-    rows = convergence.run(args, out, sys.stdout)
-    table = convergence.table(rows)
-    lines = convergence.findings(rows)
-    wall = sum(float(r["wall_s"]) for r in rows if r["status"] == "ok")
-    first = next((r for r in rows if r["status"] == "ok"), None)
-    about = (f"{first['preset']}, sp {first['sp']}, {int(first['tokens']) / 1e6:.2f}M tokens per configuration "
-             f"({first['steps']} steps x {first['batch_size']} x {first['seq_len']})" if first else "nothing completed")
+    rows = convergence.same_settings(convergence.run(args, out, sys.stdout), args)  # these settings' rows only
+    table, lines = convergence.table(rows), convergence.findings(rows)
+    done = [r for r in rows if r["status"] == "ok"]
+    wall = sum(float(r["wall_s"]) for r in done)
+    about = (f"{args.preset}, sp {args.sp}, {args.steps * args.batch_size * args.seq_len / 1e6:.2f}M tokens per "
+             f"configuration ({args.steps} steps x {args.batch_size} x {args.seq_len}, lr {args.lr})")
     (out / "convergence.md").write_text(
         f"Final validation loss ({about}; the paper's 1B / 50B-token losses in brackets); "
-        f"{len(rows)} configurations, {wall / 60:.0f} min of training in all.\n\n{table}\n\n"
+        f"{len(done)} configurations, {wall / 60:.0f} min of training in all.\n\n{table}\n\n"
         + "".join(f"- {line}\n" for line in lines))
-    plotted = convergence.plot(rows, out / "convergence.png", f"validation loss ({about})")
+    not_drawn = convergence.plot(rows, out / "convergence.png", f"validation loss ({about})")
     print(f"\n{table}\n\n" + "\n".join(lines))
-    print(f"wrote {out}/convergence.csv, convergence.md" + (", convergence.png" if plotted else
-                                                          " (no plot: pip install lasp2[bench])"))
+    print(f"wrote {out}/convergence.csv, convergence.md" + (f" (no plot: {not_drawn})" if not_drawn else
+                                                          ", convergence.png"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,10 +41,13 @@ PAPER = {
     (SOFTMAX, "1"): "2.759",
 }
 PAPER_KINDS = ("basic", "lightning", "retention", "gla", "based", "rebased")
-FIELDS = ["kind", "ratio", "pattern", "seed", "preset", "sp", "steps", "seq_len", "batch_size", "lr", "tokens", "status",
-          "val_loss", "train_loss", "wall_s", "tokens_per_s", "curve", "run_dir"]
+# The settings every configuration of one study shares: rows of other settings in the same CSV
+# (an earlier piece with other flags) are kept but neither reused nor tabled with these.
+SETTINGS = ("preset", "sp", "steps", "seq_len", "batch_size", "lr", "warmup", "val_every", "val_batches")
 # What makes two rows the same experiment: a row is reused only when all of these match.
-KEY = ("kind", "ratio", "seed", "preset", "sp", "steps", "seq_len", "batch_size", "lr")
+KEY = ("kind", "ratio", "seed") + SETTINGS
+FIELDS = ["kind", "ratio", "pattern", "seed", *SETTINGS, "tokens", "status", "val_loss", "train_loss", "wall_s",
+          "tokens_per_s", "curve", "run_dir"]
 
 
 def add_arguments(p) -> None:
@@ -83,6 +86,22 @@ def run_name(run: dict) -> str:
     return f"{run['kind']}-{run['ratio'].replace('/', 'of')}-seed{run['seed']}"
 
 
+def settings_of(args) -> dict:
+    return {name: getattr(args, name) for name in SETTINGS}
+
+
+def study_name(args) -> str:
+    """The folder under --runs of the run directories of these settings."""
+    return (f"{args.preset}-sp{args.sp}-{args.steps}x{args.batch_size}x{args.seq_len}-lr{args.lr}-warmup{args.warmup}"
+            f"-val{args.val_every}x{args.val_batches}")
+
+
+def same_settings(rows: list[dict], args) -> list[dict]:
+    """The rows trained with these arguments' settings (any kind, ratio, seed)."""
+    wanted = {name: str(value) for name, value in settings_of(args).items()}
+    return [r for r in rows if all(str(r.get(name, "")) == value for name, value in wanted.items())]
+
+
 def trainer_command(run: dict, args, run_dir: Path, resume: bool) -> list[str]:
     """The trainer's own command line for one configuration (torchrun over --sp ranks)."""
     launch = [sys.executable, "-m", "lasp2.train"] if args.sp == 1 else [
@@ -98,41 +117,70 @@ def trainer_command(run: dict, args, run_dir: Path, resume: bool) -> list[str]:
 
 
 def _row_key(row: dict) -> tuple:
-    return tuple(str(row[k]) for k in KEY)
+    return tuple(str(row.get(k, "")) for k in KEY)
 
 
 def read_metrics(run_dir: Path) -> tuple[list[tuple[int, float]], list[float], list[float]]:
-    """(validation losses by step, training losses, tokens/s per step) from a run's metrics."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    return val, [r["loss"] for r in records if "loss" in r], [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    """(validation losses by step, training losses, tokens/s per step) from a run's metrics. A
+    run resumed from a checkpoint logs again the steps after it: the last record of a step counts;
+    a line cut short by a killed run is skipped."""
+    val, train = {}, {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if "val_loss" in record:
+            val[record["step"]] = record["val_loss"]
+        elif "loss" in record:
+            train[record["step"]] = (record["loss"], record["tokens_per_s"])
+    steps = sorted(train)
+    return sorted(val.items()), [train[s][0] for s in steps], [train[s][1] for s in steps]
 
 
-def run_one(run: dict, args, stream) -> dict:
-    """Trains one configuration (resuming its checkpoint if it has one) and returns its row."""
-    run_dir = args.runs / run_name(run)
+def _stop(process: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM (torchrun passes it on to its workers, which run in sessions of their own), then
+    SIGKILL after grace_s."""
+    process.terminate()
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def run_one(run: dict, args, stream, earlier_wall_s: float = 0.0) -> dict:
+    """Trains one configuration (resuming its checkpoint if it has one) and returns its row;
+    earlier_wall_s: the time earlier, unfinished invocations spent on it."""
+    run_dir = args.runs / study_name(args) / run_name(run)
     tokens_per_step = args.batch_size * args.seq_len
-    row = dict(run, preset=args.preset, sp=args.sp, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
-               lr=args.lr, tokens=args.steps * tokens_per_step, run_dir=str(run_dir))
+    row = dict(run, **settings_of(args), tokens=args.steps * tokens_per_step, run_dir=str(run_dir))
     resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
     run_dir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     with (run_dir / "train.log").open("a") as log:
+        process = subprocess.Popen(trainer_command(run, args, run_dir, resume), stdout=log, stderr=subprocess.STDOUT)
         try:
-            done = subprocess.run(trainer_command(run, args, run_dir, resume), stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=args.timeout)
-            status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode}, see {run_dir}/train.log)"
+            code = process.wait(args.timeout)
+            status = "ok" if code == 0 else f"failed (exit {code}, see {run_dir}/train.log)"
         except subprocess.TimeoutExpired:
+            _stop(process)
             status = f"timed out after {args.timeout:.0f} s (rerun to resume from its last checkpoint)"
-    row["wall_s"] = round(time.perf_counter() - began, 1)
-    row["status"] = status
+        except BaseException:  # Ctrl-C: stop the ranks too, keep the checkpoints for a resume
+            _stop(process)
+            raise
+    row["wall_s"] = round(earlier_wall_s + time.perf_counter() - began, 1)
     if status == "ok":
-        val, train, rates = read_metrics(run_dir)
-        row["val_loss"] = round(val[-1][1], 4)
-        row["train_loss"] = round(statistics.fmean(train[-10:]), 4)  # the last 10 steps, less noisy than one
-        row["tokens_per_s"] = round(statistics.median(rates))
-        row["curve"] = " ".join(f"{(step + 1) * tokens_per_step}:{loss:.4f}" for step, loss in val)
-    stream.write(f"{run_name(run):28s} {status:8s} val {row.get('val_loss', float('nan')):.4f} "
+        try:
+            val, train, rates = read_metrics(run_dir)
+            row["val_loss"] = round(val[-1][1], 4)
+            row["train_loss"] = round(statistics.fmean(train[-10:]), 4)  # the last 10 steps, less noisy than one
+            row["tokens_per_s"] = round(statistics.median(rates))
+            row["curve"] = " ".join(f"{(step + 1) * tokens_per_step}:{loss:.4f}" for step, loss in val)
+        except (OSError, IndexError, statistics.StatisticsError) as exc:
+            status = f"failed (no usable metrics in {run_dir}: {exc!r})"
+    row["status"] = status
+    stream.write(f"{run_name(run):28s} {status.split(' (')[0]:8s} val {row.get('val_loss', float('nan')):.4f} "
                  f"({row['wall_s']:.0f} s{', resumed' if resume else ''})\n")
     stream.flush()
     return row
@@ -146,12 +194,12 @@ def run(args, out: Path, stream=sys.stdout) -> list[dict]:
     stream.write(f"{len(todo)} configurations: {args.preset}, sp {args.sp}, {args.steps} steps x {args.batch_size} x "
                  f"{args.seq_len} tokens; runs under {args.runs}\n")
     for r in todo:
-        probe = dict(r, preset=args.preset, sp=args.sp, steps=args.steps, seq_len=args.seq_len,
-                     batch_size=args.batch_size, lr=args.lr)
-        if any(_row_key(old) == _row_key(probe) and old["status"] == "ok" for old in rows):
+        probe = _row_key(dict(r, **settings_of(args)))
+        earlier = [old for old in rows if _row_key(old) == probe]
+        if any(old["status"] == "ok" for old in earlier):
             stream.write(f"{run_name(r):28s} done earlier, skipped\n")
             continue
-        new = run_one(r, args, stream)
+        new = run_one(r, args, stream, sum(float(old["wall_s"] or 0) for old in earlier))
         rows = [old for old in rows if _row_key(old) != _row_key(new)] + [new]
         write_csv(csv_path, rows, FIELDS)
     return rows
@@ -161,43 +209,64 @@ def _ratio_order(ratio: str) -> Fraction:
     return Fraction(ratio)
 
 
-def _mean_losses(rows: list[dict]) -> dict[tuple[str, str], list[float]]:
-    """(kind, ratio) -> final validation losses, one per seed, of the completed rows."""
+def _losses_by_seed(rows: list[dict]) -> dict[tuple[str, str], dict[int, float]]:
+    """(kind, ratio) -> {seed: final validation loss} of the completed rows."""
     losses = {}
     for r in rows:
         if r["status"] == "ok":
-            losses.setdefault((r["kind"], r["ratio"]), []).append(float(r["val_loss"]))
+            losses.setdefault((r["kind"], r["ratio"]), {})[int(r["seed"])] = float(r["val_loss"])
     return losses
+
+
+def _first_seed(rows: list[dict]) -> dict[tuple[str, str], float]:
+    """(kind, ratio) -> the loss of the study's first seed (the one every configuration has):
+    seeds also draw other validation batches, so only losses of one seed compare."""
+    by_seed = _losses_by_seed(rows)
+    if not by_seed:
+        return {}
+    seed = min(min(seeds) for seeds in by_seed.values())
+    return {key: seeds[seed] for key, seeds in by_seed.items() if seed in seeds}
 
 
 def table(rows: list[dict]) -> str:
     """Markdown, laid out like the paper's Table 4: a row per module, a column per ratio; each cell
-    ours (the mean over seeds, ± half their range when more than one) and the paper's in brackets."""
-    losses = _mean_losses(rows)
+    ours (the first seed; other seeds after a slash) and the paper's in brackets."""
+    by_seed = _losses_by_seed(rows)
+    first_seed = min((min(seeds) for seeds in by_seed.values()), default=0)
 
     def cell(kind, ratio):
-        ours = losses.get((kind, ratio))
-        text = "" if not ours else f"{statistics.fmean(ours):.3f}" + (
-            f" ± {(max(ours) - min(ours)) / 2:.3f}" if len(ours) > 1 else "")
+        seeds = by_seed.get((kind, ratio), {})
+        text = " / ".join(f"{seeds[s]:.3f}" for s in sorted(seeds, key=lambda s: (s != first_seed, s)))
         paper = PAPER.get((kind, ratio))
         return " ".join(part for part in (text, f"({paper})" if paper else "") if part)
 
     lines = ["| module | pure (0) | 1/8 | 1/4 | 1/2 |", "|---|---:|---:|---:|---:|"]
-    for kind in [k for k in LINEAR_KINDS if any(key[0] == k for key in losses)]:
+    for kind in [k for k in LINEAR_KINDS if any(key[0] == k for key in by_seed)]:
         lines.append(f"| {kind} | " + " | ".join(cell(kind, ratio) for ratio in RATIOS) + " |")
-    if (SOFTMAX, "1") in losses:
+    if (SOFTMAX, "1") in by_seed:
         lines.append(f"| softmax (Llama 3) | {cell(SOFTMAX, '1')} | | | |")
     return "\n".join(lines)
 
 
 def findings(rows: list[dict]) -> list[str]:
-    """Which of the paper's orderings hold in these rows: each hybrid against its pure model, and
-    the rank order of the paper's modules, pure and at 1/4."""
-    losses = {key: statistics.fmean(v) for key, v in _mean_losses(rows).items()}
-    spreads = [max(v) - min(v) for v in _mean_losses(rows).values() if len(v) > 1]
+    """Which of the paper's orderings hold in these rows (the first seed): each hybrid against its
+    pure model, the rank order of the paper's modules, pure and at 1/4; and, where configurations
+    ran with more seeds, the spread of each and whether each hybrid-minus-pure gap keeps its sign."""
+    losses, by_seed = _first_seed(rows), _losses_by_seed(rows)
     lines = []
-    if spreads:
-        lines.append(f"seed spread (max - min over seeds, largest of {len(spreads)} configurations): {max(spreads):.4f}")
+    repeated = {key: seeds for key, seeds in by_seed.items() if len(seeds) > 1}
+    if repeated:
+        spread = {key: max(s.values()) - min(s.values()) for key, s in repeated.items()}
+        lines.append("seed spread (max - min; other validation batches too): " + ", ".join(
+            f"{k} {r} {v:.3f}" for (k, r), v in sorted(spread.items())))
+        gaps = []
+        for (k, r), seeds in sorted(repeated.items()):
+            pure = by_seed.get((k, "0"), {})
+            common = sorted(set(seeds) & set(pure))
+            if r not in ("0", "1") and len(common) > 1:
+                gaps.append(f"{k} {r} " + " / ".join(f"{seeds[s] - pure[s]:+.3f}" for s in common))
+        if gaps:
+            lines.append("hybrid - pure by seed: " + ", ".join(gaps))
     for ratio in RATIOS[1:]:
         pairs = [(k, losses[(k, "0")], losses[(k, ratio)]) for k in LINEAR_KINDS if (k, "0") in losses and (k, ratio) in losses]
         if pairs:
@@ -213,19 +282,21 @@ def findings(rows: list[dict]) -> list[str]:
                          f"paper {' < '.join(k for _, k in paper)}")
     if (SOFTMAX, "1") in losses:
         base = losses[(SOFTMAX, "1")]
-        beat = sorted(f"{k} {r}" for (k, r), v in losses.items() if k != SOFTMAX and v < base)
-        lines.append(f"softmax baseline {base:.3f}; below it: {', '.join(beat) if beat else 'none'}")
+        linear = [(f"{k} {r}", v) for (k, r), v in sorted(losses.items()) if k != SOFTMAX]
+        above = [name for name, v in linear if v >= base]
+        lines.append(f"softmax baseline {base:.3f}; {len(linear) - len(above)}/{len(linear)} linear configurations "
+                     f"below it" + (f"; not {', '.join(above)}" if above else ""))
     return lines
 
 
-def plot(rows: list[dict], path: Path, title: str) -> bool:
+def plot(rows: list[dict], path: Path, title: str) -> str:
     """Validation loss against tokens: a panel per linear kind, a line per ratio, the softmax
-    baseline dashed in each. False when matplotlib is missing."""
+    baseline dashed in each. Returns why nothing was drawn, or "" once path is written."""
     try:
         from .plots import _pyplot
         plt = _pyplot()
     except ImportError:
-        return False
+        return "matplotlib is not installed: pip install lasp2[bench]"
     curves = {}
     for r in rows:
         if r["status"] == "ok" and r.get("curve"):
@@ -233,7 +304,7 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
             curves.setdefault((r["kind"], r["ratio"]), points)  # the first seed's curve
     kinds = [k for k in LINEAR_KINDS if any(key[0] == k for key in curves)]
     if not kinds and (SOFTMAX, "1") not in curves:
-        return False
+        return "no configuration has completed"
     cols = min(5, max(1, len(kinds)))
     rows_n = -(-max(1, len(kinds)) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 3.0 * rows_n), squeeze=False, sharey=True)
@@ -241,7 +312,7 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
         for ratio in sorted({r for k, r in curves if k == kind}, key=_ratio_order):
             xs, ys = zip(*curves[(kind, ratio)])
             ax.plot([x / 1e6 for x in xs], ys, marker=".", label="pure" if ratio == "0" else ratio)
-        if (SOFTMAX, "1") in curves:
+        if (SOFTMAX, "1") in curves and kind != SOFTMAX:
             xs, ys = zip(*curves[(SOFTMAX, "1")])
             ax.plot([x / 1e6 for x in xs], ys, "k--", linewidth=1, label="softmax")
         ax.set_title(kind)
@@ -256,4 +327,4 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    return ""
