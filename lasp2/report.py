@@ -53,6 +53,23 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def read_metrics(path: Path) -> tuple[dict[int, dict], dict[int, float]]:
+    """({step: training record}, {step: validation loss}) from a metrics file, in step order. A run
+    resumed from a checkpoint logs again the steps after it: the last record of a step counts; a
+    line cut short by a killed run is skipped."""
+    train, val = {}, {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if "val_loss" in record:
+            val[record["step"]] = record["val_loss"]
+        elif "loss" in record:
+            train[record["step"]] = record
+    return dict(sorted(train.items())), dict(sorted(val.items()))
+
+
 def plot_losses(metrics: Path, png: Path, title: str) -> bool:
     """Training loss per step and validation loss where measured, from the metrics file.
     Returns False, writing nothing, when matplotlib is not installed (`pip install lasp2[bench]`)."""
@@ -64,14 +81,12 @@ def plot_losses(metrics: Path, png: Path, title: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train, val = read_metrics(metrics)
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train", linewidth=1)
+        ax.plot(list(train), [record["loss"] for record in train.values()], label="train", linewidth=1)
     if val:
-        ax.plot(*zip(*val), "o-", label="validation")
+        ax.plot(list(val), list(val.values()), "o-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(title)

@@ -14,7 +14,6 @@ against tokens) are drawn from every row in the CSV.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
+from lasp2 import report
 from lasp2.model import LINEAR_KINDS, pattern_for_ratio
 
 from .machine import read_csv, write_csv
@@ -121,21 +121,10 @@ def _row_key(row: dict) -> tuple:
 
 
 def read_metrics(run_dir: Path) -> tuple[list[tuple[int, float]], list[float], list[float]]:
-    """(validation losses by step, training losses, tokens/s per step) from a run's metrics. A
-    run resumed from a checkpoint logs again the steps after it: the last record of a step counts;
-    a line cut short by a killed run is skipped."""
-    val, train = {}, {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if "val_loss" in record:
-            val[record["step"]] = record["val_loss"]
-        elif "loss" in record:
-            train[record["step"]] = (record["loss"], record["tokens_per_s"])
-    steps = sorted(train)
-    return sorted(val.items()), [train[s][0] for s in steps], [train[s][1] for s in steps]
+    """(validation losses by step, training losses, tokens/s per step) from a run's metrics, each
+    step once (the trainer's reader: a resumed run's last record of a step)."""
+    train, val = report.read_metrics(run_dir / "metrics.jsonl")
+    return list(val.items()), [r["loss"] for r in train.values()], [r["tokens_per_s"] for r in train.values()]
 
 
 def _stop(process: subprocess.Popen, grace_s: float = 30.0) -> None:
