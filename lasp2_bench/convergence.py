@@ -194,10 +194,6 @@ def run(args, out: Path, stream=sys.stdout) -> list[dict]:
     return rows
 
 
-def _ratio_order(ratio: str) -> Fraction:
-    return Fraction(ratio)
-
-
 def _losses_by_seed(rows: list[dict]) -> dict[tuple[str, str], dict[int, float]]:
     """(kind, ratio) -> {seed: final validation loss} of the completed rows."""
     losses = {}
@@ -207,21 +203,17 @@ def _losses_by_seed(rows: list[dict]) -> dict[tuple[str, str], dict[int, float]]
     return losses
 
 
-def _first_seed(rows: list[dict]) -> dict[tuple[str, str], float]:
-    """(kind, ratio) -> the loss of the study's first seed (the one every configuration has):
-    seeds also draw other validation batches, so only losses of one seed compare."""
-    by_seed = _losses_by_seed(rows)
-    if not by_seed:
-        return {}
-    seed = min(min(seeds) for seeds in by_seed.values())
-    return {key: seeds[seed] for key, seeds in by_seed.items() if seed in seeds}
+def _first_seed(by_seed: dict[tuple[str, str], dict[int, float]]) -> int:
+    """The study's first seed (the one every configuration has): seeds also draw other validation
+    batches, so only losses of one seed compare."""
+    return min((min(seeds) for seeds in by_seed.values()), default=0)
 
 
 def table(rows: list[dict]) -> str:
     """Markdown, laid out like the paper's Table 4: a row per module, a column per ratio; each cell
     ours (the first seed; other seeds after a slash) and the paper's in brackets."""
     by_seed = _losses_by_seed(rows)
-    first_seed = min((min(seeds) for seeds in by_seed.values()), default=0)
+    first_seed = _first_seed(by_seed)
 
     def cell(kind, ratio):
         seeds = by_seed.get((kind, ratio), {})
@@ -241,7 +233,9 @@ def findings(rows: list[dict]) -> list[str]:
     """Which of the paper's orderings hold in these rows (the first seed): each hybrid against its
     pure model, the rank order of the paper's modules, pure and at 1/4; and, where configurations
     ran with more seeds, the spread of each and whether each hybrid-minus-pure gap keeps its sign."""
-    losses, by_seed = _first_seed(rows), _losses_by_seed(rows)
+    by_seed = _losses_by_seed(rows)
+    seed = _first_seed(by_seed)
+    losses = {key: seeds[seed] for key, seeds in by_seed.items() if seed in seeds}
     lines = []
     repeated = {key: seeds for key, seeds in by_seed.items() if len(seeds) > 1}
     if repeated:
@@ -287,10 +281,10 @@ def plot(rows: list[dict], path: Path, title: str) -> str:
     except ImportError:
         return "matplotlib is not installed: pip install lasp2[bench]"
     curves = {}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: int(r["seed"])):
         if r["status"] == "ok" and r.get("curve"):
             points = [tuple(float(x) for x in p.split(":")) for p in r["curve"].split()]
-            curves.setdefault((r["kind"], r["ratio"]), points)  # the first seed's curve
+            curves.setdefault((r["kind"], r["ratio"]), points)  # the lowest seed's curve, as in the table
     kinds = [k for k in LINEAR_KINDS if any(key[0] == k for key in curves)]
     if not kinds and (SOFTMAX, "1") not in curves:
         return "no configuration has completed"
@@ -298,7 +292,7 @@ def plot(rows: list[dict], path: Path, title: str) -> str:
     rows_n = -(-max(1, len(kinds)) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 3.0 * rows_n), squeeze=False, sharey=True)
     for ax, kind in zip(axes.flat, kinds or [SOFTMAX]):
-        for ratio in sorted({r for k, r in curves if k == kind}, key=_ratio_order):
+        for ratio in sorted({r for k, r in curves if k == kind}, key=Fraction):
             xs, ys = zip(*curves[(kind, ratio)])
             ax.plot([x / 1e6 for x in xs], ys, marker=".", label="pure" if ratio == "0" else ratio)
         if (SOFTMAX, "1") in curves and kind != SOFTMAX:
