@@ -7,6 +7,7 @@ import torch.nn as nn
 from ..ops.chunk import chunk_linear_attn
 from ..ops.conv import causal_conv1d
 from ..ops.delta_chunk import chunk_delta_rule
+from ..ops.documents import documents
 from ..ops.softmax_attn import softmax_attn
 from .config import ModelConfig
 from .layers import Block, RMSNorm
@@ -22,7 +23,8 @@ class LocalAttention:
         self.cu_seqlens = cu_seqlens
 
     def with_documents(self, cu_seqlens) -> "LocalAttention":
-        return LocalAttention(cu_seqlens)
+        """This context for one packed row (its documents checked once, `lasp2.ops.Documents`)."""
+        return LocalAttention(documents(cu_seqlens, "LocalAttention.with_documents"))
 
     def linear_attn(self, q, k, v, log_decay=None, causal=True, scale=None):
         return chunk_linear_attn(q, k, v, log_decay, causal=causal, scale=scale, cu_seqlens=self.cu_seqlens)[0]

@@ -6,6 +6,7 @@ from .checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_KINDS, DECAY_NONE, DECAY_TO
 from .chunk import chunk_linear_attn
 from .delta_chunk import chunk_delta_rule
 from .delta_naive import naive_recurrent_delta_rule
+from .documents import Documents, documents
 from .feature_maps import (
     FEATURE_MAPS,
     elu_plus_one_feature_map,
@@ -23,9 +24,11 @@ __all__ = [
     "DECAY_KINDS",
     "DECAY_NONE",
     "DECAY_TOKEN",
+    "Documents",
     "FEATURE_MAPS",
     "chunk_delta_rule",
     "chunk_linear_attn",
+    "documents",
     "elu_plus_one_feature_map",
     "identity_feature_map",
     "naive_recurrent_delta_rule",

@@ -7,8 +7,8 @@ from .bidirectional import bidirectional_linear_attn
 from .checks import DECAY_CHANNEL, DECAY_HEAD, check_chunk_size, check_linear_attn_inputs, compute_dtype
 from .chunk_kernels import add_incoming, add_outgoing_grad, grad_state_pass, state_pass, tiled_input_grads, tiled_outputs
 from .chunk_layout import ChunkedSeq
-from .documents import (add_state_tokens, check_cu_seqlens, check_document_states, check_readable, document_starts,
-                        each_document, read_states, reset_log_decay, scatter_tokens, with_state_tokens)
+from .documents import (add_state_tokens, check_document_states, check_readable, documents, each_document,
+                        read_states, reset_log_decay, scatter_tokens, with_state_tokens)
 from .precision import without_autocast
 
 
@@ -49,24 +49,24 @@ class _ChunkLinearAttn(torch.autograd.Function):
         return (*grads, dS0, None, None, None)
 
 
-def _packed(q, k, v, log_decay, initial_state, output_final_state, shape, scale, chunk_size, causal, cu_seqlens):
+def _packed(q, k, v, log_decay, initial_state, output_final_state, shape, scale, chunk_size, causal, docs):
     """chunk_linear_attn over packed documents: each document's first token resets the state (a
     log decay of RESET_LOG_DECAY there, so every decay form becomes per token, or per channel);
     per-document states through state tokens, in the compute dtype."""
     fn = "chunk_linear_attn"
     if not causal:  # every token sees its whole document: one bidirectional call per document
-        return each_document(cu_seqlens, initial_state, lambda span, state: bidirectional_linear_attn(
+        return each_document(docs, initial_state, lambda span, state: bidirectional_linear_attn(
             q[:, span], k[:, span], v[:, span], state, scale))
     check_readable(fn, scale, output_final_state)
     H, K, T, dtype = shape.num_heads, shape.key_dim, shape.seq_len, compute_dtype(shape.dtype)
     if initial_state is None and not output_final_state:
-        g, kind = reset_log_decay(log_decay, shape.decay, document_starts(cu_seqlens, T, q.device), H, K, dtype)
+        g, kind = reset_log_decay(log_decay, shape.decay, docs.starts(q.device), H, K, dtype)
         return _ChunkLinearAttn.apply(q, k, v, g, None, kind, scale, effective_chunk_size(chunk_size, kind, fn))[0], None
-    lay = with_state_tokens(cu_seqlens, K, write=initial_state is not None, read=output_final_state, device=q.device)
+    lay = with_state_tokens(docs, K, write=initial_state is not None, read=output_final_state, device=q.device)
     q2, k2, v2 = add_state_tokens(lay, q, k, v, initial_state, dtype)
     g = log_decay.view(1, 1, H).expand(1, T, H) if shape.decay == DECAY_HEAD else log_decay
     g2 = None if g is None else scatter_tokens(g.to(dtype), lay.real, lay.length)
-    g2, kind = reset_log_decay(g2, shape.decay, document_starts(lay.cu_seqlens, lay.length, q.device), H, K, dtype)
+    g2, kind = reset_log_decay(g2, shape.decay, lay.documents.starts(q.device), H, K, dtype)
     o2, _ = _ChunkLinearAttn.apply(q2, k2, v2, g2, None, kind, scale, effective_chunk_size(chunk_size, kind, fn))
     return o2[:, lay.real].to(shape.dtype), None if lay.reads is None else read_states(o2, lay, scale)
 
@@ -107,7 +107,8 @@ def chunk_linear_attn(
             down to a power of two (its intra-chunk term is built by binary splitting).
         validate: also check the values, not only the shapes: log_decay <= 0 everywhere (one
             reduction, and on a GPU a host sync per call, so it is off by default).
-        cu_seqlens: None, or [N + 1] int64 offsets of N documents packed in one row (B = 1):
+        cu_seqlens: None, or [N + 1] int64 offsets of N documents packed in one row (B = 1; or
+            `Documents`, read once per batch, where a tensor is read on the host per call):
             each document is computed alone (its first token resets the state, so every decay
             form runs as a per-token one, per-channel stays per channel), and initial_state / the
             final state are [N, H, K, V], one per document (`lasp2.ops.documents`; asking for
@@ -122,10 +123,10 @@ def chunk_linear_attn(
                                      causal=causal, scale=scale, check_values=validate)
     scale = 1.0 if scale is None else float(scale)
     if cu_seqlens is not None:
-        check_cu_seqlens(fn, cu_seqlens, shape.seq_len, shape.batch)
-        check_document_states(fn, initial_state, cu_seqlens, (shape.num_heads, shape.key_dim, shape.value_dim))
+        docs = documents(cu_seqlens, fn, shape.seq_len, shape.batch)
+        check_document_states(fn, initial_state, docs, (shape.num_heads, shape.key_dim, shape.value_dim))
         o, final_state = _packed(q, k, v, log_decay, initial_state, output_final_state, shape, scale, chunk_size,
-                                 causal, cu_seqlens)
+                                 causal, docs)
         return o, (final_state if output_final_state else None)
     chunk_size = effective_chunk_size(chunk_size, shape.decay, fn)
     if not causal:

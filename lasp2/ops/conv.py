@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .documents import check_cu_seqlens, positions_in_documents
+from .documents import documents
 
 ACTIVATIONS = (None, "silu")
 
@@ -47,8 +47,7 @@ def causal_conv1d(x, weight, bias=None, *, activation="silu", halo=None, cu_seql
     elif tuple(halo.shape) != (b, w - 1, d):
         raise ValueError(f"causal_conv1d: halo must be [B, w-1, D] = {(b, w - 1, d)}, got {tuple(halo.shape)}")
     if cu_seqlens is not None:
-        check_cu_seqlens(fn, cu_seqlens, t, b)
-        doc_positions = positions_in_documents(cu_seqlens, t, x.device)
+        doc_positions = documents(cu_seqlens, fn, t, b).positions(x.device)
     padded = torch.cat([halo.to(x.dtype), x], dim=1)  # [B, w-1+T, D]
     if doc_positions is None:
         out = F.conv1d(padded.transpose(1, 2), weight.to(x.dtype).unsqueeze(1),

@@ -8,8 +8,8 @@ import torch
 
 from .checks import check_chunk_size, compute_dtype
 from .delta_checks import check_delta_rule_inputs
-from .documents import (add_state_tokens, check_cu_seqlens, check_document_states, check_readable, document_starts,
-                        read_states, scatter_tokens, with_state_tokens)
+from .documents import (add_state_tokens, check_document_states, check_readable, documents, read_states,
+                        scatter_tokens, with_state_tokens)
 from .delta_kernels import (add_query_side, carry, delta_chunks, grad_carry, key_side_grads, outputs,
                             query_side_grads)
 from .precision import without_autocast
@@ -48,15 +48,15 @@ class _ChunkDeltaRule(torch.autograd.Function):
                 d_initial, None, None, None, None)
 
 
-def _packed(q, k, v, beta, log_decay, initial_state, output_final_state, shape, scale, chunk_size, cu_seqlens):
+def _packed(q, k, v, beta, log_decay, initial_state, output_final_state, shape, scale, chunk_size, docs):
     """chunk_delta_rule over packed documents; per-document states through state tokens
     (`documents.with_state_tokens`), in the compute dtype so that states are not rounded."""
-    resets = document_starts(cu_seqlens, shape.seq_len, q.device)[None]
+    resets = docs.starts(q.device)[None]
     if initial_state is None and not output_final_state:
         return _ChunkDeltaRule.apply(q, k, v, beta, log_decay, None, shape, scale, chunk_size, resets)[0], None
     check_readable("chunk_delta_rule", scale, output_final_state)
     dtype = compute_dtype(shape.dtype)
-    lay = with_state_tokens(cu_seqlens, shape.key_dim, write=initial_state is not None, read=output_final_state,
+    lay = with_state_tokens(docs, shape.key_dim, write=initial_state is not None, read=output_final_state,
                             device=q.device)
     q2, k2, v2 = add_state_tokens(lay, q, k, v, initial_state, dtype)
     beta2 = scatter_tokens(beta.to(dtype), lay.real, lay.length)
@@ -64,7 +64,7 @@ def _packed(q, k, v, beta, log_decay, initial_state, output_final_state, shape, 
         beta2 = beta2.index_fill(1, lay.writes.flatten(), 1.0)
     g2 = None if log_decay is None else scatter_tokens(log_decay.to(dtype), lay.real, lay.length)
     longer = dataclasses.replace(shape, seq_len=lay.length, dtype=dtype)
-    resets = document_starts(lay.cu_seqlens, lay.length, q.device)[None]
+    resets = lay.documents.starts(q.device)[None]
     o2, _ = _ChunkDeltaRule.apply(q2, k2, v2, beta2, g2, None, longer, scale, chunk_size, resets)
     return o2[:, lay.real].to(shape.dtype), None if lay.reads is None else read_states(o2, lay, scale)
 
@@ -82,7 +82,8 @@ def chunk_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state
         output_final_state: also return the state after the last token.
         chunk_size: tokens per chunk (per-channel gates use at most 16).
         validate: also check the values (beta in [0, 2], log decay <= 0): a host sync on GPU.
-        cu_seqlens: None, or [N + 1] int64 offsets of N documents packed in one row (B = 1):
+        cu_seqlens: None, or [N + 1] int64 offsets of N documents packed in one row (B = 1; or
+            `Documents`, read once per batch, where a tensor is read on the host per call):
             each document is computed alone, and initial_state / the final state are
             [N, Hv, K, V], one per document (`lasp2.ops.documents`; asking for them costs 2·K
             extra tokens per document).
@@ -96,9 +97,9 @@ def chunk_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state
     scale = 1.0 if scale is None else float(scale)
     chunk_size = check_chunk_size(chunk_size, fn)
     if cu_seqlens is not None:
-        check_cu_seqlens(fn, cu_seqlens, shape.seq_len, shape.batch)
-        check_document_states(fn, initial_state, cu_seqlens, (shape.value_heads, shape.key_dim, shape.value_dim))
+        docs = documents(cu_seqlens, fn, shape.seq_len, shape.batch)
+        check_document_states(fn, initial_state, docs, (shape.value_heads, shape.key_dim, shape.value_dim))
         return _packed(q, k, v, beta, log_decay, initial_state, output_final_state, shape, scale, chunk_size,
-                       cu_seqlens)
+                       docs)
     o, final_state = _ChunkDeltaRule.apply(q, k, v, beta, log_decay, initial_state, shape, scale, chunk_size, None)
     return o, (final_state if output_final_state else None)

@@ -15,7 +15,7 @@ import torch
 
 from .checks import DECAY_CHANNEL, DECAY_TOKEN, compute_dtype
 from .delta_checks import check_delta_rule_inputs
-from .documents import check_cu_seqlens, check_document_states, each_document
+from .documents import check_document_states, documents, each_document
 
 
 def naive_recurrent_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None, cu_seqlens=None):
@@ -41,9 +41,9 @@ def naive_recurrent_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, ini
     shape = check_delta_rule_inputs(fn, q, k, v, beta, log_decay, None if cu_seqlens is not None else initial_state,
                                     scale=scale, check_values=True)
     if cu_seqlens is not None:  # each document alone, joined
-        check_cu_seqlens(fn, cu_seqlens, shape.seq_len, shape.batch)
-        check_document_states(fn, initial_state, cu_seqlens, (shape.value_heads, shape.key_dim, shape.value_dim))
-        return each_document(cu_seqlens, initial_state, lambda span, state: naive_recurrent_delta_rule(
+        docs = documents(cu_seqlens, fn, shape.seq_len, shape.batch)
+        check_document_states(fn, initial_state, docs, (shape.value_heads, shape.key_dim, shape.value_dim))
+        return each_document(docs, initial_state, lambda span, state: naive_recurrent_delta_rule(
             q[:, span], k[:, span], v[:, span], beta[:, span], None if log_decay is None else log_decay[:, span],
             scale=scale, initial_state=state))
     dtype = compute_dtype(shape.dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_NONE, DECAY_TOKEN, check_linear_attn_inputs, compute_dtype
-from .documents import check_cu_seqlens, check_document_states, each_document
+from .documents import check_document_states, documents, each_document
 
 
 def naive_recurrent_linear_attn(q, k, v, log_decay=None, *, scale=None, initial_state=None, causal=True,
@@ -39,9 +39,9 @@ def naive_recurrent_linear_attn(q, k, v, log_decay=None, *, scale=None, initial_
     shape = check_linear_attn_inputs(fn, q, k, v, log_decay, None if cu_seqlens is not None else initial_state,
                                      causal=causal, scale=scale, check_values=True)
     if cu_seqlens is not None:  # each document alone, joined
-        check_cu_seqlens(fn, cu_seqlens, shape.seq_len, shape.batch)
-        check_document_states(fn, initial_state, cu_seqlens, (shape.num_heads, shape.key_dim, shape.value_dim))
-        return each_document(cu_seqlens, initial_state, lambda span, state: naive_recurrent_linear_attn(
+        docs = documents(cu_seqlens, fn, shape.seq_len, shape.batch)
+        check_document_states(fn, initial_state, docs, (shape.num_heads, shape.key_dim, shape.value_dim))
+        return each_document(docs, initial_state, lambda span, state: naive_recurrent_linear_attn(
             q[:, span], k[:, span], v[:, span],
             log_decay if log_decay is None or log_decay.dim() == 1 else log_decay[:, span], scale=scale,
             initial_state=state, causal=causal))

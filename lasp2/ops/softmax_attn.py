@@ -13,7 +13,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .checks import compute_dtype
-from .documents import check_cu_seqlens, document_ids
+from .documents import documents
 from .precision import without_autocast
 from .tiling import over_query_tiles
 
@@ -134,6 +134,5 @@ def softmax_attn(q, k, v, *, causal: bool = True, scale=None, cu_seqlens=None):
     if cu_seqlens is None:
         return sdpa(q, k, v, scale=scale, causal=causal)
     T = q.shape[1]
-    check_cu_seqlens("softmax_attn", cu_seqlens, T, q.shape[0])
-    doc, pos = document_ids(cu_seqlens, T, q.device), torch.arange(T, device=q.device)
+    doc, pos = documents(cu_seqlens, "softmax_attn", T, q.shape[0]).ids(q.device), torch.arange(T, device=q.device)
     return sdpa(q, k, v, scale=scale, mask=visibility(pos, pos, causal, doc, doc))

@@ -48,7 +48,7 @@ def allgather_attn(q, k, v, *, causal=True, scale=None, group=None, layout="cont
     call = check_softmax_call(SOFTMAX_SPEC, q, k, v, scale=scale, causal=causal, group=group, validate=validate,
                               layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
-        return softmax_attn(q, k, v, causal=causal, scale=call.scale, cu_seqlens=cu_seqlens)
+        return softmax_attn(q, k, v, causal=causal, scale=call.scale, cu_seqlens=call.documents)
     k_all, v_all = gather_sequence([k, v], group, call.layout)  # one all-gather of the KV heads
     packed = call.packed
     if not causal and packed is None:
@@ -62,8 +62,8 @@ def allgather_attn(q, k, v, *, causal=True, scale=None, group=None, layout="cont
             outputs.append(sdpa(q_slot, k_all[:, :end], v_all[:, :end], scale=call.scale, causal=True))
             continue
         q_pos = packed.positions[index * slot_len:(index + 1) * slot_len]
-        if causal:  # keys before the first query's document are no query's: skipped
-            start = int(packed.cu_seqlens[packed.doc_ids[q_pos[0]]])
+        if causal:  # keys before the first query's document are no query's: skipped (host arithmetic)
+            start = packed.documents.start_of(slot * slot_len)
         k_pos = torch.arange(start, end, device=q.device)
         mask = visibility(q_pos, k_pos, causal, packed.doc_ids[q_pos], packed.doc_ids[k_pos])
         outputs.append(sdpa(q_slot, k_all[:, start:end], v_all[:, start:end], scale=call.scale, mask=mask))
@@ -83,7 +83,7 @@ def allgather_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, g
                              chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
         return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
-                                 cu_seqlens=cu_seqlens)[0]
+                                 cu_seqlens=call.documents)[0]
     kind, dtype = call.shape.decay, wire_dtype(q, log_decay)
     travelling = [k.to(dtype), v.to(dtype)] + ([log_decay.to(dtype)] if kind == DECAY_TOKEN else [])
     k_all, v_all, *g_all = gather_sequence(travelling, group, call.layout)  # one all-gather

@@ -126,9 +126,12 @@ def ring_exchange(x: torch.Tensor, group, tag: int = 0):
     return recv.tensor, Work(works, [recv])
 
 
-def checked_across_group(fn: str, group, check: Callable[[], object], fields: Sequence[str], describe: Callable):
+def checked_across_group(fn: str, group, check: Callable[[], object], fields: Sequence[str], describe: Callable,
+                         device: torch.device):
     """Runs the local input check, then compares the inputs' description across the group with
-    one small all-gather, so that every rank raises the same error instead of some hanging.
+    one small all-gather, so that every rank raises the same error instead of some hanging. The
+    description travels as a float64 tensor on `device`, the inputs' (NCCL takes only GPU
+    tensors; gloo stages GPU tensors through the host).
 
     `check()` returns the checked shape or raises TypeError/ValueError; `describe(shape)` returns
     one value per name in `fields` (int, float, bool, str or torch.dtype), all of which must
@@ -142,7 +145,7 @@ def checked_across_group(fn: str, group, check: Callable[[], object], fields: Se
     row = [0.0] * (1 + len(fields))
     if shape is not None:
         row = [1.0] + [_encode(value) for value in describe(shape)]
-    rows = all_gather_dim0(torch.tensor(row, dtype=torch.float64), group).view(-1, len(row)).tolist()
+    rows = all_gather_dim0(torch.tensor(row, dtype=torch.float64, device=device), group).view(-1, len(row)).tolist()
     if error is not None:
         raise error
     bad = [r for r, values in enumerate(rows) if values[0] == 0.0]

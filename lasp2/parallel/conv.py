@@ -11,7 +11,7 @@ import torch
 
 from ..ops.conv import causal_conv1d as local_causal_conv1d
 from ..ops.conv import check_conv_inputs
-from ..ops.documents import check_cu_seqlens, positions_in_documents
+from ..ops.documents import documents
 from .collectives import gather_rows
 from .comm import group_rank_size
 from .layout import Layout, slots_in_order
@@ -31,10 +31,9 @@ def causal_conv1d(x, weight, bias=None, *, activation="silu", group=None, layout
     lay.check_local_length(x.shape[1], fn)
     doc_positions = None
     if cu_seqlens is not None:
-        total = x.shape[1] * world
-        check_cu_seqlens(fn, cu_seqlens, total, x.shape[0])
-        doc_positions = positions_in_documents(cu_seqlens, total, x.device)[
-            lay.local_positions(rank, x.shape[1] // lay.slots_per_rank, x.device)]
+        docs = documents(cu_seqlens, fn, x.shape[1] * world, x.shape[0])
+        doc_positions = docs.memo(("conv positions", lay, rank, x.shape[1], str(x.device)), lambda: docs.positions(
+            x.device)[lay.local_positions(rank, x.shape[1] // lay.slots_per_rank, x.device)])
     S = lay.slots_per_rank
     slot_len = x.shape[1] // S
     if slot_len < w - 1:

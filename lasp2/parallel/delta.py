@@ -92,7 +92,8 @@ def lasp2_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, l
         layout: "contiguous" or "zigzag". chunk_size: tokens per chunk of the local work.
         validate: check the values and compare shapes across the group first (one small
             all-gather), so that mismatched ranks raise instead of hanging.
-        cu_seqlens: None, or the [N + 1] int64 offsets of N documents packed in the global row
+        cu_seqlens: None, or the [N + 1] int64 offsets (or `lasp2.ops.Documents`, which costs no
+            host read) of N documents packed in the global row
             (B = 1; the same tensor on every rank, each rank an equal shard): each document is
             computed alone, documents may cross any slot edge; the same collectives and bytes.
     Returns:
@@ -103,7 +104,7 @@ def lasp2_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, l
                             validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
         return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size,
-                                cu_seqlens=cu_seqlens)[0]
+                                cu_seqlens=call.documents)[0]
     return _state_passing(call, q, k, v, beta, log_decay, _AllGatherSummaries(group, call.layout, DENSE))
 
 
@@ -117,7 +118,7 @@ def lasp1_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, l
                             validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
         return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size,
-                                cu_seqlens=cu_seqlens)[0]
+                                cu_seqlens=call.documents)[0]
     return _state_passing(call, q, k, v, beta, log_decay, _Relay(group, call.layout, DENSE))
 
 

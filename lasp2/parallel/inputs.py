@@ -15,7 +15,7 @@ from ..ops.checks import (LinearAttnShape, SoftmaxAttnShape, check_chunk_size, c
                           check_softmax_attn_inputs, compute_dtype)
 from ..ops.chunk import effective_chunk_size
 from ..ops.delta_checks import DeltaRuleShape, check_delta_rule_inputs
-from ..ops.documents import check_cu_seqlens, document_ids, document_starts, reset_log_decay
+from ..ops.documents import Documents, documents, reset_log_decay
 from .comm import checked_across_group, group_rank_size
 from .layout import Layout
 
@@ -27,11 +27,12 @@ DOCUMENT_FIELDS = ("number of cu_seqlens offsets", "cu_seqlens")
 
 @dataclass(frozen=True)
 class PackedShard:
-    """Packed documents seen from one rank: the global cu_seqlens, the global position of each
-    of its tokens [C] (shard order), `resets` [1, C] (True where a document starts) and the
-    document of every global position [T]."""
+    """Packed documents seen from one rank: the row's `documents` (offsets on the host too), the
+    global position of each of its tokens [C] (shard order), `resets` [1, C] (True where a
+    document starts) and the document of every global position [T]. Built once per batch, rank
+    and shard length (kept on the Documents), so a model's layers share it."""
 
-    cu_seqlens: torch.Tensor
+    documents: Documents
     positions: torch.Tensor
     resets: torch.Tensor
     doc_ids: torch.Tensor
@@ -51,6 +52,11 @@ class Call:
     world: int
     packed: PackedShard | None = None
 
+    @property
+    def documents(self) -> Documents | None:
+        """The packed row's documents, checked (None: one sequence per row)."""
+        return None if self.packed is None else self.packed.documents
+
     def linear_decay(self, log_decay, dtype: torch.dtype):
         """(log decay, its form) as the linear-attention kernels take them: with packed documents
         the resets folded in (`ops.documents.reset_log_decay`: the form becomes per token, or
@@ -63,29 +69,31 @@ class Call:
 
 def _packed_shard(fn: str, cu_seqlens, lay: Layout, rank: int, local_len: int, batch: int, device):
     """Checks the global cu_seqlens against this rank's shard (every rank holds T / W tokens)
-    and places its tokens among the documents."""
+    and places its tokens among the documents; no host read when given `Documents`."""
     if cu_seqlens is None:
         return None
+    docs = documents(cu_seqlens, fn, batch=batch)
     total = local_len * lay.world
-    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2 \
-            and int(cu_seqlens[-1]) != total:
-        raise ValueError(f"{fn}: cu_seqlens ends at {int(cu_seqlens[-1])}, but {lay.world} ranks of {local_len} "
-                         f"tokens hold {total}: with cu_seqlens every rank passes an equal shard of the packed row")
-    check_cu_seqlens(fn, cu_seqlens, total, batch)
-    positions = lay.local_positions(rank, local_len // lay.slots_per_rank, device)
-    resets = document_starts(cu_seqlens, total, device)[positions][None]
-    return PackedShard(cu_seqlens, positions, resets, document_ids(cu_seqlens, total, device))
+    if docs.seq_len != total:
+        raise ValueError(f"{fn}: cu_seqlens ends at {docs.seq_len}, but {lay.world} ranks of {local_len} tokens hold "
+                         f"{total}: with cu_seqlens every rank passes an equal shard of the packed row")
+
+    def make():
+        positions = lay.local_positions(rank, local_len // lay.slots_per_rank, device)
+        return PackedShard(docs, positions, docs.starts(device)[positions][None], docs.ids(device))
+
+    return docs.memo(("shard", lay, rank, local_len, str(device)), make)
 
 
-def _documents_code(cu_seqlens) -> tuple:
+def _documents_code(packed: PackedShard | None) -> tuple:
     """(number of offsets, a polynomial hash of them modulo a prime below 2^31, exact in float64):
     ranks that pass different cu_seqlens differ here but for a ~1e-9 chance (for validate=True)."""
-    if cu_seqlens is None:
+    if packed is None:
         return (0, 0)
     code = 0
-    for offset in cu_seqlens.tolist():
+    for offset in packed.documents.offsets:
         code = (code * 1_000_003 + offset + 1) % 2_147_483_647
-    return (cu_seqlens.numel(), code)
+    return (len(packed.documents.offsets), code)
 
 
 def _layout(fn: str, world: int, layout, local_len: int) -> Layout:
@@ -96,14 +104,14 @@ def _layout(fn: str, world: int, layout, local_len: int) -> Layout:
     return lay
 
 
-def _checked(spec, fn: str, group, validate: bool, check, fields, describe):
+def _checked(spec, fn: str, group, validate: bool, check, fields, describe, device):
     """check() locally; with validate=True (and more than one rank) also compare describe(...)
-    across the group."""
+    across the group, in a tensor on `device` (the inputs')."""
     fields = fields + (("local length",) if spec.equal_shards else ())
     full = (lambda checked: describe(checked) + ((checked[0].seq_len,) if spec.equal_shards else ()))
     if not validate or group_rank_size(group)[1] == 1:
         return check()
-    return checked_across_group(fn, group, check, fields, full)
+    return checked_across_group(fn, group, check, fields, full, device)
 
 
 def check_linear_call(spec, q, k, v, log_decay, *, scale, causal, group, chunk_size, validate, layout,
@@ -126,9 +134,9 @@ def check_linear_call(spec, q, k, v, log_decay, *, scale, causal, group, chunk_s
     def describe(checked):
         s = checked[0]
         return (s.batch, s.num_heads, s.key_dim, s.value_dim, s.decay, s.dtype, causal, _scale(scale, 1.0),
-                *_documents_code(cu_seqlens))
+                *_documents_code(checked[1]))
 
-    shape, packed = _checked(spec, fn, group, validate, check, LINEAR_FIELDS + DOCUMENT_FIELDS, describe)
+    shape, packed = _checked(spec, fn, group, validate, check, LINEAR_FIELDS + DOCUMENT_FIELDS, describe, q.device)
     return Call(shape, _scale(scale, 1.0), effective_chunk_size(chunk_size, shape.decay, fn),
                 Layout(layout, world), rank, world, packed)
 
@@ -150,9 +158,9 @@ def check_delta_call(spec, q, k, v, beta, log_decay, *, scale, group, chunk_size
     def describe(checked):
         s = checked[0]
         return (s.batch, s.key_heads, s.value_heads, s.key_dim, s.value_dim, s.decay, s.dtype, _scale(scale, 1.0),
-                *_documents_code(cu_seqlens))
+                *_documents_code(checked[1]))
 
-    shape, packed = _checked(spec, fn, group, validate, check, DELTA_FIELDS + DOCUMENT_FIELDS, describe)
+    shape, packed = _checked(spec, fn, group, validate, check, DELTA_FIELDS + DOCUMENT_FIELDS, describe, q.device)
     return Call(shape, _scale(scale, 1.0), chunk_size, Layout(layout, world), rank, world, packed)
 
 
@@ -170,9 +178,9 @@ def check_softmax_call(spec, q, k, v, *, scale, causal, group, validate, layout,
     def describe(checked):
         s = checked[0]
         return (s.batch, s.num_heads, s.num_kv_heads, s.head_dim, s.value_dim, s.dtype, causal,
-                _scale(scale, s.head_dim**-0.5), *_documents_code(cu_seqlens))
+                _scale(scale, s.head_dim**-0.5), *_documents_code(checked[1]))
 
-    shape, packed = _checked(spec, fn, group, validate, check, SOFTMAX_FIELDS + DOCUMENT_FIELDS, describe)
+    shape, packed = _checked(spec, fn, group, validate, check, SOFTMAX_FIELDS + DOCUMENT_FIELDS, describe, q.device)
     return Call(shape, _scale(scale, shape.head_dim**-0.5), 0, Layout(layout, world), rank, world, packed)
 
 

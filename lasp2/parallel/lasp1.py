@@ -132,7 +132,7 @@ def lasp1_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group
                              chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
         return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
-                                 cu_seqlens=cu_seqlens)[0]
+                                 cu_seqlens=call.documents)[0]
     log_decay, kind = call.linear_decay(log_decay, q.dtype)  # packed documents: resets as decays
     exchange = _Relay(group, call.layout, transition_for(kind))
     if not causal:

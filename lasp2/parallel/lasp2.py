@@ -96,7 +96,8 @@ def lasp2_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group
             values per rank (one collective latency), so that mismatched ranks raise the same
             ValueError instead of hanging or exchanging wrongly sized buffers. Off by default.
         layout: "contiguous" (shards may differ in length) or "zigzag" (even local length).
-        cu_seqlens: None, or the [N + 1] int64 offsets of N documents packed in the global row
+        cu_seqlens: None, or the [N + 1] int64 offsets (or `lasp2.ops.Documents`, which costs no
+            host read) of N documents packed in the global row
             (B = 1; the same tensor on every rank, each rank an equal shard): each document is
             computed alone, documents may cross any slot edge, with the same collectives (no-decay
             and [H] forms then run as per-token decays, whose transitions add S·B·H values).
@@ -109,7 +110,7 @@ def lasp2_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group
                              chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
         return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
-                                 cu_seqlens=cu_seqlens)[0]
+                                 cu_seqlens=call.documents)[0]
     log_decay, kind = call.linear_decay(log_decay, q.dtype)  # packed documents: resets as decays
     exchange = _AllGatherSummaries(group, call.layout, transition_for(kind))
     if not causal:  # every token sees every state: the layout does not matter

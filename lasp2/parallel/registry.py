@@ -15,7 +15,7 @@ import copy
 import torch
 
 from . import allgather, delta, lasp1, lasp2, ring, ulysses
-from ..ops.documents import positions_in_documents
+from ..ops.documents import documents
 from .comm import group_rank_size
 from .conv import causal_conv1d
 from .layout import LAYOUTS, Layout, positions, shard, unshard
@@ -94,10 +94,11 @@ class SequenceParallel:
         self.cu_seqlens = None  # packed documents of the current batch (`with_documents`)
 
     def with_documents(self, cu_seqlens) -> "SequenceParallel":
-        """This context for one packed row: every call below passes `cu_seqlens` (the global
-        document offsets, B = 1) unless given its own. The layers need not know."""
+        """This context for one packed row: every call below passes its documents (the global
+        offsets `cu_seqlens`, B = 1, checked here once as `lasp2.ops.Documents`, so no layer
+        reads them back from the device) unless given its own. The layers need not know."""
         bound = copy.copy(self)
-        bound.cu_seqlens = cu_seqlens
+        bound.cu_seqlens = documents(cu_seqlens, "SequenceParallel.with_documents")
         return bound
 
     def __repr__(self) -> str:
@@ -140,7 +141,7 @@ class SequenceParallel:
         """[C] the global positions of this rank's tokens, or with cu_seqlens (packed documents)
         their positions within their documents (RoPE restarting at each document)."""
         pos = positions(seq_len, self.group, self.layout, device)
-        return pos if cu_seqlens is None else positions_in_documents(cu_seqlens, seq_len, device)[pos]
+        return pos if cu_seqlens is None else documents(cu_seqlens, "positions", seq_len).positions(device)[pos]
 
     def check_seq_len(self, seq_len: int) -> None:
         """Raises unless a global length shards evenly in this layout (contiguous: W, zigzag: 2W)."""

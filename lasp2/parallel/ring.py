@@ -116,13 +116,14 @@ def _block_output_grads(result, o, lse, do):
 class _Blocks:
     """What the local queries compute against one travelling block."""
 
-    def __init__(self, layout, rank, slot_len, shapes, causal, scale, device, doc_ids=None):
+    def __init__(self, layout, rank, slot_len, shapes, causal, scale, device, packed=None):
         self.layout, self.rank, self.slot_len, self.shapes = layout, rank, slot_len, shapes
         self.causal, self.scale = causal, scale
         self.q_pos = layout.local_positions(rank, slot_len, device)
         self.device = device
-        self.doc_ids = doc_ids  # packed documents: the document of every global position, else None
-        self.q_doc = None if doc_ids is None else doc_ids[self.q_pos]
+        self.docs = None if packed is None else packed.documents  # packed documents, else None
+        self.doc_ids = None if packed is None else packed.doc_ids  # the document of every global position
+        self.q_doc = None if packed is None else self.doc_ids[self.q_pos]
 
     def positions(self, src):
         return self.layout.local_positions(src, self.slot_len, self.device)
@@ -130,14 +131,22 @@ class _Blocks:
     def documents(self, k_pos):
         return None if self.doc_ids is None else self.doc_ids[k_pos]
 
+    def span(self, rank) -> tuple[int, int]:
+        """(first, last) global position of a rank's tokens, from the layout (host arithmetic)."""
+        slots = self.layout.slots(rank)
+        return min(slots) * self.slot_len, (max(slots) + 1) * self.slot_len - 1
+
     def visible(self, src) -> bool:
         """False when no local query sees any key of src's block (it is then not computed): all
-        in the future, or (packed) all in documents that end before the local queries' first."""
-        k_pos = self.positions(src)
-        if self.causal and bool(k_pos.min() > self.q_pos.max()):
+        in the future, or (packed) all in documents that end before the local queries' first.
+        Decided from the layout and the documents' host offsets: no device read."""
+        (k_first, k_last), (q_first, q_last) = self.span(src), self.span(self.rank)
+        if self.causal and k_first > q_last:
             return False
-        return self.doc_ids is None or bool(self.doc_ids[k_pos.max()] >= self.q_doc.min()) and bool(
-            self.doc_ids[k_pos.min()] <= self.q_doc.max())
+        if self.docs is None:
+            return True
+        document = self.docs.document_of
+        return document(k_last) >= document(q_first) and document(k_first) <= document(q_last)
 
     def unpack(self, flat):
         out, offset = [], 0
@@ -193,10 +202,10 @@ def ring_attn(q, k, v, *, causal=True, scale=None, group=None, layout="contiguou
     call = check_softmax_call(SOFTMAX_SPEC, q, k, v, scale=scale, causal=causal, group=group, validate=validate,
                               layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
-        return softmax_attn(q, k, v, causal=causal, scale=call.scale, cu_seqlens=cu_seqlens)
+        return softmax_attn(q, k, v, causal=causal, scale=call.scale, cu_seqlens=call.documents)
     slot_len = call.shape.seq_len // call.layout.slots_per_rank
     blocks = _SoftmaxBlocks(call.layout, call.rank, slot_len, (k.shape, v.shape), causal, call.scale, q.device,
-                            None if call.packed is None else call.packed.doc_ids)
+                            call.packed)
     kv = torch.cat([k.reshape(-1), v.reshape(-1)])  # travels in the input dtype
     return _Ring.apply(blocks, group, kv, q).to(q.dtype)
 
@@ -220,11 +229,11 @@ def ring_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=
                              chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
         return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
-                                 cu_seqlens=cu_seqlens)[0]
+                                 cu_seqlens=call.documents)[0]
     kind, lay = call.shape.decay, call.layout
     travelling = [k, v] + ([log_decay] if kind == DECAY_TOKEN else [])
     blocks = _LinearBlocks(lay, call.rank, q.shape[1] // lay.slots_per_rank, [t.shape for t in travelling],
-                           causal, call.scale, q.device, None if call.packed is None else call.packed.doc_ids)
+                           causal, call.scale, q.device, call.packed)
     g_local = log_decay if kind == DECAY_TOKEN else None
     g_head = log_decay if kind == DECAY_HEAD else None
     offsets = _slot_offsets(log_decay, group, lay) if kind == DECAY_TOKEN else None

@@ -67,12 +67,12 @@ def ulysses_attn(q, k, v, *, causal=True, scale=None, group=None, layout="contig
     call = check_softmax_call(SOFTMAX_SPEC, q, k, v, scale=scale, causal=causal, group=group, validate=validate,
                               layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
-        return softmax_attn(q, k, v, causal=causal, scale=call.scale, cu_seqlens=cu_seqlens)
+        return softmax_attn(q, k, v, causal=causal, scale=call.scale, cu_seqlens=call.documents)
     world, kv_heads = call.world, call.shape.num_kv_heads
     if kv_heads % world:  # fewer KV heads than ranks: replicate each to its ranks
         k, v = (x.repeat_interleave(world // kv_heads, dim=2) for x in (k, v))
     q_all, k_all, v_all = _to_head_shards([q, k, v], group, call.layout)
-    o = softmax_attn(q_all, k_all, v_all, scale=call.scale, causal=causal, cu_seqlens=cu_seqlens)
+    o = softmax_attn(q_all, k_all, v_all, scale=call.scale, causal=causal, cu_seqlens=call.documents)
     return _to_sequence_shard(o, group, call.layout)
 
 
@@ -87,7 +87,7 @@ def ulysses_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, gro
                              chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
         return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
-                                 cu_seqlens=cu_seqlens)[0]
+                                 cu_seqlens=call.documents)[0]
     heads, kind = q.shape[2] // call.world, call.shape.decay
     dtype = wire_dtype(q, log_decay)
     travelling = [q, k, v] + ([log_decay] if kind in (DECAY_TOKEN, DECAY_CHANNEL) else [])
@@ -97,7 +97,7 @@ def ulysses_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, gro
     else:
         g = g_all[0] if g_all else None
     o, _ = chunk_linear_attn(q_all, k_all, v_all, g, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
-                             cu_seqlens=cu_seqlens)
+                             cu_seqlens=call.documents)
     return _to_sequence_shard(o.to(q.dtype), group, call.layout)
 
 
@@ -137,12 +137,12 @@ def ulysses_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None,
                             validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
         return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size,
-                                cu_seqlens=cu_seqlens)[0]
+                                cu_seqlens=call.documents)[0]
     dtype = torch.promote_types(wire_dtype(q, log_decay), beta.dtype)
     travelling = [q, k, v, beta] + ([] if log_decay is None else [log_decay])
     q_all, k_all, v_all, beta_all, *g_all = _to_head_shards([t.to(dtype) for t in travelling], group, call.layout)
     o, _ = chunk_delta_rule(q_all, k_all, v_all, beta_all, g_all[0] if g_all else None, scale=call.scale,
-                            chunk_size=call.chunk_size, cu_seqlens=cu_seqlens)
+                            chunk_size=call.chunk_size, cu_seqlens=call.documents)
     return _to_sequence_shard(o.to(v.dtype), group, call.layout)
 
 

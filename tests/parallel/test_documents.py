@@ -165,12 +165,15 @@ def test_ring_skips_blocks_of_documents_the_local_queries_do_not_reach():
     """Rank 1 of 2 (contiguous, 8 tokens a rank): documents [0, 6) and [6, 16). Its queries
     (8..15) reach back only to 6, inside rank 0's block: computed. With [0, 8) and [8, 16) rank
     0's block holds no key of theirs: skipped."""
-    from lasp2.ops.documents import document_ids
+    from lasp2.ops.documents import documents
+    from lasp2.parallel.inputs import PackedShard
     from lasp2.parallel.layout import Layout
     from lasp2.parallel.ring import _Blocks
 
     def blocks(cu):
-        return _Blocks(Layout("contiguous", 2), 1, 8, [], True, 1.0, None, document_ids(torch.tensor(cu), 16, None))
+        docs = documents(torch.tensor(cu))
+        packed = PackedShard(docs, torch.arange(8, 16), docs.starts(None)[8:16][None], docs.ids(None))
+        return _Blocks(Layout("contiguous", 2), 1, 8, [], True, 1.0, None, packed)
 
     assert blocks([0, 6, 16]).visible(0) and blocks([0, 6, 16]).visible(1)
     assert not blocks([0, 8, 16]).visible(0) and blocks([0, 8, 16]).visible(1)
@@ -188,8 +191,12 @@ def test_positions_restart_at_each_document():
 
 
 def test_validate_codes_tell_apart_offsets_a_weighted_sum_would_not():
-    from lasp2.parallel.inputs import _documents_code
+    from lasp2.ops.documents import documents
+    from lasp2.parallel.inputs import PackedShard, _documents_code
 
-    a, b = _documents_code(torch.tensor([0, 1, 8, 12])), _documents_code(torch.tensor([0, 4, 6, 12]))
+    def code(offsets):
+        return _documents_code(PackedShard(documents(torch.tensor(offsets)), None, None, None))
+
+    a, b = code([0, 1, 8, 12]), code([0, 4, 6, 12])
     assert a[0] == b[0] and a != b
     assert all(float(v) == v and abs(v) < 2**53 for v in a)  # travels exactly as float64
