@@ -27,7 +27,12 @@ try:
 except ImportError as exc:  # the library works without transformers; this module needs it
     raise ImportError("lasp2.integrations.transformers needs transformers: pip install 'lasp2[hf]'") from exc
 
+from ..ops.documents import documents
+
 ATTENTION = "lasp2"  # the name lasp2's sequence-parallel softmax attention is registered under
+# The keyword argument that carries a packed row's documents (`lasp2.ops.Documents`) into every
+# decoder layer's call, and from there to its mixer and attention (HF layers pass **kwargs on).
+DOCUMENTS = "lasp2_documents"
 
 
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -35,19 +40,36 @@ def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
-class _Documents:
-    """The packed documents of the forward in progress: the global offsets `shard_batch` passes
-    as `cu_seq_lens_q`, caught by a pre-hook on the model (not every family hands its forward's
-    keyword arguments down to its mixers)."""
+class _RowDocuments:
+    """The packed documents of the model call in progress: taken from the model's keyword
+    arguments by a pre-hook (`lasp2_documents`, or `cu_seq_lens_q` checked here once per call,
+    never per layer) and handed by each decoder layer's call to its layer as the argument
+    `lasp2_documents` (`_DocumentsPerCall`). Being an argument of the layer's call, they are saved
+    and replayed with it by activation checkpointing (torch's, composable or HF's own), so a
+    recompute in the backward sees the documents of its own row, not the last row's. Outside a
+    model call there are none."""
 
-    cu_seqlens = None
+    current = None
 
-    def catch(self, model, args, kwargs):
-        self.cu_seqlens = kwargs.get("cu_seq_lens_q")
+    def enter(self, model, args, kwargs):
+        given = kwargs.pop(DOCUMENTS, None)
+        offsets = kwargs.get("cu_seq_lens_q")
+        if given is None and offsets is not None:
+            given = documents(offsets, "cu_seq_lens_q")
+        self.current = None if given is None else documents(given, DOCUMENTS)
+        return args, kwargs
+
+    def leave(self, model, args, kwargs, output):
+        self.current = None
 
 
-def _global_offsets(module) -> torch.Tensor | None:
-    return module._lasp2_documents.cu_seqlens
+class _DocumentsPerCall:
+    """A decoder layer whose call passes the current row's documents on as an argument."""
+
+    def __call__(self, *args, **kwargs):
+        if DOCUMENTS not in kwargs:  # a recompute replays the arguments of the forward: kept
+            kwargs[DOCUMENTS] = self._lasp2_row_documents.current
+        return super().__call__(*args, **kwargs)
 
 
 def _check_training_call(name: str, cache, attention_mask) -> None:
@@ -59,11 +81,12 @@ def _check_training_call(name: str, cache, attention_mask) -> None:
                          f"instead (position_ids that restart, see shard_batch)")
 
 
-def _gated_delta_core(module, mixed_qkv, beta, a):
+def _gated_delta_core(module, mixed_qkv, beta, a, cu):
     """The part every Gated DeltaNet mixer shares, on this rank's shard: the short convolution of
     q|k|v [B, C, 2·Hk·K + Hv·V] across ranks, L2-normalised q and k, the gate
-    -exp(A_log)·softplus(a + dt_bias), the delta rule with q scaled by K^-1/2 -> [B, C, Hv, V]."""
-    sp, cu = module._lasp2_sp, _global_offsets(module)
+    -exp(A_log)·softplus(a + dt_bias), the delta rule with q scaled by K^-1/2 -> [B, C, Hv, V]
+    (cu: the row's packed documents, or None)."""
+    sp = module._lasp2_sp
     b, c, _ = mixed_qkv.shape
     mixed = sp.causal_conv1d(mixed_qkv, module.conv1d.weight.squeeze(1), module.conv1d.bias,
                              activation=module.activation, cu_seqlens=cu)
@@ -85,7 +108,7 @@ class _SPQwen3NextGatedDeltaNet:
         query, key, value, z, beta_logit, a = self.fix_query_key_value_ordering(self.in_proj_qkvz(hidden_states),
                                                                                 self.in_proj_ba(hidden_states))
         mixed = torch.cat([x.reshape(b, c, -1) for x in (query, key, value)], dim=-1)
-        core = _gated_delta_core(self, mixed, beta_logit.sigmoid(), a)
+        core = _gated_delta_core(self, mixed, beta_logit.sigmoid(), a, kwargs.get(DOCUMENTS))
         core = self.norm(core.reshape(-1, core.shape[-1]), z.reshape(-1, z.shape[-1])).reshape(b, c, -1)
         return self.out_proj(core)
 
@@ -98,7 +121,7 @@ class _SPQwen3_5GatedDeltaNet:
         _check_training_call(type(self).__name__, cache, attention_mask)
         b, c, _ = hidden_states.shape
         core = _gated_delta_core(self, self.in_proj_qkv(hidden_states), self.in_proj_b(hidden_states).sigmoid(),
-                                 self.in_proj_a(hidden_states))
+                                 self.in_proj_a(hidden_states), kwargs.get(DOCUMENTS))
         z = self.in_proj_z(hidden_states)
         core = self.norm(core.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim)).reshape(b, c, -1)
         return self.out_proj(core)
@@ -115,7 +138,7 @@ class _SPOlmoHybridGatedDeltaNet:
         beta = self.b_proj(hidden_states).sigmoid()
         if self.allow_neg_eigval:
             beta = beta * 2.0
-        core = _gated_delta_core(self, mixed, beta, self.a_proj(hidden_states))
+        core = _gated_delta_core(self, mixed, beta, self.a_proj(hidden_states), kwargs.get(DOCUMENTS))
         gate = self.g_proj(hidden_states)
         core = self.o_norm(core.reshape(-1, self.head_v_dim), gate.reshape(-1, self.head_v_dim)).reshape(b, c, -1)
         return self.o_proj(core)
@@ -128,7 +151,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         raise ValueError("lasp2 attention: attention dropout is not supported under sequence parallelism")
     sp = module._lasp2_sp
     out = sp.softmax_attn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
-                          scale=scaling, cu_seqlens=_global_offsets(module))
+                          scale=scaling, cu_seqlens=kwargs.get(DOCUMENTS))
     return out, None
 
 
@@ -139,7 +162,7 @@ class _SPKimiLinearDeltaAttention:
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
         _check_training_call(type(self).__name__, cache, attention_mask)
-        sp, cu = self._lasp2_sp, _global_offsets(self)
+        sp, cu = self._lasp2_sp, kwargs.get(DOCUMENTS)
         b, c, _ = hidden_states.shape
         shape = (b, c, -1, self.head_dim)
         mixed = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], dim=-1)
@@ -167,7 +190,7 @@ class _SPMiniMaxLightningAttention:
         qkv = self.act_fn(self.qkv_proj(hidden_states)).reshape(b, c, self.num_attention_heads, 3 * self.head_dim)
         query, key, value = torch.split(qkv, self.head_dim, dim=3)
         log_decay = -self.slope_rate.reshape(self.num_attention_heads).to(torch.float32)
-        out = sp.linear_attn(query, key, value, log_decay, causal=True, scale=1.0, cu_seqlens=_global_offsets(self))
+        out = sp.linear_attn(query, key, value, log_decay, causal=True, scale=1.0, cu_seqlens=kwargs.get(DOCUMENTS))
         out = self.norm(out.reshape(b, c, self.num_attention_heads * self.head_dim))
         out = torch.sigmoid(self.output_gate(hidden_states)) * out
         return self.out_proj(out), None
@@ -181,7 +204,7 @@ class _SPMamba2Mixer:
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
         _check_training_call(type(self).__name__, cache, attention_mask)
-        sp, cu = self._lasp2_sp, _global_offsets(self)
+        sp, cu = self._lasp2_sp, kwargs.get(DOCUMENTS)
         b, c, _ = hidden_states.shape
         gate, x_b_c, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads],
                                                             dim=-1)
@@ -226,14 +249,18 @@ def parallelize(model, sp):
         raise ValueError(f"parallelize: {type(model).__name__} (model_type {model_type!r}) is not supported; "
                          f"supported: {', '.join(FAMILIES)}")
     AttentionInterface.register(ATTENTION, _attention)
-    documents = _Documents()
     for module in model.modules():
         name = type(module).__name__
         if name in MIXERS:
             module.__class__ = type(f"SP{name}", (MIXERS[name], type(module)), {})
         if name in MIXERS or name in ATTENTIONS:
-            module._lasp2_sp, module._lasp2_documents = sp, documents
-    model.register_forward_pre_hook(documents.catch, with_kwargs=True)
+            module._lasp2_sp = sp
+    row = _RowDocuments()
+    for layer in model.base_model.layers:
+        layer.__class__ = type(f"SP{type(layer).__name__}", (_DocumentsPerCall, type(layer)), {})
+        layer._lasp2_row_documents = row
+    model.register_forward_pre_hook(row.enter, with_kwargs=True)
+    model.register_forward_hook(row.leave, with_kwargs=True, always_call=True)
     if any(type(m).__name__ in ATTENTIONS for m in model.modules()):  # pure Mamba2 has none
         model.set_attn_implementation(ATTENTION)
     return model
@@ -284,8 +311,8 @@ class CausalLM(torch.nn.Module):
         return self.model.base_model.layers
 
     def forward(self, tokens, positions, ctx):
-        documents = getattr(ctx, "cu_seqlens", None)
-        kwargs = {} if documents is None else {"cu_seq_lens_q": documents}
+        packed = getattr(ctx, "cu_seqlens", None)  # the row's Documents (`with_documents`), or None
+        kwargs = {} if packed is None else {DOCUMENTS: packed}
         return self.model(input_ids=tokens, position_ids=positions.expand(tokens.shape[0], -1), use_cache=False,
                           **kwargs).logits
 

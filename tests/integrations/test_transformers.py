@@ -261,3 +261,49 @@ def test_readme_hf_example_trains_as_one_process():
     assert len(pairs) == 8 and all(abs(a - b) / b < 1e-5 for a, b in pairs), done.stdout
     assert pairs[-1][1] < pairs[0][1] - 0.5  # it trains
     assert "examples/hf_sequence_parallel.py" in (root / "README.md").read_text()
+
+
+ROWS = ((0, 5, 13, 14, 24), (0, 9, 10, 20, 24))  # two packed rows, the same length, other documents
+
+
+def packed_rows_step(group, family, checkpointing):
+    """Two packed rows through the parallelized model one at a time (as the trainer runs them),
+    their losses summed, one backward; each decoder layer checkpointed by torch's composable
+    checkpoint ("torch", the trainer's), by transformers' own ("hf"), or not at all. -> the loss
+    summed over the ranks and every gradient summed over them."""
+    from torch.distributed._composable import checkpoint
+
+    from lasp2.integrations.transformers import parallelize, shard_batch
+    from lasp2.parallel import SequenceParallel
+
+    sp = SequenceParallel(group, layout="zigzag")
+    model = parallelize(build(family), sp)
+    if checkpointing == "torch":
+        for layer in model.base_model.layers:
+            checkpoint(layer)
+    elif checkpointing == "hf":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    loss = 0.0
+    for seed, row in enumerate(ROWS):
+        ids = batch(seed + 2)
+        position_ids = torch.cat([torch.arange(b - a) for a, b in zip(row, row[1:])])[None]
+        loss = loss + model(**shard_batch(sp, ids, labels=ids, position_ids=position_ids)).loss
+    loss.backward()
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total, group=group)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.distributed.all_reduce(grads, group=group)
+    return float(total), grads
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_packed_rows_under_activation_checkpointing_equal_without(dist_workers, family):
+    """The documents travel with each decoder layer's call, so the backward's recompute of the
+    first row uses the first row's documents (they once came from module state, which held the
+    last row's)."""
+    plain = dist_workers.run(packed_rows_step, (0, 1), family, "none")[0]
+    for checkpointing in ("torch", "hf"):
+        loss, grads = dist_workers.run(packed_rows_step, (0, 1), family, checkpointing)[0]
+        assert abs(loss - plain[0]) <= 1e-5 * abs(plain[0]), (checkpointing, loss, plain[0])
+        assert rel_err(grads, plain[1]) < 1e-5, checkpointing
