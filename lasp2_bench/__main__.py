@@ -40,7 +40,7 @@ def cmd_attn(args) -> None:
     out = _out_dir(args, _device(args))
     if args.weak is not None:
         rows = weak.run(sorted(set(args.world) - {1}), args.linear, weak.DECAYS, args.weak, H=args.H, D=args.D,
-                        repeats=args.repeats, warmup=args.warmup, heap=args.heap)
+                        repeats=args.repeats, warmup=args.warmup, heap=args.heap, policies=args.policy)
         weak.print_table(rows, sys.stdout)
         name = "attn-weak-heap.csv" if args.heap else "attn-weak.csv"
         write_csv(out / name, rows, weak.FIELDS)

@@ -61,6 +61,9 @@ def add_arguments(p) -> None:
                    help="instead: each linear method at C tokens per rank, forward and backward apart, every decay "
                         "form, against W independent single-device runs of C tokens side by side (CPU, one thread "
                         "per rank; --repeats, --warmup)")
+    p.add_argument("--policy", nargs="+", default=["cpu"], choices=["cpu", "cuda"],
+                   help="with --weak: the device policies to run each method under, side by side (the CUDA one "
+                        "enqueues all local work before waiting for the exchange; lasp2.ops.policy)")
     p.add_argument("--heap", action="store_true",
                    help="with --weak: start the ranks with glibc keeping freed memory in the heap, so that page "
                         "faults of fresh mappings do not blur the comparison")

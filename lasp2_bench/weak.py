@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 from .machine import free_port, sync
 
 DECAYS = ("none", "head", "token", "channel")
-FIELDS = ["method", "decay", "world", "tokens_per_rank", "sp_fwd_ms", "alone_fwd_ms", "fwd_ratio", "sp_bwd_ms",
+FIELDS = ["method", "policy", "decay", "world", "tokens_per_rank", "sp_fwd_ms", "alone_fwd_ms", "fwd_ratio", "sp_bwd_ms",
           "alone_bwd_ms", "bwd_ratio", "heap"]
 
 
@@ -72,7 +72,18 @@ def _accepts(spec, decay: str, H: int, world: int) -> bool:
     return True
 
 
-def _worker(rank, world, port, methods, decays, C, H, D, repeats, warmup, out_path):
+def _under(policy_name, fn):
+    """fn run under a device policy (its backward keeps the policy its forward ran under)."""
+    from lasp2.ops import policy
+
+    def call(*args):
+        with policy(policy_name):
+            return fn(*args)
+
+    return call
+
+
+def _worker(rank, world, port, methods, decays, C, H, D, repeats, warmup, out_path, policies):
     from lasp2.ops import chunk_linear_attn
     from lasp2.parallel import LINEAR_METHODS
 
@@ -83,17 +94,17 @@ def _worker(rank, world, port, methods, decays, C, H, D, repeats, warmup, out_pa
     rows = []
     for decay in decays:
         inputs = _inputs(decay, C, H, D, seed=rank)
-        usable = [m for m in methods if _accepts(LINEAR_METHODS[m], decay, H, world)]
+        usable = [(m, p) for m in methods if _accepts(LINEAR_METHODS[m], decay, H, world) for p in policies]
         fns = [lambda q, k, v, g: chunk_linear_attn(q, k, v, g)[0]]
-        fns += [lambda q, k, v, g, fn=LINEAR_METHODS[m].fn: fn(q, k, v, g, group=group) for m in usable]
+        fns += [_under(p, lambda q, k, v, g, fn=LINEAR_METHODS[m].fn: fn(q, k, v, g, group=group)) for m, p in usable]
         alone, *measured = _time_passes(fns, inputs, group, repeats, warmup)
-        for method, sp in zip(usable, measured):
-            rows.append(dict(method=method, decay=decay, world=world, tokens_per_rank=C, sp_fwd_ms=sp[0],
+        for (method, policy), sp in zip(usable, measured):
+            rows.append(dict(method=method, policy=policy, decay=decay, world=world, tokens_per_rank=C, sp_fwd_ms=sp[0],
                              alone_fwd_ms=alone[0], fwd_ratio=sp[0] / alone[0], sp_bwd_ms=sp[1], alone_bwd_ms=alone[1],
                              bwd_ratio=sp[1] / alone[1]))
             if rank == 0:
                 r = rows[-1]
-                print(f"  W={world} {method:9s} {decay:8s} fwd {r['sp_fwd_ms']:8.1f} / {r['alone_fwd_ms']:8.1f} ms = "
+                print(f"  W={world} {method:9s} {policy:4s} {decay:8s} fwd {r['sp_fwd_ms']:8.1f} / {r['alone_fwd_ms']:8.1f} ms = "
                       f"{r['fwd_ratio']:.2f}   bwd {r['sp_bwd_ms']:8.1f} / {r['alone_bwd_ms']:8.1f} ms = {r['bwd_ratio']:.2f}",
                       flush=True)
     if rank == 0:
@@ -109,8 +120,9 @@ HEAP_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_":
 
 
 def run(worlds, methods, decays, C: int, H: int = 8, D: int = 64, repeats: int = 7, warmup: int = 1,
-        heap: bool = False) -> list[dict]:
-    """heap: start the ranks with HEAP_MALLOC (glibc reads it when a process starts)."""
+        heap: bool = False, policies=("cpu",)) -> list[dict]:
+    """heap: start the ranks with HEAP_MALLOC (glibc reads it when a process starts); policies:
+    the device policies each method runs under, side by side."""
     rows = []
     saved = {name: os.environ.get(name) for name in HEAP_MALLOC}
     if heap:
@@ -119,7 +131,8 @@ def run(worlds, methods, decays, C: int, H: int = 8, D: int = 64, repeats: int =
         for world in worlds:
             with tempfile.TemporaryDirectory() as tmp:
                 out_path = os.path.join(tmp, "rows.json")
-                mp.spawn(_worker, args=(world, free_port(), methods, decays, C, H, D, repeats, warmup, out_path),
+                mp.spawn(_worker, args=(world, free_port(), methods, decays, C, H, D, repeats, warmup, out_path,
+                                        tuple(policies)),
                          nprocs=world, join=True)
                 rows += [dict(r, heap=heap) for r in json.loads(Path(out_path).read_text())]
     finally:
@@ -132,14 +145,14 @@ def run(worlds, methods, decays, C: int, H: int = 8, D: int = 64, repeats: int =
 
 
 def print_table(rows, stream) -> None:
-    head = (f"{'method':9s} {'decay':8s} {'W':>2s} {'C':>6s} {'fwd sp ms':>10s} {'alone':>8s} {'ratio':>6s} "
+    head = (f"{'method':9s} {'policy':6s} {'decay':8s} {'W':>2s} {'C':>6s} {'fwd sp ms':>10s} {'alone':>8s} {'ratio':>6s} "
             f"{'bwd sp ms':>10s} {'alone':>8s} {'ratio':>6s}")
     heap = " freed memory kept in the heap;" if rows and rows[0].get("heap") else ""
     stream.write(f"\nsequence parallel vs the same tokens per rank alone, side by side (one thread per rank;{heap} "
                  "medians, slowest rank)\n")
     stream.write(head + "\n" + "-" * len(head) + "\n")
     for r in rows:
-        stream.write(f"{r['method']:9s} {r['decay']:8s} {r['world']:2d} {r['tokens_per_rank']:6d} {r['sp_fwd_ms']:10.1f} "
+        stream.write(f"{r['method']:9s} {r.get('policy', 'cpu'):6s} {r['decay']:8s} {r['world']:2d} {r['tokens_per_rank']:6d} {r['sp_fwd_ms']:10.1f} "
                      f"{r['alone_fwd_ms']:8.1f} {r['fwd_ratio']:6.2f} {r['sp_bwd_ms']:10.1f} {r['alone_bwd_ms']:8.1f} "
                      f"{r['bwd_ratio']:6.2f}\n")
 

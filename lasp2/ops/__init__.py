@@ -17,6 +17,7 @@ from .feature_maps import (
     taylor_feature_map,
 )
 from .naive import naive_recurrent_linear_attn
+from .policy import Policy, policy, policy_for
 
 __all__ = [
     "DECAY_CHANNEL",
@@ -26,6 +27,7 @@ __all__ = [
     "DECAY_TOKEN",
     "Documents",
     "FEATURE_MAPS",
+    "Policy",
     "chunk_delta_rule",
     "chunk_linear_attn",
     "documents",
@@ -33,6 +35,8 @@ __all__ = [
     "identity_feature_map",
     "naive_recurrent_delta_rule",
     "naive_recurrent_linear_attn",
+    "policy",
+    "policy_for",
     "rebased_feature_map",
     "relu_feature_map",
     "silu_feature_map",

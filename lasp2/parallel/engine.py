@@ -4,13 +4,17 @@ direction, with the exchange between ranks plugged in.
 Causal (Alg. 2 forward / Alg. 4 backward of the LASP-2 paper, per rank and slot): the slot's
 chunk states with a zero incoming state give its summary (M_t, A_t); the exchange starts
 (LASP-2: the all-gather of every summary; LASP-1: the hops that need no remote state) and,
-while that travels, the intra-chunk output is computed tile by tile (once it has arrived, the
-remaining tiles compute it fused with their inter-chunk term, which keeps them in cache); then the incoming state S_in arrives,
+while that travels, the intra-chunk output is computed tile by tile; then the incoming state S_in arrives,
 is folded into the chunk states with one element-wise step, and one inter-chunk matmul adds
 its term. The backward mirrors it: each slot's gradient on its incoming state travels while the
 query-side gradients are formed (from the chunk states and scores the forward kept); the gradient arriving on its outgoing state is folded into the chunk
 gradients before the key-side matmuls. So a rank does the matmuls of the single-device op on
 its tokens and nothing more.
+
+How much runs before the wait is the device policy's (`ops.policy`): on the CPU ("poll") tiles
+are computed until the exchange reports arrival, and the remaining tiles then run fused with
+their inter-chunk term while in cache; on CUDA ("fixed") every tile's intra-chunk work is
+enqueued before the wait, whatever the timing, so the kernel sequence is the same every step.
 
 An exchange is an object with
     start_forward(h_end, a) -> Pending   h_end [S*B, H, K, V] each slot's state from zero,
@@ -29,12 +33,14 @@ from ..ops import bidirectional as bi
 from ..ops.chunk_kernels import (add_incoming, add_outgoing_grad, grad_state_pass, intra_output, query_side_grads,
                                  state_pass, tiled_input_grads, tiled_outputs)
 from ..ops.chunk_layout import ChunkedSeq
+from ..ops.policy import policy_for
 from ..ops.precision import without_autocast
 from .layout import from_segments, segments, to_segments, unsegment_grads
 
 
 class Pending:
-    """A started exchange: wait() waits for the communication, then returns finish()."""
+    """A started exchange: wait() waits for the communication (on CUDA: orders the compute
+    stream after it, without blocking the host), then returns finish()."""
 
     def __init__(self, works, finish):
         self._works, self._finish = works, finish
@@ -58,17 +64,18 @@ class _Causal(torch.autograd.Function):
         x = ChunkedSeq.from_inputs(*seg, kind, chunk_size)
         h_start, h_end = state_pass(x)  # M_t: each slot's state from a zero incoming state
         pending = exchange.start_forward(h_end, x.total_decay)  # share [M_t, A_t], asynchronously
+        policy = policy_for(q.device)
         tiles = x.tiles()
         intra = []  # O_intra = [(Q K^T) . Psi] V tile by tile while the states travel, at least one;
-        for tile in tiles:  # once they are here, the other tiles run fused with O_inter (cache-hot)
+        for tile in tiles:  # polling: once they are here, the other tiles run fused with O_inter
             intra.append(intra_output(tile.x))
-            if pending.arrived():
+            if policy.polls and pending.arrived():
                 break
         S_in = pending.wait()  # M_{1:t-1} combined: the state entering each slot
         h_start, _ = add_incoming(x, h_start, None, S_in)
         o = tiled_outputs(x, tiles, h_start, scale, intra)  # + O_inter = Q_hat S
         x.save_for_backward(ctx, h_start)
-        ctx.scale, ctx.exchange = scale, exchange
+        ctx.scale, ctx.exchange, ctx.policy = scale, exchange, policy
         return from_segments(o, S)
 
     @staticmethod
@@ -83,7 +90,7 @@ class _Causal(torch.autograd.Function):
         query_side = []  # tile by tile while the gradients travel (at least one), as in the forward
         for tile in tiles:
             query_side.append(query_side_grads(tile.x, tile.of(do_hat), tile.of(h_start)))
-            if pending.arrived():
+            if ctx.policy.polls and pending.arrived():
                 break
         d_out = pending.wait()  # dM_{t+1:T} combined: the gradient on each slot's outgoing state
         delta_after, _ = add_outgoing_grad(x, delta_after, None, d_out)

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lasp2.ops import chunk_layout, naive_recurrent_linear_attn
+from lasp2.ops import policy as device_policy
 from lasp2.parallel import count_collectives, lasp1_linear_attn, lasp2_linear_attn
 from tests.helpers import leaf
 
@@ -41,12 +42,14 @@ def run_shard(group, method, inputs, do, bounds, causal=True, scale=0.9, chunk_s
     return {"o": o.detach(), **grads}
 
 
-def run_shard_in_tiles(group, tile_values, *args, **kwargs):
-    """run_shard with the kernels' tiles bounded to `tile_values` values per tensor (a few chunks)."""
+def run_shard_in_tiles(group, tile_values, policy, *args, **kwargs):
+    """run_shard with the kernels' tiles bounded to `tile_values` values per tensor (a few chunks),
+    under the device policy `policy`."""
     saved = chunk_layout.TILE_VALUES
     chunk_layout.TILE_VALUES = tile_values
     try:
-        return run_shard(group, *args, **kwargs)
+        with device_policy(policy):
+            return run_shard(group, *args, **kwargs)
     finally:
         chunk_layout.TILE_VALUES = saved
 
@@ -107,15 +110,28 @@ class _Overlap(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def overlap_order(group, method, inputs, bounds, layout="contiguous"):
+def overlap_order(group, method, inputs, bounds, layout="contiguous", policy="cpu", tile_values=None, late_rank=None):
     """For each pass of a state-passing method on this rank: (collective or receive, matmuls
-    that ran while it was in flight), in the order their results were first read."""
+    that ran while it was in flight), in the order their results were first read; under the
+    device policy `policy`, with tiles of `tile_values` values (None: the default) and the rank
+    `late_rank` (None: none) starting each pass 0.2 s late."""
+    import time
+
     lo, hi = bounds[dist.get_rank(group)]
     x = shard_inputs(inputs, lo, hi)
-    with _Overlap() as forward:
-        o = METHODS[method](x["q"], x["k"], x["v"], x["g"], group=group, layout=layout)
-    with _Overlap() as backward:
-        o.sum().backward()
+    late = dist.get_rank(group) == late_rank
+    saved = chunk_layout.TILE_VALUES
+    chunk_layout.TILE_VALUES = tile_values or saved
+    try:
+        with device_policy(policy):
+            time.sleep(0.2 if late else 0.0)
+            with _Overlap() as forward:
+                o = METHODS[method](x["q"], x["k"], x["v"], x["g"], group=group, layout=layout)
+            time.sleep(0.2 if late else 0.0)
+            with _Overlap() as backward:
+                o.sum().backward()
+    finally:
+        chunk_layout.TILE_VALUES = saved
     return {"forward": forward.done, "backward": backward.done}
 
 

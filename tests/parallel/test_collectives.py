@@ -76,6 +76,23 @@ def test_lasp2_overlaps_gather_with_local_compute(dist_workers, kind, layout):
         assert fwd_matmuls >= 2 and bwd_matmuls >= 4, (rank, fwd_matmuls, bwd_matmuls)
 
 
+@pytest.mark.parametrize("late_rank", [None, 0, 1])
+def test_the_cuda_policy_overlaps_every_tile_whatever_the_timing(dist_workers, late_rank):
+    """Under policy("cuda") the schedule is fixed: every tile's intra-chunk output (2 matmuls a
+    tile without decay) and query-side gradients run while the gather is in flight, whether the
+    states arrive at once or a peer starts late; so the kernel sequence is the same every step
+    (NCCL's is_completed() cannot be trusted to say when the states are there)."""
+    inputs = make_inputs("none", B=1, T=384, H=2, K=8, V=8, dtype=torch.float32)
+    tile = 2 * 64 * 64  # one 64-token chunk of 2 heads: 3 tiles a rank
+    results = dist_workers.run(overlap_order, (0, 1), "lasp2", inputs, even_bounds(384, 2), "contiguous", "cuda",
+                               tile, late_rank)
+    for rank in range(2):
+        (_, fwd_matmuls), = results[rank]["forward"]
+        (_, bwd_matmuls), = results[rank]["backward"]
+        assert fwd_matmuls == 2 * 3, (rank, fwd_matmuls)
+        assert bwd_matmuls == 6 * 3, (rank, bwd_matmuls)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -39,19 +39,21 @@ def test_matches_single_device(dist_workers, method, world, form, dtype, tol):
     run_case(dist_workers, method, tuple(range(world)), form, dtype, tol, even_bounds(T, world))
 
 
+@pytest.mark.parametrize("policy", ["cpu", "cuda"])
 @pytest.mark.parametrize("chunks_per_tile", [1, 2])
 @pytest.mark.parametrize("form", DECAY_FORMS)
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("method", ["lasp2", "lasp1"])
-def test_matches_single_device_in_small_tiles(dist_workers, method, world, form, chunks_per_tile):
+def test_matches_single_device_in_small_tiles(dist_workers, method, world, form, chunks_per_tile, policy):
     """The per-chunk kernels run over tiles of 1 or 2 chunks (16 tokens each): every rank's
     shard spans several tiles, and the intra-chunk outputs and query-side gradients computed
-    while the states travel meet the inter-chunk terms of the same tile."""
+    while the states travel meet the inter-chunk terms of the same tile, under either device
+    policy's overlap (CPU: as many tiles as the exchange leaves time for; CUDA: all of them)."""
     inputs = make_inputs(form, B=2, T=T, H=3, K=6, V=5, seed=world)
     do = torch.randn(2, T, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     bounds = even_bounds(T, world)
-    results = dist_workers.run(run_shard_in_tiles, tuple(range(world)), chunks_per_tile * 3 * 16 * 16, method, inputs,
-                               do, bounds)
+    results = dist_workers.run(run_shard_in_tiles, tuple(range(world)), chunks_per_tile * 3 * 16 * 16, policy, method,
+                               inputs, do, bounds)
     check_ranks(results, single_device(inputs, do), bounds, form == "head", 1e-10)
 
 
