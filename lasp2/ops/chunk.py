@@ -29,7 +29,7 @@ class _ChunkLinearAttn(torch.autograd.Function):
         if S0 is not None:
             h_start, final_state = add_incoming(x, h_start, final_state, S0)
         o = tiled_outputs(x, x.tiles(), h_start, scale)
-        x.save_for_backward(ctx, h_start)
+        x.save_for_backward(ctx, (q, k, v, log_decay), h_start)
         ctx.scale = scale
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
         return o, final_state

@@ -139,19 +139,24 @@ class ChunkedSeq:
         chunked = (to_chunks(x, chunk_size, dtype) for x in (q, k, v))
         return cls(*chunked, g, kind, t, (q.dtype, None if log_decay is None else log_decay.dtype))
 
-    def save_for_backward(self, ctx, *extra: torch.Tensor | None) -> None:
-        """Saves on an autograd ctx what `from_ctx` needs to rebuild this sequence: the chunked
-        tensors in the compute dtype (so the backward neither re-lays out nor re-casts the
-        inputs), then `extra`."""
-        ctx.save_for_backward(self.q, self.k, self.v, self.g, *extra)
-        ctx.chunked_seq = (self.kind, self.seq_len, self.dtypes)
+    def save_for_backward(self, ctx, inputs: tuple, *extra: torch.Tensor | None) -> None:
+        """Saves on an autograd ctx, through save_for_backward (so activation checkpointing can
+        drop them), what `from_ctx` needs to rebuild this sequence: the public inputs it was
+        built from (q, k, v, log_decay as given, in their dtype: no chunked fp32 copy is kept;
+        the backward lays them out again, one copy that costs little next to its matmuls), then
+        `extra`."""
+        ctx.save_for_backward(*inputs, *extra)
+        ctx.chunked_seq = (self.kind, self.chunk_size)
 
     @classmethod
-    def from_ctx(cls, ctx) -> tuple["ChunkedSeq", list]:
-        """-> (the sequence saved by `save_for_backward`, its extra tensors)."""
+    def from_ctx(cls, ctx, prepare=None) -> tuple["ChunkedSeq", list]:
+        """-> (the sequence saved by `save_for_backward`, its extra tensors); prepare(q, k, v,
+        log_decay) -> the tensors the sequence was built from, when the forward built it from
+        something derived from its inputs (e.g. a rank's slots stacked into the batch)."""
         q, k, v, g, *extra = ctx.saved_tensors
-        kind, seq_len, dtypes = ctx.chunked_seq
-        return cls(q, k, v, g, kind, seq_len, dtypes), extra
+        kind, chunk_size = ctx.chunked_seq
+        inputs = (q, k, v, g) if prepare is None else prepare(q, k, v, g)
+        return cls.from_inputs(*inputs, kind, chunk_size), extra
 
     def tiles(self) -> list[Tile]:
         """The sequence cut into cache-sized runs of chunks (one run when it is small)."""

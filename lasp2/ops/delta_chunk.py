@@ -10,15 +10,18 @@ from .checks import check_chunk_size, compute_dtype
 from .delta_checks import check_delta_rule_inputs
 from .documents import (add_state_tokens, check_document_states, check_readable, documents, read_states,
                         scatter_tokens, with_state_tokens)
-from .delta_kernels import (add_query_side, carry, delta_chunks, grad_carry, key_side_grads, outputs,
-                            query_side_grads)
+from .delta_kernels import (COSTLY, add_query_side, carry, delta_chunks, grad_carry, key_side_grads, outputs,
+                            query_side_grads, rebuild_chunks)
+from .policy import policy_for
 from .precision import without_autocast
 
 
 class _ChunkDeltaRule(torch.autograd.Function):
     """Forward: the chunks' terms, the state carried chunk to chunk, the outputs batched over
-    chunks. Keeps the within-chunk terms and the state entering each chunk (K x V per chunk) for
-    the backward, which runs the same pieces in reverse (`delta_kernels`)."""
+    chunks. Keeps the inputs as given, the state entering each chunk (K x V per chunk, fp32) and,
+    as the device policy says, the chunks' costly terms, all through save_for_backward
+    (activation checkpointing drops them); the backward recomputes the rest of the chunks' terms
+    (batched over chunks, no loop) and runs the same pieces in reverse (`delta_kernels`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, log_decay, initial_state, shape, scale, chunk_size, resets):
@@ -27,24 +30,25 @@ class _ChunkDeltaRule(torch.autograd.Function):
         state = x.zero_state() if initial_state is None else initial_state.to(x.q.dtype)
         entering, final_state = carry(x, state)
         o = x.unchunk(scale * outputs(x, entering), v.dtype)
-        x.PU = None  # the backward needs the other terms: kept rather than recomputed
-        ctx.chunks, ctx.entering, ctx.scale = x, entering, scale
-        ctx.dtypes = [None if t is None else t.dtype for t in (q, k, v, beta, log_decay)]
+        kept = x.costly_terms() if policy_for(q.device).keeps_costly_terms else (None,) * len(COSTLY)
+        ctx.save_for_backward(q, k, v, beta, log_decay, resets, entering, *kept)
+        ctx.shape, ctx.scale, ctx.chunk_size = shape, scale, chunk_size
         ctx.state_dtype = None if initial_state is None else initial_state.dtype
         return o, final_state
 
     @staticmethod
     @without_autocast
     def backward(ctx, do, d_final):
-        x, entering = ctx.chunks, ctx.entering
         if do is None and d_final is None:
             return (None,) * 10
+        q, k, v, beta, log_decay, resets, entering, *kept = ctx.saved_tensors
+        x = rebuild_chunks(ctx.shape, (q, k, v, beta, log_decay), ctx.chunk_size, resets, kept)
         do = x.output_grad(do, ctx.scale)
         d_leaving, d_initial = grad_carry(x, x.Qe.transpose(-1, -2) @ do,
                                           None if d_final is None else d_final.to(x.q.dtype))
         dq, dk, dv, dbeta, dg = key_side_grads(x, entering, d_leaving, *query_side_grads(x, do, entering))
         d_initial = None if ctx.state_dtype is None else d_initial.to(ctx.state_dtype)
-        return (*(None if g is None else g.to(dtype) for g, dtype in zip((dq, dk, dv, dbeta, dg), ctx.dtypes)),
+        return (*(None if g is None else g.to(t.dtype) for g, t in zip((dq, dk, dv, dbeta, dg), (q, k, v, beta, log_decay))),
                 d_initial, None, None, None, None)
 
 

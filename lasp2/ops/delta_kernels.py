@@ -39,6 +39,9 @@ from .chunk_kernels import bmm, bmm_plus
 from .delta_checks import DeltaRuleShape
 
 CHANNEL_CHUNK = 16
+# The chunk terms that cost matmuls or a solve to make (the others are copies and element-wise
+# factors of the inputs): kept for the backward or recomputed, as the device policy says.
+COSTLY = ("scores_kk", "inverse", "W", "U_bar", "P", "Qe")
 
 
 def _chunks(x: torch.Tensor, L: int) -> torch.Tensor:
@@ -109,6 +112,11 @@ class DeltaChunks:
     def n_chunks(self) -> int:
         return self.q.shape[2]
 
+    def costly_terms(self) -> tuple:
+        """The terms made by matmuls and the triangular solve (`COSTLY`), which a backward may
+        keep rather than recompute; the rest are layout copies and element-wise factors."""
+        return tuple(getattr(self, name) for name in COSTLY)
+
     def per_chunk(self, name: str) -> tuple[torch.Tensor, ...]:
         """One field split into its chunks (unbind: indexing in a loop would cost a whole-field
         write per chunk in any autograd around it)."""
@@ -145,10 +153,11 @@ def _reset_masks(resets: torch.Tensor, L: int, pad: int):
 
 
 def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: int,
-                 resets: torch.Tensor | None = None) -> DeltaChunks:
+                 resets: torch.Tensor | None = None, kept: tuple | None = None) -> DeltaChunks:
     """The key side of q, k [B, T, Hk, K], v [B, T, Hv, V], beta [B, T, Hv] and the gate: what
     carrying the state needs (W, Ū, K̂, Γ); chunk_size already checked. resets [B, T] (None: no
-    document boundaries) marks each document's first token: its state starts from zero."""
+    document boundaries) marks each document's first token: its state starts from zero. kept:
+    `costly_terms()` of the same chunks, kept by a forward (then only the cheap terms are made)."""
     dtype = compute_dtype(shape.dtype)
     L = min(chunk_size, CHANNEL_CHUNK) if shape.decay == DECAY_CHANNEL else chunk_size
     L = min(L, shape.seq_len)
@@ -185,6 +194,10 @@ def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: in
         decay_end = whole.to(dtype) if decay_end is None else decay_end * whole
     kg = kc if to_start is None else kc * to_start  # K̃
     k_end = kc if to_end is None else kc * to_end  # K̂
+    if kept is not None:
+        scores_kk, inverse, W, U_bar, P, Qe = kept
+        return DeltaChunks(qc, kc, vc, bc, gamma, decay, kg, scores_kk, inverse, W, U_bar, k_end, decay_end, to_start,
+                           to_end, shape, qc if to_start is None else qc * to_start, P, Qe)
     scores_kk = _scores(kc, kc, decay).masked_fill(~causal.tril(-1), 0.0)
     eye = torch.eye(L, dtype=dtype, device=q.device)
     # The inverse, kept: the backward's solve becomes a matmul (a batched triangular solve runs
@@ -196,15 +209,24 @@ def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: in
                        to_end, shape)
 
 
-def add_query_side(x: DeltaChunks) -> DeltaChunks:
-    """Fills Q̃, P, Qe = Q̃ − P W and P Ū: what the outputs need beyond the states."""
+def add_query_side(x: DeltaChunks, outputs: bool = True) -> DeltaChunks:
+    """Fills Q̃, P, Qe = Q̃ − P W and (outputs=True) P Ū: what the outputs need beyond the states
+    (the backward needs all but P Ū)."""
     L = x.q.shape[3]
     x.qg = x.q if x.to_start is None else x.q * x.to_start
     causal = _tril(L, x.q.device)
     x.P = _scores(x.q, x.k, x.decay).masked_fill(~causal, 0.0)
     x.Qe = torch.baddbmm(x.qg.flatten(0, 2), x.P.flatten(0, 2), x.W.flatten(0, 2), alpha=-1).view_as(x.qg)
-    x.PU = x.P @ x.U_bar
+    x.PU = x.P @ x.U_bar if outputs else None
     return x
+
+
+def rebuild_chunks(shape: DeltaRuleShape, inputs: tuple, chunk_size: int, resets, kept: list) -> DeltaChunks:
+    """The chunks a backward needs, from the inputs a forward saved and the costly terms it kept
+    (a list of Nones when it kept none: then everything is recomputed)."""
+    if kept[0] is None:
+        return add_query_side(delta_chunks(shape, *inputs, chunk_size, resets), outputs=False)
+    return delta_chunks(shape, *inputs, chunk_size, resets, kept=tuple(kept))
 
 
 def carry(x: DeltaChunks, state: torch.Tensor, *, values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,16 @@ math to the same tolerances; they differ only in what suits the device:
               stream-ordered schedule lets the collective's stream and the compute stream overlap
               on the device.
 
+    keeps_costly_terms
+              what the delta rule keeps for its backward beyond its inputs and per-chunk states.
+              True (CPU): the chunk terms made by matmuls and the triangular solve (W, Ū, P,
+              Qe, the inverse, the key scores; fp32, about 7 values per token and head for
+              K = V = 64), recomputing only layout copies and element-wise factors; matmuls set
+              the CPU's time. False (CUDA): nothing more, the backward recomputes them from the
+              inputs (as FLA's kernels do): a GPU's matmuls are cheap next to its memory.
+              Either way nothing is kept outside save_for_backward, so activation checkpointing
+              frees all of it, and no fp32 copy of a bf16 input is kept.
+
 A policy is picked once per call (`policy_for`) and kept for its backward.
 """
 from __future__ import annotations
@@ -32,14 +42,15 @@ import torch
 class Policy:
     name: str
     overlap: str  # "poll" or "fixed"
+    keeps_costly_terms: bool
 
     @property
     def polls(self) -> bool:
         return self.overlap == "poll"
 
 
-CPU = Policy("cpu", overlap="poll")
-CUDA = Policy("cuda", overlap="fixed")
+CPU = Policy("cpu", overlap="poll", keeps_costly_terms=True)
+CUDA = Policy("cuda", overlap="fixed", keeps_costly_terms=False)
 POLICIES = {"cpu": CPU, "cuda": CUDA}
 
 _forced: contextvars.ContextVar[Policy | None] = contextvars.ContextVar("lasp2_policy", default=None)

@@ -23,8 +23,9 @@ import torch
 from ..ops.delta_checks import DELTA_DECAY_REASON, DELTA_DECAYS
 from ..ops.delta_chunk import chunk_delta_rule
 from ..ops.chunk_kernels import bmm
-from ..ops.delta_kernels import (add_query_side, carry, delta_chunks, grad_carry, key_side_grads, outputs,
-                                 query_side_grads)
+from ..ops.delta_kernels import (COSTLY, add_query_side, carry, delta_chunks, grad_carry, key_side_grads, outputs,
+                                 query_side_grads, rebuild_chunks)
+from ..ops.policy import policy_for
 from ..ops.precision import without_autocast
 from .inputs import check_delta_call
 from .lasp1 import _Relay
@@ -34,41 +35,50 @@ from .spec import DELTA, Comm, MethodSpec, Plan
 from .transitions import DENSE
 
 
+def _segments(S: int, *tensors):
+    """A rank's S slots stacked into the batch, for each of [B, C, ...] tensors (None stays)."""
+    return [None if t is None else to_segments(t, S) for t in tensors]
+
+
 class _StatePassing(torch.autograd.Function):
     """This rank's slots of the delta rule, their incoming states brought by `exchange` (the
-    pieces and the math: `ops.delta_kernels`)."""
+    pieces and the math: `ops.delta_kernels`). Keeps, through save_for_backward, the inputs as
+    given, the state entering each chunk and the transitions the backward's exchange needs; the
+    backward recomputes the chunks' terms."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, log_decay, shape, scale, chunk_size, exchange, resets):
         S = exchange.slots_per_rank
-        *seg, resets = [None if t is None else to_segments(t, S) for t in (q, k, v, beta, log_decay, resets)]
-        x = delta_chunks(shape, *seg, chunk_size, resets)
+        x = delta_chunks(shape, *_segments(S, q, k, v, beta, log_decay), chunk_size, *_segments(S, resets))
         K, V = shape.key_dim, shape.value_dim
         eye = torch.eye(K, dtype=x.q.dtype, device=x.q.device).expand(*x.q.shape[:2], K, K)
         entering, end = carry(x, torch.cat([x.zero_state(), eye], dim=-1))  # [h | M]: from zero, and the map
         pending = exchange.start_forward(end[..., :V].contiguous(), end[..., V:].contiguous())
         o = outputs(add_query_side(x), entering)  # from a zero state, while the summaries travel
-        S_in = pending.wait()
+        S_in, transitions = pending.wait()
         incoming, _ = carry(x, S_in, values=False)  # S_in's share of each chunk's entering state
         o = bmm(x.Qe, incoming, acc=o)
-        x.PU = None  # the backward needs the other terms: kept rather than recomputed
-        ctx.chunks, ctx.entering, ctx.scale, ctx.exchange = x, entering + incoming, scale, exchange
-        ctx.dtypes = [None if t is None else t.dtype for t in (q, k, v, beta, log_decay)]
+        kept = x.costly_terms() if policy_for(q.device).keeps_costly_terms else (None,) * len(COSTLY)
+        ctx.save_for_backward(q, k, v, beta, log_decay, resets, entering + incoming, transitions, *kept)
+        ctx.shape, ctx.scale, ctx.chunk_size, ctx.exchange = shape, scale, chunk_size, exchange
         return from_segments(x.unchunk(scale * o, v.dtype), S)
 
     @staticmethod
     @without_autocast
     def backward(ctx, do):
-        x, entering, exchange = ctx.chunks, ctx.entering, ctx.exchange
+        q, k, v, beta, log_decay, resets, entering, transitions, *kept = ctx.saved_tensors
+        exchange = ctx.exchange
         S = exchange.slots_per_rank
+        x = rebuild_chunks(ctx.shape, _segments(S, q, k, v, beta, log_decay), ctx.chunk_size, *_segments(S, resets),
+                           kept)
         do = x.output_grad(to_segments(do, S), ctx.scale)
         d_leaving, d_in = grad_carry(x, x.Qe.transpose(-1, -2) @ do, None)  # each slot's gradient on its S_in
-        pending = exchange.start_backward(d_in)
+        pending = exchange.start_backward(d_in, transitions)
         grads = query_side_grads(x, do, entering)  # while the gradients travel
         d_out = pending.wait()  # the gradient on each slot's outgoing state
         d_leaving = d_leaving + grad_carry(x, None, d_out)[0]
         grads = key_side_grads(x, entering, d_leaving, *grads)
-        return (*(None if g is None else from_segments(g, S).to(dtype) for g, dtype in zip(grads, ctx.dtypes)),
+        return (*(None if g is None else from_segments(g, S).to(t.dtype) for g, t in zip(grads, (q, k, v, beta, log_decay))),
                 None, None, None, None, None)
 
 

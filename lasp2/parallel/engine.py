@@ -18,9 +18,12 @@ enqueued before the wait, whatever the timing, so the kernel sequence is the sam
 
 An exchange is an object with
     start_forward(h_end, a) -> Pending   h_end [S*B, H, K, V] each slot's state from zero,
-                                          a [S*B, H, Kg] or None its transition; wait() -> S_in
-    start_backward(d_in) -> Pending       d_in [S*B, H, K, V] each slot's gradient on its
+                                          a [S*B, H, Kg] or None its transition; wait() ->
+                                          (S_in, kept: the transitions its backward needs)
+    start_backward(d_in, kept) -> Pending d_in [S*B, H, K, V] each slot's gradient on its
                                           incoming state; wait() -> the gradient on its outgoing state
+(it holds no tensor between the passes: `kept` is saved with the rest, so that activation
+checkpointing can drop it)
     start_sum(local) -> Pending           bidirectional: wait() -> the sum of the other ranks' `local`
     slots_per_rank                        slots a rank holds, stacked into its batch
 A rank's slots are stacked into the batch: [S*B, C/S, H, D].
@@ -71,21 +74,21 @@ class _Causal(torch.autograd.Function):
             intra.append(intra_output(tile.x))
             if policy.polls and pending.arrived():
                 break
-        S_in = pending.wait()  # M_{1:t-1} combined: the state entering each slot
+        S_in, kept = pending.wait()  # M_{1:t-1} combined: the state entering each slot
         h_start, _ = add_incoming(x, h_start, None, S_in)
         o = tiled_outputs(x, tiles, h_start, scale, intra)  # + O_inter = Q_hat S
-        x.save_for_backward(ctx, h_start)
+        x.save_for_backward(ctx, (q, k, v, log_decay), h_start, kept)
         ctx.scale, ctx.exchange, ctx.policy = scale, exchange, policy
         return from_segments(o, S)
 
     @staticmethod
     @without_autocast
     def backward(ctx, do):
-        x, (h_start,) = ChunkedSeq.from_ctx(ctx)
         exchange, S = ctx.exchange, ctx.exchange.slots_per_rank
+        x, (h_start, kept) = ChunkedSeq.from_ctx(ctx, lambda q, k, v, g: segments(q, k, v, g, S))
         do_hat = x.output_grad(to_segments(do, S), ctx.scale)
         delta_after, d_in = grad_state_pass(x, do_hat)  # dM_t: each slot's gradient on its S_in
-        pending = exchange.start_backward(d_in)  # share dM_t, asynchronously
+        pending = exchange.start_backward(d_in, kept)  # share dM_t, asynchronously
         tiles = x.tiles()
         query_side = []  # tile by tile while the gradients travel (at least one), as in the forward
         for tile in tiles:

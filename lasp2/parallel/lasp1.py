@@ -34,7 +34,6 @@ class _Relay:
         self.group, self.layout, self.transition = group, layout, transition
         self.rank, self.world = torch.distributed.get_rank(group), layout.world
         self.slots_per_rank = layout.slots_per_rank
-        self.transitions = None  # this rank's slots' A, kept for the backward
 
     def _receive(self, like: torch.Tensor, group_rank: int, tag: int) -> torch.Tensor:
         received, work = irecv(like, self.group, group_rank, tag)
@@ -90,11 +89,12 @@ class _Relay:
         return Pending([], relay)
 
     def start_forward(self, h_end, a):
-        self.transitions = a
-        return self._chain(h_end, a, True, self.transition.apply)
+        """wait() -> (S_in, this rank's slots' transitions, which the backward relays through)."""
+        chain = self._chain(h_end, a, True, self.transition.apply)
+        return Pending([], lambda: (chain.wait(), a))
 
-    def start_backward(self, d_in):
-        return self._chain(d_in, self.transitions, False, self.transition.apply_transposed)
+    def start_backward(self, d_in, transitions):
+        return self._chain(d_in, transitions, False, self.transition.apply_transposed)
 
     def start_sum(self, local):
         """The sum of the other ranks' `local`: a prefix chain 0 -> W−1 of partial sums, then a

@@ -30,7 +30,6 @@ class _AllGatherSummaries:
         self.group, self.layout, self.transition = group, layout, transition
         self.rank = torch.distributed.get_rank(group)
         self.slots_per_rank = layout.slots_per_rank
-        self.transitions = None  # every slot's A in sequence order, kept for the backward
 
     def _in_order(self, rows: torch.Tensor, shape) -> torch.Tensor:
         """Rows of every rank's [S*B, H, ...] pieces -> [B, H, n_slots, ...] in sequence order."""
@@ -50,18 +49,17 @@ class _AllGatherSummaries:
             rows = gathered.view(self.layout.world, -1)
             n = h_end.numel()
             states = self._in_order(rows[:, :n], h_end.shape)
-            if a is not None:
-                self.transitions = self._in_order(rows[:, n:], a.shape)
-            return self._mine(self.transition.prefix(states, self.transitions))
+            transitions = None if a is None else self._in_order(rows[:, n:], a.shape)  # every slot's A, in order
+            return self._mine(self.transition.prefix(states, transitions)), transitions
 
         return Pending([work], incoming)
 
-    def start_backward(self, d_in):
+    def start_backward(self, d_in, transitions):
         gathered, work = all_gather_async(d_in.reshape(-1), self.group)
 
         def outgoing():
             per_slot = self._in_order(gathered.view(self.layout.world, -1), d_in.shape)
-            return self._mine(self.transition.suffix(per_slot, self.transitions))
+            return self._mine(self.transition.suffix(per_slot, transitions))
 
         return Pending([work], outgoing)
 

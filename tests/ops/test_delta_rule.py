@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lasp2.ops import chunk_delta_rule, naive_recurrent_delta_rule
+from lasp2.ops import policy as device_policy
 from tests.helpers import rel_err
 
 
@@ -59,20 +60,28 @@ def assert_close(got, want, tol):
         assert err <= tol, f"{name}: error {err:.2e} > {tol}"
 
 
+@pytest.mark.parametrize("policy", ["cpu", "cuda"])
 @pytest.mark.parametrize("heads", [(2, 4), (3, 3)], ids=["gva", "plain"])
 @pytest.mark.parametrize("T", [1, 63, 64, 200])
 @pytest.mark.parametrize("decay", ["none", "token", "channel"])
-def test_chunk_matches_recurrence_fp64(decay, T, heads):
+def test_chunk_matches_recurrence_fp64(decay, T, heads, policy):
+    """Under either device policy: the CPU's backward keeps the costly chunk terms, the CUDA's
+    recomputes them."""
     x = delta_inputs(decay, T=T, Hk=heads[0], Hv=heads[1])
     for use_state in (False, True):
-        assert_close(chunked(x, use_state, chunk_size=32), naive(x, use_state), 1e-10)
+        with device_policy(policy):
+            got = chunked(x, use_state, chunk_size=32)
+        assert_close(got, naive(x, use_state), 1e-10)
 
 
+@pytest.mark.parametrize("policy", ["cpu", "cuda"])
 @pytest.mark.parametrize("decay", ["none", "token", "channel"])
-def test_chunk_fp32_within_1e5(decay):
+def test_chunk_fp32_within_1e5(decay, policy):
     x = delta_inputs(decay, T=100)
     want = naive(x, True)
-    assert_close(chunked({n: None if t is None else t.float() for n, t in x.items()}, True), want, 1e-5)
+    with device_policy(policy):
+        got = chunked({n: None if t is None else t.float() for n, t in x.items()}, True)
+    assert_close(got, want, 1e-5)
 
 
 @pytest.mark.parametrize("decay", ["token", "channel"])

@@ -13,11 +13,12 @@ from tests.ops.test_delta_rule import delta_inputs
 T = 48
 
 
-def delta_shard(group, method, x, do, layout, chunk_size=8):
+def delta_shard(group, method, x, do, layout, chunk_size=8, device_policy="cpu"):
+    from lasp2.ops import policy
     from lasp2.parallel import count_collectives, positions, shard
 
     local = {n: None if t is None else leaf(shard(t, group, layout)) for n, t in x.items() if n != "s0"}
-    with count_collectives() as forward:
+    with count_collectives() as forward, policy(device_policy):
         o = DELTA_METHODS[method].fn(local["q"], local["k"], local["v"], local["beta"], local["g"], scale=0.7,
                                      group=group, layout=layout, chunk_size=chunk_size)
     with count_collectives() as backward:
@@ -78,6 +79,18 @@ def test_delta_rule_methods_equal_the_recurrence(dist_workers, method, world, la
             S = problem.S
             assert got["forward"] == [("all_gather", S * 2 * heads[1] * 5 * (3 + 5) * 8)]
             assert got["backward"] == [("all_gather", S * 2 * heads[1] * 5 * 3 * 8)]
+
+
+@pytest.mark.parametrize("decay", ["none", "token", "channel"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("method", ["lasp2", "lasp1"])
+def test_the_cuda_policy_is_exact_too(dist_workers, method, layout, decay):
+    """Under policy("cuda") the backward recomputes every chunk term from the inputs (the CPU's
+    keeps those made by matmuls and the solve): the same results."""
+    x, do, ref = _case(decay, (2, 4))
+    for rank, got in dist_workers.run(delta_shard, (0, 1, 2), method, x, do, layout, 8, "cuda").items():
+        for name, want in ref.items():
+            assert rel_err(got[name], want[:, got["positions"]]) < 1e-10, (rank, name)
 
 
 def delta_unequal(group, x, do, bounds):
