@@ -31,7 +31,8 @@ from .distributed import ConfigError, ParallelDims, init_parallel, shutdown, sum
 from .model import DELTA_KINDS, LINEAR_KINDS, PRESETS, LinearLlama, count_parameters, pattern_for_ratio, preset
 from .parallel import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel
 from .parallel.layout import LAYOUTS, Layout
-from .parallelize import DATA_PARALLEL, apply_activation_checkpointing, apply_data_parallel
+from .parallelize import (DATA_PARALLEL, apply_activation_checkpointing, apply_data_parallel, clip_grad_norm,
+                          fp32_parameters, materialize, sum_replicated_gradients)
 from .report import MetricsLog, Progress, plot_losses
 from .run_config import DataChoice, ModelChoice, OptimChoice, ParallelChoice, RunConfig
 
@@ -170,13 +171,18 @@ def lr_at(step: int, optim: OptimChoice) -> float:
 
 
 def make_optimizer(model, optim: OptimChoice):
-    """AdamW(0.9, 0.95); weight decay on matrices and embeddings, none on norms, biases, gains.
+    """AdamW(0.9, 0.95); weight decay on matrices and embeddings, none on norms, biases, gains
+    and the fp32 decay parameters (A_log, dt_bias; whole on every rank, in a group of their own).
     Sharded (FSDP), each rank's AdamW holds the moments of its own shards only. The fused kernel
     updates each tensor in place (the multi-tensor one allocates a temporary the size of every
     parameter at once, which decides whether a large model fits)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    kept = {id(p) for p in fp32_parameters(model)}
+    others = [p for p in model.parameters() if id(p) not in kept]
+    decay = [p for p in others if p.dim() >= 2]
+    rest = [p for p in others if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": rest, "weight_decay": 0.0},
+              {"params": fp32_parameters(model), "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(0.9, 0.95), eps=optim.adam_eps, fused=True)
 
 
@@ -237,7 +243,8 @@ def train_step(model, optimizer, sp, dims, data, step: int, config: RunConfig) -
         micro = sequence_loss(model, sp, dims, batch, config.data, part, parts)
         micro.backward()  # with more than one process, FSDP sums the gradients over dp x sp here
         loss = loss + micro.detach()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip)
+    sum_replicated_gradients(model, dims.world_group)  # the fp32 decay parameters FSDP leaves whole
+    clip_grad_norm(model, config.optim.clip)
     optimizer.step()
     return sum_over_ranks(loss, dims).item()
 
@@ -258,12 +265,16 @@ def describe(model) -> dict:
     return json.loads(json.dumps(fields))  # as the checkpoint's JSON holds it (tuples become lists)
 
 
-def build_model(choice: ModelChoice, cfg, vocab_size: int, sp):
-    """(model, a line describing it, the run's default name): Linear-Llama3 from cfg, or with
-    --hf-config a Hugging Face model parallelized over sp (its mixers run through lasp2). Either
-    has `blocks`, the units that activation checkpointing and FSDP wrap."""
+def build_model(choice: ModelChoice, cfg, vocab_size: int, sp, device: torch.device):
+    """(model, a line describing it, the run's default name): Linear-Llama3 from cfg, built on
+    the meta device (nothing allocated: `parallelize.materialize` gives it memory and weights
+    once FSDP has sharded it), or with --hf-config a Hugging Face model parallelized over sp (its
+    mixers run through lasp2), built on the CPU and moved to `device`. Either has `blocks`, the
+    units that activation checkpointing and FSDP wrap."""
     if cfg is not None:
-        return LinearLlama(cfg), f"{choice.preset} (pattern {cfg.layer_pattern}, linear {cfg.linear_kind})", \
+        with torch.device("meta"):
+            model = LinearLlama(cfg)
+        return model, f"{choice.preset} (pattern {cfg.layer_pattern}, linear {cfg.linear_kind})", \
             f"{choice.preset}-{cfg.linear_kind}-{cfg.layer_pattern}"
     try:
         from .integrations.transformers import causal_lm_from_config
@@ -274,7 +285,7 @@ def build_model(choice: ModelChoice, cfg, vocab_size: int, sp):
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--hf-config {choice.hf_config}: {exc}") from None
     model_type = model.model.config.model_type
-    return model, f"Hugging Face {model_type} ({choice.hf_config})", f"hf-{model_type}"
+    return model.to(device), f"Hugging Face {model_type} ({choice.hf_config})", f"hf-{model_type}"
 
 
 def apply_parallelism(model, dims: ParallelDims, choice: ParallelChoice) -> str:
@@ -302,10 +313,10 @@ def train(config: RunConfig, dims: ParallelDims, stream=sys.stdout) -> dict:
     sp = SequenceParallel(dims.sp_group, linear=par.sp_linear, softmax=par.sp_softmax, layout=par.layout,
                           chunk_size=par.chunk_size, delta=delta)
     torch.manual_seed(config.seed)
-    model, about, name = build_model(config.model, cfg, data.vocab_size, sp)
+    model, about, name = build_model(config.model, cfg, data.vocab_size, sp, dims.device)
     n_params = sum(p.numel() for p in model.parameters())
-    model = model.to(dims.device)
     applied = apply_parallelism(model, dims, par)
+    materialize(model, dims.device, config.seed)  # a meta-device model: this rank's shards, the seed's weights
     run_dir = Path(config.run.out or f"runs/{name}")
     optimizer = make_optimizer(model, config.optim)
     progress, start = Progress(config.optim.steps, dims.is_main, config.run.log_every, stream), 0

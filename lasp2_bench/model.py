@@ -34,12 +34,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from lasp2.distributed import ParallelDims, mesh_for
-from lasp2.model import LinearLlama, count_parameters, preset
+from lasp2.model import count_parameters, preset
 from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS, Problem, SequenceParallel, count_collectives
 from lasp2.parallel.counting import CollectiveLog
-from lasp2.parallelize import DATA_PARALLEL
-from lasp2.run_config import ParallelChoice
-from lasp2.train import apply_parallelism
+from lasp2.parallelize import DATA_PARALLEL, clip_grad_norm, materialize, sum_replicated_gradients
+from lasp2.run_config import ModelChoice, OptimChoice, ParallelChoice
+from lasp2.train import apply_parallelism, build_model, make_optimizer
 from .machine import describe, free_port, peak_memory_bytes, reset_peak_memory, sync
 
 FIELDS = ["preset", "pattern", "linear", "softmax", "sp", "data_parallel", "checkpointing", "seq_len", "batch", "status",
@@ -116,11 +116,12 @@ def _worker(rank, world, port, conf, args, mem_gb, out_path, use_cuda):
     group = dist.group.WORLD if world > 1 else None
     dims = ParallelDims(*mesh_for(device.type, range(world), 1, world), device=device) if world > 1 else ParallelDims()
     cfg = preset(args.preset, vocab_size=256, layer_pattern=conf["pattern"])
-    torch.manual_seed(0)
-    model = LinearLlama(cfg).to(device)
+    # As the trainer: built on the meta device, parallelized, then each rank's shards materialized.
+    model = build_model(ModelChoice(preset=args.preset), cfg, cfg.vocab_size, None, device)[0]
     apply_parallelism(model, dims, ParallelChoice(data_parallel=conf["data_parallel"],
-                                                  activation_checkpointing=args.checkpointing))  # as the trainer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)  # as the trainer
+                                                  activation_checkpointing=args.checkpointing))
+    materialize(model, device, seed=0)
+    optimizer = make_optimizer(model, OptimChoice(lr=1e-4))
     # Its own group over the same ranks, so that its collectives are told apart from FSDP's (with
     # dp = 1 the trainer's mesh puts both on one group; on NCCL that serialises FSDP's prefetch
     # with the attention's collectives, which this benchmark therefore may overlap where the
@@ -137,14 +138,15 @@ def _worker(rank, world, port, conf, args, mem_gb, out_path, use_cuda):
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum") / (B * T)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as the trainer (one norm all-reduce when sharded)
+        sum_replicated_gradients(model, dims.world_group)  # as the trainer
+        clip_grad_norm(model, 1.0)
         optimizer.step()
 
     # A short step first: the threads torch and gloo start lazily must exist before the limit (a
     # thread started under it aborts the process with no error to report).
     train_step(32 * world)
     if not use_cuda:
-        _return_freed_memory()  # the whole model each rank built before sharding it, among others
+        _return_freed_memory()  # what setting up left freed, among others
         _limit_address_space(int(mem_gb * 2**30))
     reset_peak_memory(device)
     times, log, T = [], None, conf["seq_len"]

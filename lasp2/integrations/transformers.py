@@ -18,6 +18,8 @@ and attention.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +32,7 @@ except ImportError as exc:  # the library works without transformers; this modul
 from ..ops.documents import documents
 
 ATTENTION = "lasp2"  # the name lasp2's sequence-parallel softmax attention is registered under
+FP32_GATES = ("A_log", "dt_bias", "D")  # a mixer's decay and skip parameters, kept fp32 under mixed precision
 # The keyword argument that carries a packed row's documents (`lasp2.ops.Documents`) into every
 # decoder layer's call, and from there to its mixer and attention (HF layers pass **kwargs on).
 DOCUMENTS = "lasp2_documents"
@@ -212,7 +215,7 @@ class _SPMamba2Mixer:
                                  cu_seqlens=cu)
         states = self.n_groups * self.ssm_state_size
         x, B, C = torch.split(x_b_c, [self.intermediate_size, states, states], dim=-1)
-        dt = torch.clamp(F.softplus(dt + self.dt_bias.to(dt.dtype)), *self.time_step_limit)
+        dt = torch.clamp(F.softplus(dt.float() + self.dt_bias.float()), *self.time_step_limit)  # fp32 gate
         A = -torch.exp(self.A_log.float())
         x = x.reshape(b, c, self.num_heads, self.head_dim).float()
         B, C = (t.reshape(b, c, self.n_groups, self.ssm_state_size).float()
@@ -309,6 +312,20 @@ class CausalLM(torch.nn.Module):
     def blocks(self) -> torch.nn.ModuleList:
         """The decoder layers (the units the trainer may checkpoint or shard)."""
         return self.model.base_model.layers
+
+    def fp32_parameter_names(self) -> list[str]:
+        """The parameters that must stay fp32 under mixed precision: the decays' A_log and
+        dt_bias and the SSD skip D of every supported mixer, and whatever the model itself keeps
+        in fp32 (transformers' _keep_in_fp32_modules(_strict), e.g. a MoE router)."""
+        keep = [*(getattr(self.model, "_keep_in_fp32_modules", None) or []),
+                *(getattr(self.model, "_keep_in_fp32_modules_strict", None) or [])]
+        pattern = re.compile("|".join(re.escape(k) for k in keep)) if keep else None
+        names = []
+        for prefix, module in self.named_modules():
+            if type(module).__name__.removeprefix("SP") in MIXERS:
+                names += [f"{prefix}.{n}" for n, _ in module.named_parameters() if n.rsplit(".", 1)[-1] in FP32_GATES]
+        names += [n for n, _ in self.named_parameters() if pattern is not None and pattern.search(n)]
+        return sorted(set(names))
 
     def forward(self, tokens, positions, ctx):
         packed = getattr(ctx, "cu_seqlens", None)  # the row's Documents (`with_documents`), or None
