@@ -21,7 +21,7 @@ import torch
 
 from . import attn, convergence, model, project, weak
 from .machine import describe, read_csv, results_dir, write_csv
-from .plots import lines_by_method
+from .plots import NO_MATPLOTLIB, lines_by_method
 
 
 def _out_dir(args, device: torch.device) -> Path:
@@ -55,9 +55,10 @@ def cmd_attn(args) -> None:
     ok = [r for r in rows if r["family"] != "calibration" and r["status"] == "ok"]
     for r in ok:
         r["seconds"] = r["median_ms"] / 1e3
-    lines_by_method(ok, "T", "seconds", "fwd+bwd seconds (median)", out / "attn-time.png", "one layer")
-    lines_by_method(ok, "T", "peak_mb", "peak MB per rank", out / "attn-memory.png", "one layer")
-    print(f"machine: {machine}\nwrote {out}/attn.csv, attn-time.png, attn-memory.png")
+    drawn = lines_by_method(ok, "T", "seconds", "fwd+bwd seconds (median)", out / "attn-time.png", "one layer")
+    drawn &= lines_by_method(ok, "T", "peak_mb", "peak MB per rank", out / "attn-memory.png", "one layer")
+    print(f"machine: {machine}\nwrote {out}/attn.csv" + (", attn-time.png, attn-memory.png" if drawn else
+                                                         f" (no plots: {NO_MATPLOTLIB})"))
 
 
 def cmd_model(args) -> None:
@@ -74,14 +75,17 @@ def cmd_model(args) -> None:
     (out / "machine.json").write_text(json.dumps(machine, indent=1))
     ok = [dict(r, family=r["pattern"], method=f"{r['linear']} {r['data_parallel']}" + (" AC" if r["checkpointing"] else ""))
           for r in rows if r["status"] == "ok"]
-    lines_by_method(ok, "seq_len", "peak_mb", "peak MB per rank", out / f"{name}-memory.png", args.preset, panel="sp")
-    lines_by_method(ok, "seq_len", "tokens_per_s", "tokens/s", out / f"{name}-throughput.png", args.preset, panel="sp")
+    drawn = lines_by_method(ok, "seq_len", "peak_mb", "peak MB per rank", out / f"{name}-memory.png", args.preset,
+                            panel="sp")
+    drawn &= lines_by_method(ok, "seq_len", "tokens_per_s", "tokens/s", out / f"{name}-throughput.png", args.preset,
+                             panel="sp")
     mem_gb = model.memory_limit_gb(args, _device(args).type == "cuda")
     for (pattern, linear, mode, ac), (ran, oom, reach) in sorted(model.longest_fitting(rows, mem_gb).items()):
         limit = (f"out of memory at {oom}" if oom else
                  f"not run further (time); the last two peaks extrapolate to the limit at about {reach or '?'}")
         print(f"longest {pattern} {linear} {mode}{' AC' if ac else ''}: {ran} ran; {limit} (limit {mem_gb:.1f} GB/rank)")
-    print(f"machine: {machine}\nwrote {out}/{name}.csv, {name}-memory.png, {name}-throughput.png")
+    print(f"machine: {machine}\nwrote {out}/{name}.csv" + (f", {name}-memory.png, {name}-throughput.png" if drawn
+                                                          else f" (no plots: {NO_MATPLOTLIB})"))
 
 
 def cmd_project(args) -> None:

@@ -275,11 +275,11 @@ def findings(rows: list[dict]) -> list[str]:
 def plot(rows: list[dict], path: Path, title: str) -> str:
     """Validation loss against tokens: a panel per linear kind, a line per ratio, the softmax
     baseline dashed in each. Returns why nothing was drawn, or "" once path is written."""
-    try:
-        from .plots import _pyplot
-        plt = _pyplot()
-    except ImportError:
-        return "matplotlib is not installed: pip install lasp2[bench]"
+    from .plots import NO_MATPLOTLIB, pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     curves = {}
     for r in sorted(rows, key=lambda r: int(r["seed"])):
         if r["status"] == "ok" and r.get("curve"):

@@ -1,24 +1,33 @@
-"""PNG plots of benchmark rows: one panel per W, one line per method."""
+"""PNG plots of benchmark rows: one panel per W, one line per method. matplotlib is optional
+(the `bench` extra): without it the benchmarks print and write their tables, and skip the plots
+with one line saying so (NO_MATPLOTLIB)."""
 from __future__ import annotations
 
 from pathlib import Path
 
+NO_MATPLOTLIB = "matplotlib is not installed: pip install lasp2[bench]"
 
-def _pyplot():
-    import matplotlib
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
 
 
-def lines_by_method(rows: list[dict], x: str, y: str, ylabel: str, path: Path, title: str, panel: str = "world") -> None:
-    """rows with numeric `x` and `y`; one subplot per value of `panel`, one line per (family, method)."""
+def lines_by_method(rows: list[dict], x: str, y: str, ylabel: str, path: Path, title: str,
+                    panel: str = "world") -> bool:
+    """rows with numeric `x` and `y`; one subplot per value of `panel`, one line per (family,
+    method). Returns whether `path` was written (False: nothing to draw, or no matplotlib)."""
     rows = [r for r in rows if r.get(y) not in (None, "")]
-    if not rows:
-        return
-    plt = _pyplot()
+    plt = pyplot()
+    if not rows or plt is None:
+        return False
     panels = sorted({r[panel] for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, value in zip(axes[0], panels):
@@ -42,3 +51,4 @@ def lines_by_method(rows: list[dict], x: str, y: str, ylabel: str, path: Path, t
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

@@ -19,7 +19,7 @@ from lasp2.model import count_parameters, preset
 from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS, Problem
 from . import costs
 from .machine import read_csv, write_csv
-from .plots import _pyplot
+from .plots import NO_MATPLOTLIB, pyplot
 
 # The paper's scalability table (LASP-2, basic LA, 1B): (GPUs, tokens, tokens/s).
 PAPER_CELLS = [(16, 2048, 1254), (16, 262144, 135635), (64, 131072, 67344), (64, 1048576, 442221), (128, 2097152, 769030)]
@@ -181,7 +181,10 @@ def project_paper(stream, out: Path) -> list[dict]:
         stream.write(f"{N // 1024:7d}K " + " ".join(f"{tps[m]:12.0f}" for m in ("lasp2", "lasp1", "ring")) + "\n")
     write_csv(out / "paper.csv", rows, ["kind", "gpus", "tokens", "method", "paper", "model", "error", "role"])
     write_csv(out / "paper-64gpu-table.csv", table, ["tokens", "lasp2", "lasp1", "ring"])
-    plt = _pyplot()
+    plt = pyplot()
+    if plt is None:
+        stream.write(f"no paper.png ({NO_MATPLOTLIB})\n")
+        return rows
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [t["tokens"] for t in sorted({t["tokens"]: t for t in table}.values(), key=lambda t: t["tokens"])]
     for m in ("lasp2", "lasp1", "ring"):

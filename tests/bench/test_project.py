@@ -50,3 +50,16 @@ def test_local_calibration_predicts_from_the_runs_own_parameters(tmp_path):
                                                                                  "status", "median_ms"])
     rows = project.calibrate_local(tmp_path / "attn.csv", io.StringIO())
     assert len(rows) == 1 and rows[0]["ratio"] == pytest.approx(0.5)
+
+
+def test_project_without_matplotlib_prints_its_tables_and_skips_the_plot(tmp_path, monkeypatch):
+    """matplotlib is an optional extra: `lasp2-bench project` still prints and writes its tables,
+    and says in one line that it drew no plot."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    out = io.StringIO()
+    project.run(SimpleNamespace(calibrate=None), tmp_path, out)
+    text = out.getvalue()
+    assert "predicted" in text and "no paper.png (matplotlib is not installed: pip install lasp2[bench])" in text
+    assert {p.name for p in tmp_path.iterdir()} == {"paper.csv", "paper-64gpu-table.csv"}
