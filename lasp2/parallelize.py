@@ -109,6 +109,8 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         if group:
             norm = torch.nn.utils.get_total_norm([p.grad for p in group])
             norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not norms:  # no gradient anywhere
+        return torch.zeros(())
     total = torch.linalg.vector_norm(torch.stack(norms))
     for group in groups:
         if group:

@@ -38,3 +38,24 @@ def test_bench_peers(tmp_path):
     peers = [r for r in rows if r["op"] != "lasp2"]
     assert peers or out.count("skipped") == 7  # with transformers installed: its SSD and delta-rule paths
     assert all(float(r["ratio_to_lasp2"]) > 0 for r in peers)
+
+
+def test_bench_memory(tmp_path):
+    """Every op, both policies, tiny: checkpointed, each keeps nothing; plain, each keeps some."""
+    import csv
+
+    out = run("benchmarks/bench_memory.py", "--T", "128", "--H", "2", "--D", "16", "--repeats", "1", "--warmup", "0",
+              "--dtypes", "float32", "--policies", "cpu", "cuda", "--ops", "token", "kda", "softmax", "conv",
+              "--out", str(tmp_path))
+    rows = list(csv.DictReader((tmp_path / "memory.csv").open()))
+    assert len(rows) == 4 * 2 * 2 and "held MB" in out
+    assert all(float(r["held_mb"]) == 0 for r in rows if r["mode"] == "checkpointed")
+    assert all(float(r["held_bytes_per_token_head"]) > 0 for r in rows if r["mode"] == "plain" and r["op"] != "softmax")
+
+
+def test_bench_setup():
+    """The trainer's setup on 2 ranks (the debug preset, this README as the corpus): each rank's
+    peak RSS."""
+    out = run("benchmarks/bench_setup.py", "--preset", "debug", "--sp", "2", "--", "--data", str(ROOT / "README.md"))
+    lines = [line for line in out.splitlines() if line.startswith("rank ")]
+    assert len(lines) == 2 and all("peak RSS" in line for line in lines)

@@ -26,17 +26,19 @@ def test_resume_equals_straight_run(dist_workers, tmp_path, mesh, packing):
         assert rel_err(second["params"][name], p) == 0.0, name
 
 
-@pytest.mark.parametrize("saved,resumed", [("dp2sp2", "sp2"), ("dp2sp2", "sp4"), ("sp2-replicate", "dp2")])
-def test_resume_on_another_mesh_continues_the_loss_curve(dist_workers, tmp_path, saved, resumed):
+@pytest.mark.parametrize("saved,resumed,kind", [("dp2sp2", "sp2", "gated_deltanet"), ("dp2sp2", "sp4", "simple_gla"),
+                                                ("sp2-replicate", "dp2", "simple_gla")])
+def test_resume_on_another_mesh_continues_the_loss_curve(dist_workers, tmp_path, saved, resumed, kind):
     """Three steps on one mesh, then three more from its checkpoint on another number of processes
     or another dp x sp split (DCP reshards the sharded model and AdamW state; "-replicate": saved
-    with --data-parallel replicate, resumed sharded): the losses and parameters of the run that was
-    never stopped, within 1e-5 (fp32 sums in another order)."""
+    with --data-parallel replicate, resumed sharded; Gated DeltaNet: its fp32 A_log and dt_bias,
+    which FSDP leaves whole, with their AdamW moments): the losses and parameters of the run that
+    was never stopped, within 1e-5 (fp32 sums in another order)."""
     from tests.train.test_parity import run
 
     def args(path, *extra):
         mode = ["--data-parallel", "replicate"] if path.name.endswith("replicate") else []
-        return [*argv(path, "simple_gla", "LLLN", "zigzag"), "--steps", "6", "--ckpt-every", "3", *mode, *extra]
+        return [*argv(path, kind, "LLLN", "zigzag"), "--steps", "6", "--ckpt-every", "3", *mode, *extra]
 
     saved_mesh, resumed_mesh = saved.split("-")[0], resumed.split("-")[0]
     straight = run(dist_workers, saved_mesh, args(tmp_path / f"straight-{saved}"))
