@@ -7,7 +7,8 @@ chunk states with a zero incoming state give its summary (M_t, A_t); the exchang
 while that travels, the intra-chunk output is computed tile by tile; then the incoming state S_in arrives,
 is folded into the chunk states with one element-wise step, and one inter-chunk matmul adds
 its term. The backward mirrors it: each slot's gradient on its incoming state travels while the
-query-side gradients are formed (from the chunk states and scores the forward kept); the gradient arriving on its outgoing state is folded into the chunk
+query-side gradients are formed (from the chunk states the forward kept and its inputs, laid out
+again); the gradient arriving on its outgoing state is folded into the chunk
 gradients before the key-side matmuls. So a rank does the matmuls of the single-device op on
 its tokens and nothing more.
 
