@@ -303,7 +303,9 @@ def test_packed_rows_under_activation_checkpointing_equal_without(dist_workers, 
     first row uses the first row's documents (they once came from module state, which held the
     last row's)."""
     plain = dist_workers.run(packed_rows_step, (0, 1), family, "none")[0]
-    for checkpointing in ("torch", "hf"):
+    # torch's composable checkpoint (the trainer's) for every family; transformers' own wraps the
+    # same decoder-layer call, checked once
+    for checkpointing in ("torch", "hf") if family == "qwen3_next" else ("torch",):
         loss, grads = dist_workers.run(packed_rows_step, (0, 1), family, checkpointing)[0]
         assert abs(loss - plain[0]) <= 1e-5 * abs(plain[0]), (checkpointing, loss, plain[0])
         assert rel_err(grads, plain[1]) < 1e-5, checkpointing

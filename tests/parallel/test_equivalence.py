@@ -39,8 +39,8 @@ def test_matches_single_device(dist_workers, method, world, form, dtype, tol):
     run_case(dist_workers, method, tuple(range(world)), form, dtype, tol, even_bounds(T, world))
 
 
-@pytest.mark.parametrize("policy", ["cpu", "cuda"])
-@pytest.mark.parametrize("chunks_per_tile", [1, 2])
+# the CUDA policy's fixed schedule does the same for any tile size: one is enough
+@pytest.mark.parametrize("chunks_per_tile,policy", [(1, "cpu"), (2, "cpu"), (1, "cuda")])
 @pytest.mark.parametrize("form", DECAY_FORMS)
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("method", ["lasp2", "lasp1"])
