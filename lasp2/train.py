@@ -176,12 +176,12 @@ def make_optimizer(model, optim: OptimChoice):
     Sharded (FSDP), each rank's AdamW holds the moments of its own shards only. The fused kernel
     updates each tensor in place (the multi-tensor one allocates a temporary the size of every
     parameter at once, which decides whether a large model fits)."""
-    kept = {id(p) for p in fp32_parameters(model)}
-    others = [p for p in model.parameters() if id(p) not in kept]
+    kept = fp32_parameters(model)
+    others = [p for p in model.parameters() if id(p) not in {id(k) for k in kept}]
     decay = [p for p in others if p.dim() >= 2]
     rest = [p for p in others if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": rest, "weight_decay": 0.0},
-              {"params": fp32_parameters(model), "weight_decay": 0.0}]
+              {"params": kept, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(0.9, 0.95), eps=optim.adam_eps, fused=True)
 
