@@ -177,7 +177,8 @@ def make_optimizer(model, optim: OptimChoice):
     updates each tensor in place (the multi-tensor one allocates a temporary the size of every
     parameter at once, which decides whether a large model fits)."""
     kept = fp32_parameters(model)
-    others = [p for p in model.parameters() if id(p) not in {id(k) for k in kept}]
+    kept_ids = {id(p) for p in kept}
+    others = [p for p in model.parameters() if id(p) not in kept_ids]
     decay = [p for p in others if p.dim() >= 2]
     rest = [p for p in others if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": rest, "weight_decay": 0.0},
