@@ -10,9 +10,8 @@ from .checks import check_chunk_size, compute_dtype
 from .delta_checks import check_delta_rule_inputs
 from .documents import (add_state_tokens, check_document_states, check_readable, documents, read_states,
                         scatter_tokens, with_state_tokens)
-from .delta_kernels import (COSTLY, add_query_side, carry, delta_chunks, grad_carry, key_side_grads, outputs,
+from .delta_kernels import (add_query_side, carry, delta_chunks, grad_carry, key_side_grads, outputs,
                             query_side_grads, rebuild_chunks)
-from .policy import policy_for
 from .precision import without_autocast
 
 
@@ -30,8 +29,7 @@ class _ChunkDeltaRule(torch.autograd.Function):
         state = x.zero_state() if initial_state is None else initial_state.to(x.q.dtype)
         entering, final_state = carry(x, state)
         o = x.unchunk(scale * outputs(x, entering), v.dtype)
-        kept = x.costly_terms() if policy_for(q.device).keeps_costly_terms else (None,) * len(COSTLY)
-        ctx.save_for_backward(q, k, v, beta, log_decay, resets, entering, *kept)
+        ctx.save_for_backward(q, k, v, beta, log_decay, resets, entering, *x.kept_for_backward())
         ctx.shape, ctx.scale, ctx.chunk_size = shape, scale, chunk_size
         ctx.state_dtype = None if initial_state is None else initial_state.dtype
         return o, final_state

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from .checks import DECAY_CHANNEL, DECAY_NONE, DECAY_TOKEN, compute_dtype
 from .chunk_kernels import bmm, bmm_plus
 from .delta_checks import DeltaRuleShape
+from .policy import policy_for
 
 CHANNEL_CHUNK = 16
 # The chunk terms that cost matmuls or a solve to make (the others are copies and element-wise
@@ -112,10 +113,13 @@ class DeltaChunks:
     def n_chunks(self) -> int:
         return self.q.shape[2]
 
-    def costly_terms(self) -> tuple:
-        """The terms made by matmuls and the triangular solve (`COSTLY`), which a backward may
-        keep rather than recompute; the rest are layout copies and element-wise factors."""
-        return tuple(getattr(self, name) for name in COSTLY)
+    def kept_for_backward(self) -> tuple:
+        """The terms made by matmuls and the triangular solve (`COSTLY`) when the device policy
+        keeps them for the backward, else Nones (`rebuild_chunks` then recomputes them); the
+        rest are layout copies and element-wise factors, always recomputed."""
+        if policy_for(self.q.device).keeps_costly_terms:
+            return tuple(getattr(self, name) for name in COSTLY)
+        return (None,) * len(COSTLY)
 
     def per_chunk(self, name: str) -> tuple[torch.Tensor, ...]:
         """One field split into its chunks (unbind: indexing in a loop would cost a whole-field
@@ -157,7 +161,7 @@ def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: in
     """The key side of q, k [B, T, Hk, K], v [B, T, Hv, V], beta [B, T, Hv] and the gate: what
     carrying the state needs (W, Ū, K̂, Γ); chunk_size already checked. resets [B, T] (None: no
     document boundaries) marks each document's first token: its state starts from zero. kept:
-    `costly_terms()` of the same chunks, kept by a forward (then only the cheap terms are made)."""
+    `kept_for_backward()` of the same chunks, kept by a forward (then only the cheap terms are made)."""
     dtype = compute_dtype(shape.dtype)
     L = min(chunk_size, CHANNEL_CHUNK) if shape.decay == DECAY_CHANNEL else chunk_size
     L = min(L, shape.seq_len)
@@ -196,8 +200,10 @@ def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: in
     k_end = kc if to_end is None else kc * to_end  # K̂
     if kept is not None:
         scores_kk, inverse, W, U_bar, P, Qe = kept
-        return DeltaChunks(qc, kc, vc, bc, gamma, decay, kg, scores_kk, inverse, W, U_bar, k_end, decay_end, to_start,
-                           to_end, shape, qc if to_start is None else qc * to_start, P, Qe)
+        x = DeltaChunks(qc, kc, vc, bc, gamma, decay, kg, scores_kk, inverse, W, U_bar, k_end, decay_end, to_start,
+                        to_end, shape, P=P, Qe=Qe)
+        x.qg = _decayed_queries(x)
+        return x
     scores_kk = _scores(kc, kc, decay).masked_fill(~causal.tril(-1), 0.0)
     eye = torch.eye(L, dtype=dtype, device=q.device)
     # The inverse, kept: the backward's solve becomes a matmul (a batched triangular solve runs
@@ -209,11 +215,16 @@ def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: in
                        to_end, shape)
 
 
+def _decayed_queries(x: DeltaChunks) -> torch.Tensor:
+    """Q̃ = Q ⊙ exp(γ) (with resets: zero for the tokens a reset separates from the chunk's start)."""
+    return x.q if x.to_start is None else x.q * x.to_start
+
+
 def add_query_side(x: DeltaChunks, outputs: bool = True) -> DeltaChunks:
     """Fills Q̃, P, Qe = Q̃ − P W and (outputs=True) P Ū: what the outputs need beyond the states
     (the backward needs all but P Ū)."""
     L = x.q.shape[3]
-    x.qg = x.q if x.to_start is None else x.q * x.to_start
+    x.qg = _decayed_queries(x)
     causal = _tril(L, x.q.device)
     x.P = _scores(x.q, x.k, x.decay).masked_fill(~causal, 0.0)
     x.Qe = torch.baddbmm(x.qg.flatten(0, 2), x.P.flatten(0, 2), x.W.flatten(0, 2), alpha=-1).view_as(x.qg)

@@ -23,9 +23,8 @@ import torch
 from ..ops.delta_checks import DELTA_DECAY_REASON, DELTA_DECAYS
 from ..ops.delta_chunk import chunk_delta_rule
 from ..ops.chunk_kernels import bmm
-from ..ops.delta_kernels import (COSTLY, add_query_side, carry, delta_chunks, grad_carry, key_side_grads, outputs,
+from ..ops.delta_kernels import (add_query_side, carry, delta_chunks, grad_carry, key_side_grads, outputs,
                                  query_side_grads, rebuild_chunks)
-from ..ops.policy import policy_for
 from ..ops.precision import without_autocast
 from .inputs import check_delta_call
 from .lasp1 import _Relay
@@ -43,8 +42,8 @@ def _segments(S: int, *tensors):
 class _StatePassing(torch.autograd.Function):
     """This rank's slots of the delta rule, their incoming states brought by `exchange` (the
     pieces and the math: `ops.delta_kernels`). Keeps, through save_for_backward, the inputs as
-    given, the state entering each chunk and the transitions the backward's exchange needs; the
-    backward recomputes the chunks' terms."""
+    given, the state entering each chunk, the transitions the backward's exchange needs and, as
+    the device policy says, the chunks' costly terms; the backward recomputes the rest."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, log_decay, shape, scale, chunk_size, exchange, resets):
@@ -58,8 +57,8 @@ class _StatePassing(torch.autograd.Function):
         S_in, transitions = pending.wait()
         incoming, _ = carry(x, S_in, values=False)  # S_in's share of each chunk's entering state
         o = bmm(x.Qe, incoming, acc=o)
-        kept = x.costly_terms() if policy_for(q.device).keeps_costly_terms else (None,) * len(COSTLY)
-        ctx.save_for_backward(q, k, v, beta, log_decay, resets, entering + incoming, transitions, *kept)
+        ctx.save_for_backward(q, k, v, beta, log_decay, resets, entering + incoming, transitions,
+                              *x.kept_for_backward())
         ctx.shape, ctx.scale, ctx.chunk_size, ctx.exchange = shape, scale, chunk_size, exchange
         return from_segments(x.unchunk(scale * o, v.dtype), S)
 
