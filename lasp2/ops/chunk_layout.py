@@ -12,6 +12,7 @@ from functools import cached_property
 import torch
 
 from .checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_NONE, DECAY_TOKEN, compute_dtype
+from .policy import policy_for
 from .scan import exclusive_cumsum, reverse_exclusive_cumsum
 
 
@@ -73,11 +74,6 @@ def constant_decays(log_decay: torch.Tensor, c: int) -> torch.Tensor:
     steps = (r.view(c, 1) - r.view(1, c)).to(log_decay.dtype)
     exponent = torch.where(steps > 0, steps * log_decay, torch.zeros((), dtype=steps.dtype, device=steps.device))
     return torch.exp_(exponent).tril_()
-
-
-# Values per [.., c, D] tensor in one tile (1 MB in fp32): the ~10 tensors a tile's matmuls and
-# element-wise steps touch stay in cache, where the 64 x 64 matmuls run ~1.5x faster on a CPU.
-TILE_VALUES = 1 << 18
 
 
 class Tile:
@@ -159,9 +155,13 @@ class ChunkedSeq:
         return cls.from_inputs(*inputs, kind, chunk_size), extra
 
     def tiles(self) -> list[Tile]:
-        """The sequence cut into cache-sized runs of chunks (one run when it is small)."""
+        """The sequence cut into runs of chunks of the device policy's `tile_values` (CPU: cache
+        sized; one run when it is small, or always under a policy without tiles)."""
         B, N, H, c = self.q.shape[:4]
-        per_tile = max(1, TILE_VALUES // (H * c * max(c, self.q.shape[-1], self.v.shape[-1])))  # chunks
+        tile_values = policy_for(self.q.device).tile_values
+        if tile_values is None:
+            return [Tile(self, slice(None), slice(None))]
+        per_tile = max(1, tile_values // (H * c * max(c, self.q.shape[-1], self.v.shape[-1])))  # chunks
         if per_tile >= N:  # whole batch rows
             step = per_tile // N
             return [Tile(self, slice(b, b + step), slice(None)) for b in range(0, B, step)]

@@ -38,6 +38,7 @@ from .checks import DECAY_CHANNEL, DECAY_NONE, DECAY_TOKEN, compute_dtype
 from .chunk_kernels import bmm, bmm_plus
 from .delta_checks import DeltaRuleShape
 from .policy import policy_for
+from .scan import prefix_scan, suffix_scan
 
 CHANNEL_CHUNK = 16
 # The chunk terms that cost matmuls or a solve to make (the others are copies and element-wise
@@ -108,6 +109,7 @@ class DeltaChunks:
     P: torch.Tensor | None = None
     Qe: torch.Tensor | None = None
     PU: torch.Tensor | None = None
+    maps: torch.Tensor | None = None  # `chunk_maps`, made when a scan needs them
 
     @property
     def n_chunks(self) -> int:
@@ -244,9 +246,19 @@ def carry(x: DeltaChunks, state: torch.Tensor, *, values: bool = True) -> tuple[
     """The state entering each chunk [B, H, n, K, V] and the state after the last one [B, H, K, D],
     from `state` [B, H, K, D] entering the first. With values=True the first V columns are the
     state itself (U = Ū − W S); the other columns, or all of them with values=False, carry only
-    what they feed (U = −W S): from I, the chunks' K x K transition."""
-    entering = []
+    what they feed (U = −W S): from I, the chunks' K x K transition.
+
+    As the device policy's `scan` says: chunk by chunk (K x V matmuls, no map formed), or as a
+    log-depth scan over the chunks' maps (`chunk_maps`), `state` as one more slot before them."""
     V = x.U_bar.shape[-1]
+    if policy_for(x.q.device).tree_scans:
+        made = x.U_bar.new_zeros(*x.U_bar.shape[:3], *state.shape[-2:])  # what a chunk adds from a zero state
+        if values:  # K̂^T Ū in the value columns
+            made[..., :V] = bmm(_t(x.k_end), x.U_bar)
+        before, end = prefix_scan(torch.cat([state.unsqueeze(2), made], dim=2), _with_identity(chunk_maps(x), first=True),
+                                  dense=True)
+        return before[:, :, 1:, :, :V], end
+    entering = []
     for W, U_bar, k_end, decay_end in zip(*map(x.per_chunk, ("W", "U_bar", "k_end", "decay_end"))):
         entering.append(state[..., :V])
         U = -(W @ state)
@@ -254,6 +266,22 @@ def carry(x: DeltaChunks, state: torch.Tensor, *, values: bool = True) -> tuple[
             U[..., :V] += U_bar
         state = (state if decay_end is None else decay_end * state) + _t(k_end) @ U
     return torch.stack(entering, dim=2), state
+
+
+def chunk_maps(x: DeltaChunks) -> torch.Tensor:
+    """[B, H, n, K, K] each chunk's transition Γ − K̂^T W (S_next = that S + K̂^T Ū), made once
+    per DeltaChunks."""
+    if x.maps is None:
+        maps = bmm(_t(x.k_end), x.W).neg_()
+        maps.diagonal(dim1=-2, dim2=-1).add_(1.0 if x.decay_end is None else x.decay_end[..., 0])
+        x.maps = maps
+    return x.maps
+
+
+def _with_identity(maps: torch.Tensor, first: bool) -> torch.Tensor:
+    """maps [B, H, n, K, K] with one identity slot before (first) or after them."""
+    eye = torch.eye(maps.shape[-1], dtype=maps.dtype, device=maps.device).expand_as(maps[:, :, :1])
+    return torch.cat([eye, maps] if first else [maps, eye], dim=2)
 
 
 def outputs(x: DeltaChunks, entering: torch.Tensor) -> torch.Tensor:
@@ -264,8 +292,15 @@ def outputs(x: DeltaChunks, entering: torch.Tensor) -> torch.Tensor:
 def grad_carry(x: DeltaChunks, d_entering_local: torch.Tensor | None, d_final: torch.Tensor | None):
     """Backward of `carry`: the gradient on the state leaving each chunk [B, H, n, K, V] and on
     the one entering the first, given each chunk's own gradient on its entering state (Qe^T dO;
-    None: zero) and the gradient on the final state (None: zero)."""
+    None: zero) and the gradient on the final state (None: zero). Chunk by chunk or as a
+    log-depth scan over the transposed maps, as `carry`."""
     d = x.zero_state() if d_final is None else d_final
+    if policy_for(x.q.device).tree_scans:
+        own = torch.zeros_like(x.U_bar[..., :1, :].expand(*x.U_bar.shape[:3], *d.shape[-2:])) \
+            if d_entering_local is None else d_entering_local
+        after, d_initial = suffix_scan(torch.cat([own, d.unsqueeze(2)], dim=2),
+                                       _with_identity(chunk_maps(x).transpose(-1, -2), first=False), dense=True)
+        return after[:, :, :-1], d_initial
     own = (None,) * x.n_chunks if d_entering_local is None else d_entering_local.unbind(2)
     leaving = []
     for W, k_end, decay_end, local in reversed(list(zip(*map(x.per_chunk, ("W", "k_end", "decay_end")), own))):

@@ -27,6 +27,23 @@ math to the same tolerances; they differ only in what suits the device:
               Either way nothing is kept outside save_for_backward, so activation checkpointing
               frees all of it, and no fp32 copy of a bf16 input is kept.
 
+    scan      how states are carried across the chunks of a sequence (and across ranks):
+              "blocked" (CPU): scans of element-wise steps, ~2·sqrt(N) of them in two levels for
+              diagonal transitions, one per chunk for the delta rule's dense K x K one (no
+              transition matrix is formed); "tree" (CUDA): a log-depth scan (pairs combined, then
+              split back: 2·log2(N) levels of a few batched ops each), for every transition kind,
+              the delta rule's included (its chunks' K x K maps formed and composed by batched
+              matmuls), so that the kernels launched do not grow with the sequence.
+
+    tile_values, tile_scores
+              how much of a sequence one pass of batched ops covers. tile_values: values of one
+              chunk-layout tensor per tile of chunks (CPU: 2^18, 1 MB in fp32, so that a tile's
+              ~10 tensors stay in cache, where 64 x 64 matmuls run ~1.5x faster); None: the
+              whole sequence in one tile (CUDA: a GPU wants few, large launches). tile_scores:
+              attention scores per query tile of the quadratic pieces (the softmax and
+              left-product blocks; CPU 2^25 (128 MB fp32), CUDA 2^30 (4 GB): launches stay
+              constant until one block's scores exceed it).
+
 A policy is picked once per call (`policy_for`) and kept for its backward.
 """
 from __future__ import annotations
@@ -43,14 +60,31 @@ class Policy:
     name: str
     overlap: str  # "poll" or "fixed"
     keeps_costly_terms: bool
+    scan: str  # "blocked" or "tree"
+    tile_values: int | None
+    tile_scores: int
+
+    def __post_init__(self):
+        if self.overlap not in ("poll", "fixed"):
+            raise ValueError(f"Policy.overlap must be 'poll' or 'fixed', got {self.overlap!r}")
+        if self.scan not in ("blocked", "tree"):
+            raise ValueError(f"Policy.scan must be 'blocked' or 'tree', got {self.scan!r}")
+        if self.tile_values is not None and not (isinstance(self.tile_values, int) and self.tile_values > 0):
+            raise ValueError(f"Policy.tile_values must be a positive int or None, got {self.tile_values!r}")
+        if not (isinstance(self.tile_scores, int) and self.tile_scores > 0):
+            raise ValueError(f"Policy.tile_scores must be a positive int, got {self.tile_scores!r}")
 
     @property
     def polls(self) -> bool:
         return self.overlap == "poll"
 
+    @property
+    def tree_scans(self) -> bool:
+        return self.scan == "tree"
 
-CPU = Policy("cpu", overlap="poll", keeps_costly_terms=True)
-CUDA = Policy("cuda", overlap="fixed", keeps_costly_terms=False)
+
+CPU = Policy("cpu", overlap="poll", keeps_costly_terms=True, scan="blocked", tile_values=1 << 18, tile_scores=1 << 25)
+CUDA = Policy("cuda", overlap="fixed", keeps_costly_terms=False, scan="tree", tile_values=None, tile_scores=1 << 30)
 POLICIES = {"cpu": CPU, "cuda": CUDA}
 
 _forced: contextvars.ContextVar[Policy | None] = contextvars.ContextVar("lasp2_policy", default=None)

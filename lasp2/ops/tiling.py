@@ -1,4 +1,5 @@
-"""Query tiling for the quadratic attention pieces: bound their memory by one tile of scores.
+"""Query tiling for the quadratic attention pieces: bound their memory by one tile of scores
+(the device policy's `tile_scores`).
 
 Each tile is computed under activation checkpointing, so autograd keeps only the tile's inputs
 and recomputes its scores in the backward; outputs are concatenated along the token axis.
@@ -8,15 +9,14 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-# scores per tile: 2^25 values (128 MB in fp32) bounds a tile's temporaries to a few hundred MB
-TILE_SCORES = 1 << 25
+from .policy import policy_for
 
 
 def over_query_tiles(fn, query_args, key_args, n_keys: int, batch_heads: int):
     """fn(*query_args, *key_args) -> tensor or tuple of tensors indexed [B, C, ...]; query_args
     are indexed by query along dim 1 ([B, C, ...]) or dim 0 when 1-D (positions), or None."""
     n_queries = query_args[0].shape[1]
-    tile = max(1, TILE_SCORES // max(1, n_keys * batch_heads))
+    tile = max(1, policy_for(query_args[0].device).tile_scores // max(1, n_keys * batch_heads))
     if tile >= n_queries:
         return fn(*query_args, *key_args)
     pieces = []

@@ -1,12 +1,13 @@
 """Softmax attention blocks, their merge, the left-product linear attention and query tiling,
 against references written out in fp64."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
-import lasp2.ops.tiling as tiling
-from lasp2.ops import chunk_linear_attn
+from lasp2.ops import chunk_linear_attn, policy
+from lasp2.ops.policy import CPU
 from lasp2.ops.left_product import head_decay_cumulative, left_product_linear_attn
 from lasp2.ops.softmax_attn import attention_block, merge_blocks, softmax_attn
 from tests.helpers import make_inputs, rel_err
@@ -77,7 +78,7 @@ def test_left_product_equals_chunked_linear_attention(kind, strong):
     assert torch.isfinite(o).all()
 
 
-def test_query_tiling_changes_nothing(monkeypatch):
+def test_query_tiling_changes_nothing():
     q, k, v = (t.requires_grad_() for t in _qkv())
     pos = torch.arange(37)
 
@@ -88,7 +89,7 @@ def test_query_tiling_changes_nothing(monkeypatch):
         return [o, lse, o2, *torch.autograd.grad(loss, (q, k, v))]
 
     whole = run()
-    monkeypatch.setattr(tiling, "TILE_SCORES", 5 * 37 * 8)  # tiles of 5 queries
-    tiled = run()
+    with policy(dataclasses.replace(CPU, tile_scores=5 * 37 * 8)):  # tiles of 5 queries
+        tiled = run()
     for a, b in zip(whole, tiled):
         assert rel_err(b, a) < 1e-13

@@ -1,8 +1,11 @@
 """chunk_linear_attn against the fp64 token-by-token recurrence: outputs, states, every gradient."""
+import dataclasses
+
 import pytest
 import torch
 
-from lasp2.ops import chunk_layout, chunk_linear_attn, naive_recurrent_linear_attn
+from lasp2.ops import chunk_linear_attn, naive_recurrent_linear_attn, policy
+from lasp2.ops.policy import CPU
 from tests.helpers import DECAY_FORMS, leaf, make_inputs, rel_err
 
 
@@ -45,33 +48,41 @@ def _compare(inputs, s0, final, tol, causal=True, device="cpu", **kwargs):
     return errors
 
 
+POLICIES = ["cpu", "cuda"]  # the CPU's blocked scans and tiles; the GPU's log-depth scans, one tile
+
+
+@pytest.mark.parametrize("device_policy", POLICIES)
 @pytest.mark.parametrize("T", [1, 63, 64, 200])
 @pytest.mark.parametrize("kind", DECAY_FORMS)
 @pytest.mark.parametrize("with_initial,with_final", [(False, False), (True, True), (True, False), (False, True)])
-def test_fp32_matches_fp64_recurrence(kind, T, with_initial, with_final, device):
+def test_fp32_matches_fp64_recurrence(kind, T, with_initial, with_final, device, device_policy):
     inputs = make_inputs(kind, T=T, dtype=torch.float32, seed=T)
     s0 = torch.randn(2, 3, 6, 5) if with_initial else None
-    _compare(inputs, s0, with_final, tol=1e-5, device=device)
+    with policy(device_policy):
+        _compare(inputs, s0, with_final, tol=1e-5, device=device)
 
 
+@pytest.mark.parametrize("device_policy", POLICIES)
 @pytest.mark.parametrize("kind", DECAY_FORMS)
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 64])
-def test_fp64_exact_for_every_chunk_size(kind, chunk_size, device):
+def test_fp64_exact_for_every_chunk_size(kind, chunk_size, device, device_policy):
     inputs = make_inputs(kind, T=70, seed=chunk_size)
     s0 = torch.randn(2, 3, 6, 5, dtype=torch.float64)
-    _compare(inputs, s0, True, tol=1e-12, device=device, chunk_size=chunk_size)
+    with policy(device_policy):
+        _compare(inputs, s0, True, tol=1e-12, device=device, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("kind", DECAY_FORMS)
 @pytest.mark.parametrize("chunks_per_tile", [1, 3, 14, 28])
-def test_fp64_exact_in_any_tiling(kind, chunks_per_tile, monkeypatch):
+def test_fp64_exact_in_any_tiling(kind, chunks_per_tile):
     """The per-chunk kernels run over cache-sized tiles: runs of a batch row's chunks (1 or 3 of
     its 14, the last run shorter), one whole row, or both rows; every tiling gives the
     recurrence's outputs and gradients."""
-    monkeypatch.setattr(chunk_layout, "TILE_VALUES", chunks_per_tile * 3 * 5 * 6)  # H x c x max(c, K, V)
+    tiles = dataclasses.replace(CPU, tile_values=chunks_per_tile * 3 * 5 * 6)  # H x c x max(c, K, V)
     inputs = make_inputs(kind, T=70, seed=chunks_per_tile)
     s0 = torch.randn(2, 3, 6, 5, dtype=torch.float64)
-    _compare(inputs, s0, True, tol=1e-12, chunk_size=5)
+    with policy(tiles):
+        _compare(inputs, s0, True, tol=1e-12, chunk_size=5)
 
 
 @pytest.mark.parametrize("T", [1, 63, 200])
@@ -82,11 +93,13 @@ def test_bidirectional(T, with_initial, device):
     _compare(inputs, s0, True, tol=1e-5, causal=False, device=device)
 
 
+@pytest.mark.parametrize("device_policy", POLICIES)
 @pytest.mark.parametrize("kind", DECAY_FORMS)
-def test_strong_decay_is_finite_and_exact(kind, device):
+def test_strong_decay_is_finite_and_exact(kind, device, device_policy):
     """log decays of -20 (exp = 2e-9) next to mild ones: no inf/nan, still within fp32 tolerance."""
     inputs = make_inputs(kind, T=200, dtype=torch.float32, strong=True)
-    _compare(inputs, torch.randn(2, 3, 6, 5), True, tol=1e-5, device=device)
+    with policy(device_policy):
+        _compare(inputs, torch.randn(2, 3, 6, 5), True, tol=1e-5, device=device)
 
 
 def test_uniform_strong_decay_leaves_only_the_diagonal():
@@ -103,10 +116,12 @@ def test_uniform_strong_decay_leaves_only_the_diagonal():
 BF16_TOL = 1e-2
 
 
+@pytest.mark.parametrize("device_policy", POLICIES)
 @pytest.mark.parametrize("kind", DECAY_FORMS)
-def test_bf16_inputs(kind, device):
+def test_bf16_inputs(kind, device, device_policy):
     inputs = make_inputs(kind, T=130, dtype=torch.bfloat16)
-    errors = _compare(inputs, None, True, tol=BF16_TOL, device=device)
+    with policy(device_policy):
+        errors = _compare(inputs, None, True, tol=BF16_TOL, device=device)
     x = {n: None if t is None else t.to(device) for n, t in inputs.items()}
     o, final = chunk_linear_attn(x["q"], x["k"], x["v"], x["g"], output_final_state=True)
     assert o.dtype == torch.bfloat16 and final.dtype == torch.float32

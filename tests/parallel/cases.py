@@ -1,13 +1,16 @@
 """Jobs run on the distributed test ranks (module level, so they can be sent to workers)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lasp2.ops import chunk_layout, naive_recurrent_linear_attn
+from lasp2.ops import naive_recurrent_linear_attn
 from lasp2.ops import policy as device_policy
+from lasp2.ops.policy import POLICIES
 from lasp2.parallel import count_collectives, lasp1_linear_attn, lasp2_linear_attn
 from tests.helpers import leaf
 
@@ -45,13 +48,15 @@ def run_shard(group, method, inputs, do, bounds, causal=True, scale=0.9, chunk_s
 def run_shard_in_tiles(group, tile_values, policy, *args, **kwargs):
     """run_shard with the kernels' tiles bounded to `tile_values` values per tensor (a few chunks),
     under the device policy `policy`."""
-    saved = chunk_layout.TILE_VALUES
-    chunk_layout.TILE_VALUES = tile_values
-    try:
-        with device_policy(policy):
-            return run_shard(group, *args, **kwargs)
-    finally:
-        chunk_layout.TILE_VALUES = saved
+    with device_policy(with_tiles(policy, tile_values)):
+        return run_shard(group, *args, **kwargs)
+
+
+def with_tiles(policy: str, tile_values: int | None):
+    """The device policy `policy` ("cpu" or "cuda") with tiles of `tile_values` values per
+    tensor (None: the policy's own)."""
+    chosen = POLICIES[policy]
+    return chosen if tile_values is None else dataclasses.replace(chosen, tile_values=tile_values)
 
 
 def single_device(inputs, do, causal=True, scale=0.9):
@@ -120,18 +125,13 @@ def overlap_order(group, method, inputs, bounds, layout="contiguous", policy="cp
     lo, hi = bounds[dist.get_rank(group)]
     x = shard_inputs(inputs, lo, hi)
     late = dist.get_rank(group) == late_rank
-    saved = chunk_layout.TILE_VALUES
-    chunk_layout.TILE_VALUES = tile_values or saved
-    try:
-        with device_policy(policy):
-            time.sleep(0.2 if late else 0.0)
-            with _Overlap() as forward:
-                o = METHODS[method](x["q"], x["k"], x["v"], x["g"], group=group, layout=layout)
-            time.sleep(0.2 if late else 0.0)
-            with _Overlap() as backward:
-                o.sum().backward()
-    finally:
-        chunk_layout.TILE_VALUES = saved
+    with device_policy(with_tiles(policy, tile_values)):
+        time.sleep(0.2 if late else 0.0)
+        with _Overlap() as forward:
+            o = METHODS[method](x["q"], x["k"], x["v"], x["g"], group=group, layout=layout)
+        time.sleep(0.2 if late else 0.0)
+        with _Overlap() as backward:
+            o.sum().backward()
     return {"forward": forward.done, "backward": backward.done}
 
 
@@ -178,6 +178,12 @@ def call_and_catch(group, method, per_rank_inputs, validate, causal_per_rank=Non
         except (TypeError, ValueError) as exc:
             return type(exc).__name__, str(exc), log.count()
     return None, None, log.count()
+
+
+def run_registered_under(group, policy, *args, **kwargs):
+    """`run_registered` under the device policy `policy` (forward and backward)."""
+    with device_policy(policy):
+        return run_registered(group, *args, **kwargs)
 
 
 def run_registered(group, family, method, inputs, do, layout, causal=True, validate=False):

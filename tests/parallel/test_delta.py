@@ -85,8 +85,9 @@ def test_delta_rule_methods_equal_the_recurrence(dist_workers, method, world, la
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("method", ["lasp2", "lasp1"])
 def test_the_cuda_policy_is_exact_too(dist_workers, method, layout, decay):
-    """Under policy("cuda") the backward recomputes every chunk term from the inputs (the CPU's
-    keeps those made by matmuls and the solve): the same results."""
+    """Under policy("cuda") the state is carried by log-depth scans over the chunks' K x K maps
+    and the backward recomputes every chunk term from the inputs (the CPU's carries chunk by
+    chunk and keeps those made by matmuls and the solve): the same results."""
     x, do, ref = _case(decay, (2, 4))
     for rank, got in dist_workers.run(delta_shard, (0, 1, 2), method, x, do, layout, 8, "cuda").items():
         for name, want in ref.items():

@@ -112,6 +112,34 @@ def test_packed_methods_equal_one_device(dist_workers, family, method, world, la
         assert sent == [sorted(spec_fwd), sorted(spec_bwd)], rank
 
 
+def packed_shard_under(group, policy, *args):
+    from lasp2.ops import policy as device_policy
+
+    with device_policy(policy):
+        return packed_shard(group, *args)
+
+
+CUDA_CASES = [(family, method, layout, decay) for family, methods, decays in (
+    ("linear", ("lasp2", "lasp1", "allgather", "ring", "ulysses"), ("none", "token")),
+    ("linear", ("lasp2", "lasp1", "ulysses"), ("channel",)),
+    ("delta", ("lasp2", "lasp1", "ulysses"), ("none", "token", "channel")),
+    ("softmax", ("allgather", "ring", "ulysses"), ("none",))) for method in methods
+    for layout in ("contiguous", "zigzag") for decay in decays]
+
+
+@pytest.mark.parametrize("family,method,layout,decay", CUDA_CASES)
+def test_packed_methods_under_the_cuda_policy(dist_workers, family, method, layout, decay):
+    """policy("cuda") (log-depth scans over chunks whose resets zero the transitions, one tile),
+    W = 2: the single-device packed result."""
+    x, do, ref = _reference(family, decay, "edges")
+    results = dist_workers.run(packed_shard_under, (0, 1), "cuda", family, method, x, do,
+                               torch.tensor(DOCUMENTS["edges"]), layout)
+    for rank, got in results.items():
+        for name, want in ref.items():
+            if not (name == "dg" and decay == "head"):
+                assert rel_err(got[name], want[:, got["positions"]]) < 1e-10, (rank, name)
+
+
 def packed_refused(group, cu_seqlens, causal=True, layout="contiguous"):
     from lasp2.parallel import count_collectives, lasp2_linear_attn, shard
 

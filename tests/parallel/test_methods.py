@@ -8,7 +8,7 @@ import torch
 
 from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS
 from tests.helpers import DECAY_FORMS, make_inputs, rel_err
-from tests.parallel.cases import rejected, run_registered, single_device, softmax_reference
+from tests.parallel.cases import rejected, run_registered, run_registered_under, single_device, softmax_reference
 
 # 168 tokens: 24 | 168, so both layouts shard for W <= 4; shards and zigzag slots (21..168
 # tokens) are never a multiple of the kernels' chunk of 16.
@@ -73,6 +73,28 @@ def test_linear_methods(dist_workers, method, world, form, layout, dtype):
         return _expect_error(dist_workers, ranks, args, "heads divisible by W")
     results = dist_workers.run(run_registered, ranks, *args)
     _check(results, reference, TOLERANCE[dtype], kind == "head")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("form", DECAY_FORMS + ("bidirectional",))
+@pytest.mark.parametrize("method", list(LINEAR_METHODS))
+def test_linear_methods_under_the_cuda_policy(dist_workers, method, form, layout):
+    """policy("cuda"): log-depth scans, one tile, the fixed overlap; W = 2 (zigzag: 4 slots)
+    and fp64, as exact as the CPU policy."""
+    kind, causal = ("none", False) if form == "bidirectional" else (form, True)
+    if kind not in LINEAR_METHODS[method].decays:
+        return
+    inputs, do, reference = _linear_case(form, torch.float64)
+    results = dist_workers.run(run_registered_under, (0, 1), "cuda", "linear", method, inputs, do, layout, causal)
+    _check(results, reference, TOLERANCE[torch.float64], kind == "head")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("method", list(SOFTMAX_METHODS))
+def test_softmax_methods_under_the_cuda_policy(dist_workers, method, layout):
+    inputs, do, reference = _softmax_reference((4, 2), True, torch.float64)
+    results = dist_workers.run(run_registered_under, (0, 1), "cuda", "softmax", method, inputs, do, layout, True)
+    _check(results, reference, TOLERANCE[torch.float64], False)
 
 
 @functools.lru_cache(maxsize=None)
