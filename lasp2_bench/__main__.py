@@ -6,6 +6,7 @@
     python -m lasp2_bench project                    # the cost model against the paper's 64-GPU figures
     python -m lasp2_bench convergence                # the paper's convergence study, every kind pure and hybrid
     python -m lasp2_bench project --calibrate benchmarks/results/<date>-<machine>/attn.csv
+    python -m lasp2_bench launches                   # aten ops (GPU launches) per layer call, as tokens grow
 
 Each command prints a table and writes CSV, PNG and machine.json under
 benchmarks/results/<date>-<machine>/ (or --out).
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import attn, convergence, model, project, weak
+from . import attn, convergence, launches, model, project, weak
 from .machine import describe, read_csv, results_dir, write_csv
 from .plots import NO_MATPLOTLIB, lines_by_method
 
@@ -113,6 +114,16 @@ def cmd_convergence(args) -> None:
                                                           ", convergence.png"))
 
 
+def cmd_launches(args) -> None:
+    out = _out_dir(args, torch.device("cpu"))
+    rows = launches.run(tokens=args.tokens, world=args.world, policies=args.policy, layouts=args.layout,
+                        packed=(False, True) if args.packed else (False,), H=args.H, D=args.D,
+                        chunk_size=args.chunk_size, families=args.family)
+    launches.print_table(rows, sys.stdout)
+    write_csv(out / "launches.csv", rows, launches.FIELDS)
+    print(f"wrote {out}/launches.csv")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lasp2-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -130,14 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     convergence.add_arguments(c)
     c.add_argument("--out", type=Path, default=None,
                    help="results folder, kept across pieces of the study (default: benchmarks/results/convergence-<preset>)")
-    for s in (a, m, pr):
+    lc = sub.add_parser("launches", help="aten ops per layer call (GPU kernel launches) as the tokens grow",
+                        description=launches.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    launches.add_arguments(lc)
+    for s in (a, m, pr, lc):
         s.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results/<date>-<machine>)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"attn": cmd_attn, "model": cmd_model, "project": cmd_project, "convergence": cmd_convergence}
+    commands = {"attn": cmd_attn, "model": cmd_model, "project": cmd_project, "convergence": cmd_convergence,
+                "launches": cmd_launches}
     commands[args.command](args)
     return 0
 

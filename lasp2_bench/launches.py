@@ -8,7 +8,9 @@ inputs are "meta" tensors and the group is torch's fake process group (collectiv
 once and move nothing), so any length is counted in a second, with the same Python path as a
 real run: no host reads, so no branch depends on values (tests/parallel/test_launches.py checks
 the counts against real gloo runs). Views count too (they launch nothing on a GPU, so the counts
-are an upper bound). Under the CPU policy the engine polls the exchange, which here has always
+are an upper bound), and so does the unfused math that torch's scaled_dot_product_attention runs
+on meta tensors where a CPU or GPU runs one fused kernel (the softmax op, all-gather and Ulysses:
+their counts here are upper bounds, the same at every length). Under the CPU policy the engine polls the exchange, which here has always
 arrived: its counts are those of an exchange that is never waited for.
 """
 from __future__ import annotations
@@ -24,6 +26,18 @@ FORMS = {"linear": ("none", "head", "token", "channel"), "delta": ("deltanet", "
 DELTA_DECAY = {"deltanet": None, "gated_deltanet": "token", "kda": "channel"}
 FIELDS = ["family", "form", "method", "policy", "packed", "layout", "world", "tokens_per_rank", "ops",
           "growth_per_8x"]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--tokens", type=int, nargs="+", default=[256, 2048, 16384], help="tokens per rank")
+    p.add_argument("--world", type=int, default=2, help="ranks of the (fake) group")
+    p.add_argument("--policy", nargs="+", default=["cpu", "cuda"], choices=["cpu", "cuda"])
+    p.add_argument("--layout", nargs="+", default=["contiguous"], choices=["contiguous", "zigzag"])
+    p.add_argument("--packed", action="store_true", help="also count packed rows (four documents per rank)")
+    p.add_argument("--family", nargs="+", default=list(FORMS), choices=list(FORMS))
+    p.add_argument("--H", type=int, default=4, help="heads")
+    p.add_argument("--D", type=int, default=32, help="head dim (K = V)")
+    p.add_argument("--chunk-size", type=int, default=64)
 
 
 def methods(family: str) -> dict:

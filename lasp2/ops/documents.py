@@ -71,7 +71,7 @@ class Documents:
         """[T] bool, True at each document's first token."""
         def make():
             out = torch.zeros(self.seq_len, dtype=torch.bool, device=device)
-            out[self.cu_seqlens[:-1].to(device)] = True
+            out.index_fill_(0, self.cu_seqlens[:-1].to(device), True)
             return out
         return self.memo(("starts", str(device)), make)
 
