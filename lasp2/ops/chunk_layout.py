@@ -7,8 +7,6 @@ heads) is one contiguous block both here and in [B, T, H, D].
 """
 from __future__ import annotations
 
-from functools import cached_property
-
 import torch
 
 from .checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_NONE, DECAY_TOKEN, compute_dtype
@@ -74,6 +72,21 @@ def constant_decays(log_decay: torch.Tensor, c: int) -> torch.Tensor:
     steps = (r.view(c, 1) - r.view(1, c)).to(log_decay.dtype)
     exponent = torch.where(steps > 0, steps * log_decay, torch.zeros((), dtype=steps.dtype, device=steps.device))
     return torch.exp_(exponent).tril_()
+
+
+class computed_once:
+    """functools.cached_property without its lock (Python 3.11's holds an RLock, which
+    torch.compile cannot trace): computed on first read, then kept in the instance."""
+
+    def __init__(self, fn):
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        value = self.fn(obj)
+        obj.__dict__[self.name] = value
+        return value
 
 
 class Tile:
@@ -196,42 +209,42 @@ class ChunkedSeq:
     def scalar_decay(self) -> bool:
         return self.kind in (DECAY_HEAD, DECAY_TOKEN)
 
-    @cached_property
+    @computed_once
     def G(self) -> torch.Tensor:
         """[B, N, H, c, Kg] log decay from the chunk start to each token (inclusive)."""
         return torch.cumsum(self.g, dim=-2)
 
-    @cached_property
+    @computed_once
     def Gamma(self) -> torch.Tensor:
         """[B, N, H, Kg] log decay across each whole chunk."""
         return self.g.sum(dim=-2)
 
-    @cached_property
+    @computed_once
     def chunk_decay(self) -> torch.Tensor:
         """[B, N, H, Kg] exp(Gamma): carries a chunk's start state to its end."""
         return torch.exp(self.Gamma)
 
-    @cached_property
+    @computed_once
     def exp_G(self) -> torch.Tensor:
         """[B, N, H, c, Kg] exp(G_i)."""
         return torch.exp(self.G)
 
-    @cached_property
+    @computed_once
     def q_from_start(self) -> torch.Tensor:
         """q_i * exp(G_i): a query decayed back to its chunk's start state."""
         return self.q if self.g is None else self.q * self.exp_G
 
-    @cached_property
+    @computed_once
     def decay_to_end(self) -> torch.Tensor:
         """[B, N, H, c, Kg] exp(sum of g after token j to the chunk end)."""
         return torch.exp(reverse_exclusive_cumsum(self.g, dim=-2))
 
-    @cached_property
+    @computed_once
     def k_to_end(self) -> torch.Tensor:
         """k_j decayed forward to its chunk's end state."""
         return self.k if self.g is None else self.k * self.decay_to_end
 
-    @cached_property
+    @computed_once
     def intra_decay(self) -> torch.Tensor:
         """Scalar decays: [B, N, H, c, c] exp(G_i - G_j) for j <= i, zero above the diagonal
         ([1, 1, H, c, c] for one constant per head, the same in every chunk: padding tokens have
@@ -240,19 +253,19 @@ class ChunkedSeq:
             return constant_decays(self.g[:1, :1, :, :1], self.chunk_size)
         return segment_decays(self.g)
 
-    @cached_property
+    @computed_once
     def decay_before_chunk(self) -> torch.Tensor | None:
         """[B, N, H, Kg] exp(log decay from the stretch's start to each chunk's start); None
         without decay. Carries an incoming state to each chunk."""
         return None if self.g is None else torch.exp(exclusive_cumsum(self.Gamma, dim=1))
 
-    @cached_property
+    @computed_once
     def decay_after_chunk(self) -> torch.Tensor | None:
         """[B, N, H, Kg] exp(log decay from each chunk's end to the stretch's end); None without
         decay. Carries the gradient on the outgoing state back to each chunk."""
         return None if self.g is None else torch.exp(reverse_exclusive_cumsum(self.Gamma, dim=1))
 
-    @cached_property
+    @computed_once
     def total_decay(self) -> torch.Tensor | None:
         """[B, H, Kg] exp(log decay across the whole stretch): the stretch's transition; None
         without decay."""

@@ -49,7 +49,6 @@ A policy is picked once per call (`policy_for`) and kept for its backward.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -87,24 +86,34 @@ CPU = Policy("cpu", overlap="poll", keeps_costly_terms=True, scan="blocked", til
 CUDA = Policy("cuda", overlap="fixed", keeps_costly_terms=False, scan="tree", tile_values=None, tile_scores=1 << 30)
 POLICIES = {"cpu": CPU, "cuda": CUDA}
 
-_forced: contextvars.ContextVar[Policy | None] = contextvars.ContextVar("lasp2_policy", default=None)
+class _Forced:
+    """The policy forced by the innermost `policy(...)` block, for the whole process. A plain
+    attribute rather than a context variable: torch.compile reads it while tracing and guards
+    on it (a forced policy recompiles, leaving it recompiles back), where it cannot trace a
+    ContextVar."""
+
+    policy: Policy | None = None
+
+
+_FORCED = _Forced()
 
 
 @contextlib.contextmanager
 def policy(device):
     """Within the block every call uses the policy of `device` ("cpu", "cuda", a torch.device or
-    a Policy) whatever its tensors' device."""
+    a Policy) whatever its tensors' device. Blocks nest; the choice holds for the whole process
+    (every thread) while the block runs."""
     chosen = device if isinstance(device, Policy) else _by_name(torch.device(device).type)
-    token = _forced.set(chosen)
+    outer, _FORCED.policy = _FORCED.policy, chosen
     try:
         yield chosen
     finally:
-        _forced.reset(token)
+        _FORCED.policy = outer
 
 
 def policy_for(device: torch.device) -> Policy:
     """The forced policy, else the one for `device` (CUDA for GPUs, the CPU's otherwise)."""
-    forced = _forced.get()
+    forced = _FORCED.policy
     return forced if forced is not None else _by_name(device.type)
 
 

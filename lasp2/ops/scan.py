@@ -11,7 +11,7 @@ K x K matrix (the delta rule):
 Shapes: x [..., N, K, V] and a [..., N, Kg], [..., N, K, K] or None, with the slot axis at `dim`
 of x (-3 by default; -4 for [B, N, H, K, V], where a is [B, N, H, Kg]).
 
-How the scan runs is the device policy's (`policy.scan`). "blocked" (CPU): for row scales two
+How the scan runs is the device policy's (`policy.scan`). "blocked" (CPU, eager): for row scales two
 levels of loops, ~2 sqrt(N) element-wise steps, cheap next to the matmuls that produce x; for
 dense transitions one matmul step per slot. "tree" (GPU): a log-depth scan, ~12 ops per level
 and 2·log2(N) levels, whatever the transition (without one: a cumulative sum), so that the
@@ -44,7 +44,7 @@ def _scan(x: torch.Tensor, a: torch.Tensor | None, reverse: bool, dim: int, dens
     assert dim <= -3, dim
     if a is not None and not dense:
         a = a.unsqueeze(-1)  # [..., Kg, 1]: scales the rows, aligned with x
-    if policy_for(x.device).tree_scans:
+    if policy_for(x.device).tree_scans or torch.compiler.is_compiling():  # a compiled loop would unroll
         return _tree_scan(x, a, reverse, dim, dense)
     if dense:
         return _sequential_scan(x, a, reverse, dim, dense)
@@ -171,7 +171,8 @@ def _identity(a: torch.Tensor, m: int, dense: bool) -> torch.Tensor:
 def exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
     """sum_{m < n} x_m along `dim`, formed without subtracting (no cancellation)."""
     n = x.shape[dim]
-    if torch.is_grad_enabled() and x.requires_grad:  # autograd cannot see through out=
+    if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():  # autograd and compile
+        # cannot see through out= into a view
         return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), torch.cumsum(x.narrow(dim, 0, n - 1), dim=dim)], dim=dim)
     out = torch.empty_like(x)
     out.narrow(dim, 0, 1).zero_()
