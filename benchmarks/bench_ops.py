@@ -5,6 +5,7 @@
     python benchmarks/bench_ops.py --T 8192 --forms none --repeats 9
     python benchmarks/bench_ops.py --T 2048 8192 --forms deltanet gated_deltanet kda
     python benchmarks/bench_ops.py --T 8192 --documents 16   # + the same row packed as 16 documents
+    python benchmarks/bench_ops.py --T 8192 --policy cpu cuda --compile   # each device policy, eager and compiled
 
 The ideal time is FLOPs / (fp32 matmul throughput measured in the same run on a large square
 matmul). FLOPs are those of the chunked algorithm at chunk 64, counted as matmuls only: per
@@ -14,7 +15,10 @@ gated_deltanet, kda: `chunk_delta_rule` with no gate, a gate per head, a gate pe
 counts per token and head 2*64*(4K+2V) (the q.k and k.k scores, W, U, Qe = Q - PW, PU) +
 2*64^2/3 (the triangular inverse) + 6*K*V (the state carried and read out), also at chunk 64
 (KDA runs chunks of 16, so its share of the roofline is lower). Times are medians of --repeats
-runs after --warmup runs. Prints a table and writes a CSV under benchmarks/results/.
+runs after --warmup runs. --policy runs each op under the given device policies
+(`lasp2.ops.policy`); --compile also times it compiled (torch.compile(fullgraph=True), the
+default inductor backend), with the seconds its first forward and fwd+bwd took to compile.
+Prints a table and writes a CSV under benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 
 from lasp2_bench.documents import packed_offsets
 from lasp2_bench.machine import cpu_name
-from lasp2.ops import chunk_delta_rule, chunk_linear_attn
+from lasp2.ops import chunk_delta_rule, chunk_linear_attn, policy
 
 DELTA_GATES = {"deltanet": None, "gated_deltanet": "token", "kda": "channel"}
 FORMS = ("none", "head", "token", "channel", *DELTA_GATES)
@@ -86,22 +90,37 @@ def make_inputs(form, B, T, H, K, V, device, dtype):
     return [None if t is None else t.requires_grad_() for t in inputs]
 
 
-def bench(form, B, T, H, K, V, device, dtype, warmup, repeats, cu_seqlens=None):
+def bench(form, B, T, H, K, V, device, dtype, warmup, repeats, cu_seqlens=None, compiled=False):
+    """((fwd median, min, max), (fwd+bwd median, min, max), seconds to compile or None)."""
     inputs = make_inputs(form, B, T, H, K, V, device, dtype)
     op = chunk_delta_rule if form in DELTA_GATES else chunk_linear_attn
     kw = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+
+    def run(*args):
+        return op(*args, **kw)[0]
+
+    if compiled:
+        torch._dynamo.reset()
+        run = torch.compile(run, fullgraph=True)
     do = torch.randn(B, T, H, V, device=device, dtype=dtype)
-    with torch.no_grad():
-        fwd = median_time(lambda: op(*inputs, **kw), device, warmup, repeats)
 
     def fwd_bwd():
         for t in inputs:
             if t is not None:
                 t.grad = None
-        o, _ = op(*inputs, **kw)
-        o.backward(do)
+        run(*inputs).backward(do)
 
-    return fwd, median_time(fwd_bwd, device, warmup, repeats)
+    compile_s = None
+    if compiled:  # the first calls trace and compile (forward without grad; forward + backward)
+        start = time.perf_counter()
+        with torch.no_grad():
+            run(*inputs)
+        fwd_bwd()
+        sync(device)
+        compile_s = time.perf_counter() - start
+    with torch.no_grad():
+        fwd = median_time(lambda: run(*inputs), device, warmup, repeats)
+    return fwd, median_time(fwd_bwd, device, warmup, repeats), compile_s
 
 
 def main():
@@ -119,6 +138,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--documents", type=int, default=0,
                         help="also time each row packed as this many documents (cu_seqlens; B must be 1)")
+    parser.add_argument("--policy", nargs="+", default=[None], choices=["cpu", "cuda"],
+                        help="device policies to run under (default: the device's own)")
+    parser.add_argument("--compile", action="store_true", help="also time each op compiled (torch.compile, fullgraph)")
     parser.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/ops-<date>-<device>.csv)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -127,30 +149,44 @@ def main():
     name = device_name(device)
     print(f"device {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, inputs {args.dtype}, "
           f"fp32 matmul {peak / 1e9:.1f} GFLOP/s (median, measured now)")
-    header = f"{'decay':14s} {'T':>6s} {'fwd ms':>9s} {'fwd %roof':>9s} {'fwd+bwd ms':>11s} {'f+b %roof':>9s}"
+    header = f"{'decay':14s} {'policy':6s} {'mode':8s} {'T':>6s} {'fwd ms':>9s} {'fwd %roof':>9s} {'fwd+bwd ms':>11s} " \
+             f"{'f+b %roof':>9s} {'compile s':>9s}"
     if args.documents:
         header += f" {'packed f+b ms':>13s} {'packed/plain':>12s}"
     print(header)
     print("-" * len(header))
     rows = []
+    dtype = getattr(torch, args.dtype)
     for form in args.forms:
         for T in args.T:
-            (f_med, f_min, f_max), (fb_med, fb_min, fb_max) = bench(
-                form, args.B, T, args.H, args.K, args.V, device, getattr(torch, args.dtype), args.warmup, args.repeats)
-            flops = forward_flops(form, args.B, T, args.H, args.K, args.V)
-            f_roof, fb_roof = flops / peak / f_med, 3 * flops / peak / fb_med
-            line = f"{form:14s} {T:6d} {f_med * 1e3:9.1f} {100 * f_roof:8.0f}% {fb_med * 1e3:11.1f} {100 * fb_roof:8.0f}%"
-            packed_ms = None
-            if args.documents:
-                _, (packed_med, _, _) = bench(form, args.B, T, args.H, args.K, args.V, device, getattr(torch, args.dtype),
-                                              args.warmup, args.repeats, packed_offsets(T, args.documents, device))
-                packed_ms = packed_med * 1e3
-                line += f" {packed_ms:13.1f} {packed_med / fb_med:12.2f}"
-            print(line)
-            rows.append(dict(documents=args.documents, packed_fwd_bwd_ms_median=packed_ms,decay=form, dtype=args.dtype, T=T, B=args.B, H=args.H, K=args.K, V=args.V, device=name,
-                             fwd_ms_median=f_med * 1e3, fwd_ms_min=f_min * 1e3, fwd_ms_max=f_max * 1e3,
-                             fwd_bwd_ms_median=fb_med * 1e3, fwd_bwd_ms_min=fb_min * 1e3, fwd_bwd_ms_max=fb_max * 1e3,
-                             fwd_roofline=f_roof, fwd_bwd_roofline=fb_roof, matmul_gflops=peak / 1e9))
+            for chosen in args.policy:
+                for compiled in (False, True) if args.compile else (False,):
+                    with policy(chosen or device.type):
+                        (f_med, f_min, f_max), (fb_med, fb_min, fb_max), compile_s = bench(
+                            form, args.B, T, args.H, args.K, args.V, device, dtype, args.warmup, args.repeats,
+                            compiled=compiled)
+                    flops = forward_flops(form, args.B, T, args.H, args.K, args.V)
+                    f_roof, fb_roof = flops / peak / f_med, 3 * flops / peak / fb_med
+                    mode = "compiled" if compiled else "eager"
+                    shown = "-" if compile_s is None else f"{compile_s:.1f}"
+                    line = (f"{form:14s} {chosen or device.type:6s} {mode:8s} {T:6d} {f_med * 1e3:9.1f} "
+                            f"{100 * f_roof:8.0f}% {fb_med * 1e3:11.1f} {100 * fb_roof:8.0f}% {shown:>9s}")
+                    packed_ms = None
+                    if args.documents:
+                        with policy(chosen or device.type):
+                            _, (packed_med, _, _), _ = bench(form, args.B, T, args.H, args.K, args.V, device, dtype,
+                                                             args.warmup, args.repeats,
+                                                             packed_offsets(T, args.documents, device), compiled)
+                        packed_ms = packed_med * 1e3
+                        line += f" {packed_ms:13.1f} {packed_med / fb_med:12.2f}"
+                    print(line, flush=True)
+                    rows.append(dict(documents=args.documents, packed_fwd_bwd_ms_median=packed_ms, decay=form,
+                                     policy=chosen or device.type, mode=mode, compile_s=compile_s, dtype=args.dtype,
+                                     T=T, B=args.B, H=args.H, K=args.K, V=args.V, device=name,
+                                     fwd_ms_median=f_med * 1e3, fwd_ms_min=f_min * 1e3, fwd_ms_max=f_max * 1e3,
+                                     fwd_bwd_ms_median=fb_med * 1e3, fwd_bwd_ms_min=fb_min * 1e3,
+                                     fwd_bwd_ms_max=fb_max * 1e3, fwd_roofline=f_roof, fwd_bwd_roofline=fb_roof,
+                                     matmul_gflops=peak / 1e9))
     out = args.out or Path(__file__).parent / "results" / f"ops-{datetime.date.today()}-{device.type}-{args.dtype}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:

@@ -45,6 +45,15 @@ def apply_activation_checkpointing(blocks) -> None:
         checkpoint(block)
 
 
+def apply_compile(blocks) -> None:
+    """torch.compile each block in place (`Module.compile`: parameter names unchanged, so
+    checkpoints load with or without it). The ops trace whole (lasp2.ops compile with
+    fullgraph=True); a block's graph breaks only where a sequence-parallel method communicates,
+    and those pieces run eagerly. One compiled graph per block's shapes (and per layer type)."""
+    for block in blocks:
+        block.compile()
+
+
 def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
     """bf16 compute with fp32 gradient reduction on CUDA; fp32 throughout elsewhere."""
     if device.type == "cuda":

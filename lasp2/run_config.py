@@ -22,7 +22,8 @@ class ModelChoice:
 @dataclass(frozen=True)
 class ParallelChoice:
     """How the job splits the work: sequence parallelism (methods, layout, chunk length), data
-    parallelism over every rank (shard or replicate), activation checkpointing per block."""
+    parallelism over every rank (shard or replicate), activation checkpointing and
+    torch.compile per block."""
 
     sp: int = 1
     sp_linear: str = "lasp2"
@@ -31,6 +32,7 @@ class ParallelChoice:
     chunk_size: int = 64
     data_parallel: str = "shard"
     activation_checkpointing: bool = False
+    compile: bool = False
 
 
 @dataclass(frozen=True)

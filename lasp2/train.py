@@ -31,8 +31,8 @@ from .distributed import ConfigError, ParallelDims, init_parallel, shutdown, sum
 from .model import DELTA_KINDS, LINEAR_KINDS, PRESETS, LinearLlama, count_parameters, pattern_for_ratio, preset
 from .parallel import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel
 from .parallel.layout import LAYOUTS, Layout
-from .parallelize import (DATA_PARALLEL, apply_activation_checkpointing, apply_data_parallel, clip_grad_norm,
-                          fp32_parameters, materialize, sum_replicated_gradients)
+from .parallelize import (DATA_PARALLEL, apply_activation_checkpointing, apply_compile, apply_data_parallel,
+                          clip_grad_norm, fp32_parameters, materialize, sum_replicated_gradients)
 from .report import MetricsLog, Progress, plot_losses
 from .run_config import DataChoice, ModelChoice, OptimChoice, ParallelChoice, RunConfig
 
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "rank (FSDP2) or replicate them (default: %(default)s)")
     par.add_argument("--checkpointing", action="store_true",
                      help="activation checkpointing: recompute each block in the backward (default: off)")
+    par.add_argument("--compile", action="store_true",
+                     help="torch.compile each block; graphs break only at the sequence-parallel collectives (default: off)")
     data = p.add_argument_group("data")
     data.add_argument("--data", default=None, help="text file or directory, or .npy/.bin tokens (default: the Python standard library's sources)")
     data.add_argument("--tokenizer", default=None, help="local tokenizers JSON file or directory (default: bytes, vocab 256)")
@@ -290,12 +292,15 @@ def build_model(choice: ModelChoice, cfg, vocab_size: int, sp, device: torch.dev
 
 
 def apply_parallelism(model, dims: ParallelDims, choice: ParallelChoice) -> str:
-    """Activation checkpointing, then FSDP2 over the flattened dp x sp mesh (one process: none);
-    returns a few words saying what was applied."""
+    """Activation checkpointing, torch.compile per block, then FSDP2 over the flattened dp x sp
+    mesh (one process: none), in torchtitan's order; returns a few words saying what was applied."""
     applied = []
     if choice.activation_checkpointing:
         apply_activation_checkpointing(model.blocks)
         applied.append("activation checkpointing")
+    if choice.compile:
+        apply_compile(model.blocks)
+        applied.append("compiled blocks")
     if dims.world > 1:
         apply_data_parallel(model, model.blocks, dims.flat_mesh, choice.data_parallel, dims.device)
         applied.append(f"{'sharded' if choice.data_parallel == 'shard' else 'replicated'} over {dims.world} ranks")

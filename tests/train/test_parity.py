@@ -36,10 +36,12 @@ def argv(tmp_path, kind, pattern, layout, extra=()):
 
 def run(dist_workers, mesh, args):
     """Rank 0's result of the trainer on `mesh` ("sp2", ...; "sp2-replicate": --data-parallel
-    replicate instead of the default shard; "-ac": with activation checkpointing)."""
+    replicate instead of the default shard; "-ac": with activation checkpointing; "-compile":
+    torch.compile per block)."""
     mesh, *options = mesh.split("-")
     extra = ["--sp", "1" if mesh == "single" else str(MESH_SHAPES[mesh][2])]
     extra += ["--checkpointing"] if "ac" in options else []
+    extra += ["--compile"] if "compile" in options else []
     extra += ["--data-parallel", "replicate"] if "replicate" in options else []
     return dist_workers.run(train_job, MESHES[mesh], [*args, *extra], mesh, timeout=300)[0]
 
@@ -134,6 +136,12 @@ def test_parity_of_other_methods(dist_workers, tmp_path, linear, softmax):
 def test_parity_of_delta_rule_methods(dist_workers, tmp_path, method):
     check_case(dist_workers, tmp_path, "gated_deltanet", "LLLN", [("sp2", "zigzag"), ("dp2sp2", "contiguous")],
                ["--sp-linear", method])
+
+
+def test_parity_of_compiled_blocks(dist_workers, tmp_path):
+    """--compile: every block compiled (its graph broken where the methods communicate), with
+    activation checkpointing, at sp 2: the eager single process's losses and parameters."""
+    check_case(dist_workers, tmp_path, "gated_deltanet", "LN", [("sp2-compile-ac", "zigzag")])
 
 
 @pytest.fixture(scope="module")
