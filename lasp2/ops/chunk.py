@@ -24,7 +24,7 @@ class _ChunkLinearAttn(torch.autograd.Function):
     def forward(ctx, q, k, v, log_decay, initial_state, kind, scale, chunk_size):
         ctx.set_materialize_grads(False)
         x = ChunkedSeq.from_inputs(q, k, v, log_decay, kind, chunk_size)
-        S0 = None if initial_state is None else initial_state.to(x.q.dtype)
+        S0 = None if initial_state is None else initial_state.to(x.state_dtype)
         h_start, final_state = state_pass(x)
         if S0 is not None:
             h_start, final_state = add_incoming(x, h_start, final_state, S0)
@@ -40,10 +40,10 @@ class _ChunkLinearAttn(torch.autograd.Function):
         if do is None and d_final is None:
             return (None,) * 8
         x, (h_start,) = ChunkedSeq.from_ctx(ctx)
-        do_hat = x.output_grad(do, ctx.scale) if do is not None else x.v.new_zeros(x.v.shape)
+        do_hat = x.output_grad(do, ctx.scale) if do is not None else x.v.new_zeros(x.v.shape, dtype=x.state_dtype)
         delta_after, dS0 = grad_state_pass(x, do_hat)
         if d_final is not None:
-            delta_after, dS0 = add_outgoing_grad(x, delta_after, dS0, d_final.to(x.q.dtype))
+            delta_after, dS0 = add_outgoing_grad(x, delta_after, dS0, d_final.to(x.state_dtype))
         grads = tiled_input_grads(x, x.tiles(), h_start, delta_after, do_hat)
         dS0 = None if ctx.initial_dtype is None else dS0.to(ctx.initial_dtype)
         return (*grads, dS0, None, None, None)

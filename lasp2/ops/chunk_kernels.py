@@ -36,20 +36,49 @@ def _t(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-1, -2)
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _half_operands(a3: torch.Tensor, b3: torch.Tensor):
+    """(a, b, half dtype or None): a matmul with a half operand runs with both operands in that
+    dtype (the other rounded to it) and fp32 accumulation."""
+    half = a3.dtype if a3.dtype in HALF else b3.dtype if b3.dtype in HALF else None
+    if half is None:
+        return a3, b3, None
+    return a3.to(half), b3.to(half), half
+
+
+def _bmm3(a3: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
+    """torch.bmm with half operands -> an fp32 result (CUDA: one tensor-core kernel with fp32
+    accumulation; elsewhere the same numbers: the half operands multiplied in fp32)."""
+    a3, b3, half = _half_operands(a3, b3)
+    if half is None:
+        return torch.bmm(a3, b3)
+    if a3.is_cuda:
+        return torch.bmm(a3, b3, out_dtype=torch.float32)
+    return torch.bmm(a3.float(), b3.float())
+
+
 def bmm(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
     """a [..., m, k] @ b [..., k, n] as one torch.bmm over the flattened leading dims (views,
     transposed operands included, so nothing is copied); adds alpha times it into `acc` in
-    place when given."""
+    place when given. Half operands (the CUDA policy's chunks of bf16 inputs): half matmul,
+    fp32 result."""
     a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
     if acc is None:
-        return torch.bmm(a3, b3).view(*a.shape[:-1], b.shape[-1])
-    acc.view(-1, *acc.shape[-2:]).baddbmm_(a3, b3, alpha=alpha)
+        return _bmm3(a3, b3).view(*a.shape[:-1], b.shape[-1])
+    if a3.dtype in HALF or b3.dtype in HALF:
+        acc.view(-1, *acc.shape[-2:]).add_(_bmm3(a3, b3), alpha=alpha)
+    else:
+        acc.view(-1, *acc.shape[-2:]).baddbmm_(a3, b3, alpha=alpha)
     return acc
 
 
 def bmm_plus(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, beta: float = 1.0):
     """beta · c + alpha · (a @ b) into a new tensor, as one torch.baddbmm (shapes as for `bmm`)."""
     a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    if a3.dtype in HALF or b3.dtype in HALF:
+        return torch.add(c.reshape(-1, *c.shape[-2:]) * beta, _bmm3(a3, b3), alpha=alpha).view(*a.shape[:-1], b.shape[-1])
     return torch.baddbmm(c.reshape(-1, *c.shape[-2:]), a3, b3, alpha=alpha, beta=beta).view(*a.shape[:-1], b.shape[-1])
 
 

@@ -124,7 +124,8 @@ class ChunkedSeq:
     """One rank's (or one device's) sequence in chunked layout, with its decay factors.
 
     Attributes:
-        q, k: [B, N, H, c, K];  v: [B, N, H, c, V]  (compute dtype: fp32, or fp64 for fp64 input)
+        q, k: [B, N, H, c, K];  v: [B, N, H, c, V]  (compute dtype: fp32, or fp64 for fp64 input;
+            bf16/fp16 inputs stay in their dtype under a policy of half matmuls)
         g: [B, N, H, c, Kg] per-token log decay, or None without decay (Kg = K for GLA, else 1).
     Every decay factor below is exp of a sum of non-positive terms, formed as that sum and not
     as a difference of prefix sums, so strong decay gives exact zeros and never inf or nan.
@@ -141,11 +142,14 @@ class ChunkedSeq:
 
     @classmethod
     def from_inputs(cls, q, k, v, log_decay, kind: str, chunk_size: int) -> "ChunkedSeq":
-        """From public [B, T, H, D] tensors and a log decay in any of its forms."""
+        """From public [B, T, H, D] tensors and a log decay in any of its forms. q, k, v are
+        laid out in the compute dtype, or kept in their half dtype when the device policy runs
+        half matmuls (`Policy.half_matmuls`); the decays always in the compute dtype."""
         b, t = q.shape[:2]
         dtype = compute_dtype(q.dtype)
+        half = q.dtype in (torch.bfloat16, torch.float16) and policy_for(q.device).half_matmuls
         g = None if kind == DECAY_NONE else log_decay_to_chunks(log_decay, kind, b, t, chunk_size, dtype)
-        chunked = (to_chunks(x, chunk_size, dtype) for x in (q, k, v))
+        chunked = (to_chunks(x, chunk_size, x.dtype if half else dtype) for x in (q, k, v))
         return cls(*chunked, g, kind, t, (q.dtype, None if log_decay is None else log_decay.dtype))
 
     def save_for_backward(self, ctx, inputs: tuple, *extra: torch.Tensor | None) -> None:
@@ -169,10 +173,10 @@ class ChunkedSeq:
 
     def tiles(self) -> list[Tile]:
         """The sequence cut into runs of chunks of the device policy's `tile_values` (CPU: cache
-        sized; one run when it is small, or always under a policy without tiles)."""
+        sized; one run when it is small, or always under a policy without tiles, or compiled)."""
         B, N, H, c = self.q.shape[:4]
         tile_values = policy_for(self.q.device).tile_values
-        if tile_values is None:
+        if tile_values is None or torch.compiler.is_compiling():  # compiled, a tile loop would only unroll
             return [Tile(self, slice(None), slice(None))]
         per_tile = max(1, tile_values // (H * c * max(c, self.q.shape[-1], self.v.shape[-1])))  # chunks
         if per_tile >= N:  # whole batch rows
@@ -231,8 +235,9 @@ class ChunkedSeq:
 
     @computed_once
     def q_from_start(self) -> torch.Tensor:
-        """q_i * exp(G_i): a query decayed back to its chunk's start state."""
-        return self.q if self.g is None else self.q * self.exp_G
+        """q_i * exp(G_i): a query decayed back to its chunk's start state (a matmul operand: in
+        q's dtype)."""
+        return self.q if self.g is None else (self.q * self.exp_G).to(self.q.dtype)
 
     @computed_once
     def decay_to_end(self) -> torch.Tensor:
@@ -241,8 +246,8 @@ class ChunkedSeq:
 
     @computed_once
     def k_to_end(self) -> torch.Tensor:
-        """k_j decayed forward to its chunk's end state."""
-        return self.k if self.g is None else self.k * self.decay_to_end
+        """k_j decayed forward to its chunk's end state (a matmul operand: in k's dtype)."""
+        return self.k if self.g is None else (self.k * self.decay_to_end).to(self.k.dtype)
 
     @computed_once
     def intra_decay(self) -> torch.Tensor:
@@ -271,5 +276,11 @@ class ChunkedSeq:
         without decay."""
         return None if self.g is None else torch.exp(self.Gamma.sum(dim=1))
 
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """The precision of states, scans and decay factors: fp32 (fp64 for fp64 inputs)."""
+        return compute_dtype(self.dtypes[0])
+
     def chunk(self, x_BTHD: torch.Tensor) -> torch.Tensor:
+        """[B, T, H, D] -> chunked like q, k, v (in their dtype)."""
         return to_chunks(x_BTHD, self.chunk_size, self.q.dtype)

@@ -60,8 +60,8 @@ def _level_factors(g: torch.Tensor):
 
 def channel_scores(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """A [..., c, c] (zero above the diagonal) for per-token, per-channel log decays g."""
-    scores = q.new_zeros(*q.shape[:-1], q.shape[-2])
-    scores.diagonal(dim1=-2, dim2=-1).copy_((q * k).sum(dim=-1))
+    scores = g.new_zeros(*q.shape[:-1], q.shape[-2])  # in g's (the compute) dtype, whatever q's
+    scores.diagonal(dim1=-2, dim2=-1).copy_((q.to(g.dtype) * k).sum(dim=-1))
     for b, right_in, left_out in _level_factors(g):
         q_right, k_left = _halves(q, b)[1] * right_in, _halves(k, b)[0] * left_out
         _pair_blocks(scores, b).copy_(q_right @ k_left.transpose(-1, -2))
@@ -75,8 +75,8 @@ def channel_score_grads(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, d_sco
     dg_t collects, per level, sum_{i >= t in t's right block} of q'_i dq'_i and
     sum_{j < t in t's left block} of k'_j dk'_j (q', k' the scaled blocks): sums, no differences.
     """
-    scores = q.new_zeros(*q.shape[:-1], q.shape[-2])
-    scores.diagonal(dim1=-2, dim2=-1).copy_((q * k).sum(dim=-1))
+    scores = g.new_zeros(*q.shape[:-1], q.shape[-2])
+    scores.diagonal(dim1=-2, dim2=-1).copy_((q.to(g.dtype) * k).sum(dim=-1))
     d_diag = d_scores.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
     dq, dk, dg = d_diag * k, d_diag * q, torch.zeros_like(g)
     for b, right_in, left_out in _level_factors(g):

@@ -44,6 +44,15 @@ math to the same tolerances; they differ only in what suits the device:
               left-product blocks; CPU 2^25 (128 MB fp32), CUDA 2^30 (4 GB): launches stay
               constant until one block's scores exceed it).
 
+    half_matmuls
+              the precision of the chunk matmuls for bf16/fp16 inputs. False (CPU): every matmul
+              in fp32 (a CPU has no faster half matmul). True (CUDA): linear attention keeps its
+              chunked q, k, v in the input dtype and runs each matmul with half operands (a
+              state or an fp32 factor rounded to the input dtype, as FLA's kernels do) and fp32
+              accumulation and result (tensor cores); decay factors, states and scans stay fp32.
+              On a CPU the forced policy emulates it exactly (operands rounded to the half
+              dtype, then multiplied in fp32).
+
 A policy is picked once per call (`policy_for`) and kept for its backward.
 """
 from __future__ import annotations
@@ -62,6 +71,7 @@ class Policy:
     scan: str  # "blocked" or "tree"
     tile_values: int | None
     tile_scores: int
+    half_matmuls: bool
 
     def __post_init__(self):
         if self.overlap not in ("poll", "fixed"):
@@ -82,8 +92,10 @@ class Policy:
         return self.scan == "tree"
 
 
-CPU = Policy("cpu", overlap="poll", keeps_costly_terms=True, scan="blocked", tile_values=1 << 18, tile_scores=1 << 25)
-CUDA = Policy("cuda", overlap="fixed", keeps_costly_terms=False, scan="tree", tile_values=None, tile_scores=1 << 30)
+CPU = Policy("cpu", overlap="poll", keeps_costly_terms=True, scan="blocked", tile_values=1 << 18, tile_scores=1 << 25,
+             half_matmuls=False)
+CUDA = Policy("cuda", overlap="fixed", keeps_costly_terms=False, scan="tree", tile_values=None, tile_scores=1 << 30,
+              half_matmuls=True)
 POLICIES = {"cpu": CPU, "cuda": CUDA}
 
 class _Forced:

@@ -3,6 +3,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lasp2.ops import chunk_linear_attn, naive_recurrent_linear_attn, policy
 from lasp2.ops.policy import CPU
@@ -153,3 +154,37 @@ def test_inputs_are_not_modified():
     assert torch.equal(do, do_copy)
     for n, t in zip("qkvg", (q, k, v, g)):
         assert torch.equal(t.detach(), copies[n])
+
+
+class _MatmulOperands(TorchDispatchMode):
+    """Records, for every bmm / baddbmm, whether both operands hold bf16 values only."""
+
+    def __init__(self):
+        super().__init__()
+        self.bf16_exact = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm):
+            a, b = (args[0], args[1]) if func.overloadpacket is torch.ops.aten.bmm else (args[1], args[2])
+            self.bf16_exact.append(all(bool((t == t.bfloat16().to(t.dtype)).all()) for t in (a, b)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", DECAY_FORMS)
+def test_the_cuda_policy_runs_every_chunk_matmul_in_bf16_for_bf16_inputs(kind):
+    """policy("cuda"), bf16 inputs: every batched matmul of the forward and backward takes bf16
+    operands (on a GPU: tensor cores with fp32 accumulation; here the same numbers, emulated),
+    but for GLA's intra-chunk levels, which stay fp32; the CPU policy multiplies in fp32."""
+    inputs = make_inputs(kind, T=130, dtype=torch.bfloat16)
+    q, k, v, g = (None if inputs[n] is None else leaf(inputs[n]) for n in "qkvg")
+    seen = {}
+    for device_policy in ("cpu", "cuda"):
+        with policy(device_policy), _MatmulOperands() as log:
+            o, _ = chunk_linear_attn(q, k, v, g, chunk_size=16)
+            o.float().square().sum().backward()
+        seen[device_policy] = log.bf16_exact
+    if kind == "channel":  # the binary-splitting levels multiply fp32 factors: only the rest is bf16
+        assert any(seen["cuda"]) and not all(seen["cuda"])
+    else:
+        assert all(seen["cuda"]), seen["cuda"]
+    assert not all(seen["cpu"])

@@ -120,11 +120,13 @@ def test_softmax_methods(dist_workers, method, world, causal, layout, heads, dty
     _check(results, reference, TOLERANCE[dtype], False)
 
 
+@pytest.mark.parametrize("device_policy", ["cpu", "cuda"])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("method", list(LINEAR_METHODS))
-def test_linear_methods_bf16(dist_workers, method, layout):
-    """bf16 inputs (states and scans in fp32) within the ops' stated bf16 bound of 1e-2."""
+def test_linear_methods_bf16(dist_workers, method, layout, device_policy):
+    """bf16 inputs (states and scans in fp32; under the CUDA policy bf16 chunk matmuls) within
+    the ops' stated bf16 bound of 1e-2."""
     inputs = make_inputs("token", B=1, T=48, H=2, K=4, V=4, dtype=torch.bfloat16, seed=1)
     do = torch.randn(1, 48, 2, 4, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    results = dist_workers.run(run_registered, (0, 1), "linear", method, inputs, do, layout, True)
+    results = dist_workers.run(run_registered_under, (0, 1), device_policy, "linear", method, inputs, do, layout, True)
     _check(results, single_device(inputs, do, True), 1e-2, False)
