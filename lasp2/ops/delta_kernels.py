@@ -38,7 +38,7 @@ from .checks import DECAY_CHANNEL, DECAY_NONE, DECAY_TOKEN, compute_dtype
 from .chunk_kernels import bmm, bmm_plus
 from .delta_checks import DeltaRuleShape
 from .policy import policy_for
-from .scan import prefix_scan, suffix_scan
+from .scan import prefix_scan, scans_as_trees, suffix_scan
 
 CHANNEL_CHUNK = 16
 # The chunk terms that cost matmuls or a solve to make (the others are copies and element-wise
@@ -248,10 +248,11 @@ def carry(x: DeltaChunks, state: torch.Tensor, *, values: bool = True) -> tuple[
     state itself (U = Ū − W S); the other columns, or all of them with values=False, carry only
     what they feed (U = −W S): from I, the chunks' K x K transition.
 
-    As the device policy's `scan` says: chunk by chunk (K x V matmuls, no map formed), or as a
-    log-depth scan over the chunks' maps (`chunk_maps`), `state` as one more slot before them."""
+    As the device policy's `scan` says (compiled: always the tree): chunk by chunk (K x V
+    matmuls, no map formed), or as a log-depth scan over the chunks' maps (`chunk_maps`),
+    `state` as one more slot before them."""
     V = x.U_bar.shape[-1]
-    if policy_for(x.q.device).tree_scans:
+    if scans_as_trees(x.q.device):
         made = x.U_bar.new_zeros(*x.U_bar.shape[:3], *state.shape[-2:])  # what a chunk adds from a zero state
         if values:  # K̂^T Ū in the value columns
             made[..., :V] = bmm(_t(x.k_end), x.U_bar)
@@ -295,7 +296,7 @@ def grad_carry(x: DeltaChunks, d_entering_local: torch.Tensor | None, d_final: t
     None: zero) and the gradient on the final state (None: zero). Chunk by chunk or as a
     log-depth scan over the transposed maps, as `carry`."""
     d = x.zero_state() if d_final is None else d_final
-    if policy_for(x.q.device).tree_scans:
+    if scans_as_trees(x.q.device):
         own = torch.zeros_like(x.U_bar[..., :1, :].expand(*x.U_bar.shape[:3], *d.shape[-2:])) \
             if d_entering_local is None else d_entering_local
         after, d_initial = suffix_scan(torch.cat([own, d.unsqueeze(2)], dim=2),

@@ -44,7 +44,7 @@ def _scan(x: torch.Tensor, a: torch.Tensor | None, reverse: bool, dim: int, dens
     assert dim <= -3, dim
     if a is not None and not dense:
         a = a.unsqueeze(-1)  # [..., Kg, 1]: scales the rows, aligned with x
-    if policy_for(x.device).tree_scans or torch.compiler.is_compiling():  # a compiled loop would unroll
+    if scans_as_trees(x.device):
         return _tree_scan(x, a, reverse, dim, dense)
     if dense:
         return _sequential_scan(x, a, reverse, dim, dense)
@@ -121,6 +121,12 @@ def _sequential_scan(x: torch.Tensor, a: torch.Tensor | None, reverse: bool, dim
     for prev, n in zip(order, order[1:]):
         step(prev, out=result.select(dim, n))
     return result, step(order[-1])
+
+
+def scans_as_trees(device: torch.device) -> bool:
+    """Whether scans over the chunks on `device` run as log-depth trees: under a policy that
+    says so, and always while torch.compile traces (a loop would unroll into the graph)."""
+    return policy_for(device).tree_scans or torch.compiler.is_compiling()
 
 
 def _tree_scan(x: torch.Tensor, a: torch.Tensor | None, reverse: bool, dim: int, dense: bool):
