@@ -98,6 +98,7 @@ CUDA = Policy("cuda", overlap="fixed", keeps_costly_terms=False, scan="tree", ti
               half_matmuls=True)
 POLICIES = {"cpu": CPU, "cuda": CUDA}
 
+
 class _Forced:
     """The policy forced by the innermost `policy(...)` block, for the whole process. A plain
     attribute rather than a context variable: torch.compile reads it while tracing and guards

@@ -11,9 +11,9 @@ K x K matrix (the delta rule):
 Shapes: x [..., N, K, V] and a [..., N, Kg], [..., N, K, K] or None, with the slot axis at `dim`
 of x (-3 by default; -4 for [B, N, H, K, V], where a is [B, N, H, Kg]).
 
-How the scan runs is the device policy's (`policy.scan`). "blocked" (CPU, eager): for row scales two
-levels of loops, ~2 sqrt(N) element-wise steps, cheap next to the matmuls that produce x; for
-dense transitions one matmul step per slot. "tree" (GPU): a log-depth scan, ~12 ops per level
+How the scan runs is the device policy's (`policy.scan`). "blocked" (CPU, eager): for row
+scales two levels of loops, ~2 sqrt(N) element-wise steps, cheap next to the matmuls that
+produce x; for dense transitions one matmul step per slot. "tree" (GPU, and anything compiled): a log-depth scan, ~13 ops per level (5 kernels)
 and 2·log2(N) levels, whatever the transition (without one: a cumulative sum), so that the
 launches do not grow with N. Both are exact: they differ only in the order of the additions.
 """
@@ -177,8 +177,8 @@ def _identity(a: torch.Tensor, m: int, dense: bool) -> torch.Tensor:
 def exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
     """sum_{m < n} x_m along `dim`, formed without subtracting (no cancellation)."""
     n = x.shape[dim]
-    if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():  # autograd and compile
-        # cannot see through out= into a view
+    # autograd and torch.compile cannot see through out= into a view
+    if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
         return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), torch.cumsum(x.narrow(dim, 0, n - 1), dim=dim)], dim=dim)
     out = torch.empty_like(x)
     out.narrow(dim, 0, 1).zero_()

@@ -69,7 +69,8 @@ class Transition:
 
 class DenseTransition(Transition):
     """A full K x K matrix per head (the delta rule: products of rank-one corrected diagonals);
-    `a` is [..., K, K] and slot scans are short loops of matmuls."""
+    `a` is [..., K, K]; slot scans multiply (a loop of matmuls, or the log-depth tree, as the
+    device policy says)."""
 
     def width(self, key_dim: int) -> int:
         return key_dim * key_dim
@@ -87,19 +88,10 @@ class DenseTransition(Transition):
         return flat.view(*lead, key_dim, key_dim)
 
     def prefix(self, h, a):
-        entering, state = [], torch.zeros_like(h[..., 0, :, :])
-        for s in range(h.shape[-3]):
-            entering.append(state)
-            state = a[..., s, :, :] @ state + h[..., s, :, :]
-        return torch.stack(entering, dim=-3)
+        return prefix_scan(h, a, dense=True)[0]
 
     def suffix(self, d, a):
-        n = d.shape[-3]
-        leaving, grad = [None] * n, torch.zeros_like(d[..., 0, :, :])
-        for s in range(n - 1, -1, -1):
-            leaving[s] = grad
-            grad = d[..., s, :, :] + a[..., s, :, :].transpose(-1, -2) @ grad
-        return torch.stack(leaving, dim=-3)
+        return suffix_scan(d, a.transpose(-1, -2), dense=True)[0]
 
 
 IDENTITY = Transition("identity", stored=False)
