@@ -141,7 +141,7 @@ def test_parity_of_delta_rule_methods(dist_workers, tmp_path, method):
 def test_parity_of_compiled_blocks(dist_workers, tmp_path):
     """--compile: every block compiled (its graph broken where the methods communicate), with
     activation checkpointing, at sp 2: the eager single process's losses and parameters."""
-    check_case(dist_workers, tmp_path, "simple_gla", "LN", [("sp2-compile-ac", "zigzag")])
+    check_case(dist_workers, tmp_path, "basic", "LN", [("sp2-compile-ac", "zigzag")])
 
 
 @pytest.fixture(scope="module")
