@@ -148,6 +148,9 @@ def check_chunk_size(chunk_size, fn: str) -> int:
     return chunk_size
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """States and scans run in fp64 for fp64 inputs and in fp32 for everything else."""
     return torch.float64 if dtype == torch.float64 else torch.float32

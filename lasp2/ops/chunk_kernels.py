@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import HALF_DTYPES
 from .chunk_layout import ChunkedSeq
 from .gated_intra import channel_score_grads, channel_scores
 from .scan import exclusive_cumsum, prefix_scan, reverse_cumsum, suffix_scan
@@ -36,13 +37,10 @@ def _t(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-1, -2)
 
 
-HALF = (torch.bfloat16, torch.float16)
-
-
 def _half_operands(a3: torch.Tensor, b3: torch.Tensor):
     """(a, b, half dtype or None): a matmul with a half operand runs with both operands in that
     dtype (the other rounded to it) and fp32 accumulation."""
-    half = a3.dtype if a3.dtype in HALF else b3.dtype if b3.dtype in HALF else None
+    half = a3.dtype if a3.dtype in HALF_DTYPES else b3.dtype if b3.dtype in HALF_DTYPES else None
     if half is None:
         return a3, b3, None
     return a3.to(half), b3.to(half), half
@@ -67,7 +65,7 @@ def bmm(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None, alpha
     a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
     if acc is None:
         return _bmm3(a3, b3).view(*a.shape[:-1], b.shape[-1])
-    if a3.dtype in HALF or b3.dtype in HALF:
+    if a3.dtype in HALF_DTYPES or b3.dtype in HALF_DTYPES:
         acc.view(-1, *acc.shape[-2:]).add_(_bmm3(a3, b3), alpha=alpha)
     else:
         acc.view(-1, *acc.shape[-2:]).baddbmm_(a3, b3, alpha=alpha)
@@ -77,7 +75,7 @@ def bmm(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None, alpha
 def bmm_plus(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, beta: float = 1.0):
     """beta · c + alpha · (a @ b) into a new tensor, as one torch.baddbmm (shapes as for `bmm`)."""
     a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
-    if a3.dtype in HALF or b3.dtype in HALF:
+    if a3.dtype in HALF_DTYPES or b3.dtype in HALF_DTYPES:
         return torch.add(c.reshape(-1, *c.shape[-2:]) * beta, _bmm3(a3, b3), alpha=alpha).view(*a.shape[:-1], b.shape[-1])
     return torch.baddbmm(c.reshape(-1, *c.shape[-2:]), a3, b3, alpha=alpha, beta=beta).view(*a.shape[:-1], b.shape[-1])
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_NONE, DECAY_TOKEN, compute_dtype
+from .checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_NONE, DECAY_TOKEN, HALF_DTYPES, compute_dtype
 from .policy import policy_for
 from .scan import exclusive_cumsum, reverse_exclusive_cumsum
 
@@ -147,7 +147,7 @@ class ChunkedSeq:
         half matmuls (`Policy.half_matmuls`); the decays always in the compute dtype."""
         b, t = q.shape[:2]
         dtype = compute_dtype(q.dtype)
-        half = q.dtype in (torch.bfloat16, torch.float16) and policy_for(q.device).half_matmuls
+        half = q.dtype in HALF_DTYPES and policy_for(q.device).half_matmuls
         g = None if kind == DECAY_NONE else log_decay_to_chunks(log_decay, kind, b, t, chunk_size, dtype)
         chunked = (to_chunks(x, chunk_size, x.dtype if half else dtype) for x in (q, k, v))
         return cls(*chunked, g, kind, t, (q.dtype, None if log_decay is None else log_decay.dtype))

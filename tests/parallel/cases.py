@@ -180,10 +180,11 @@ def call_and_catch(group, method, per_rank_inputs, validate, causal_per_rank=Non
     return None, None, log.count()
 
 
-def run_registered_under(group, policy, *args, **kwargs):
-    """`run_registered` under the device policy `policy` (forward and backward)."""
+def run_under(group, policy, job, *args):
+    """job(group, *args) (a module-level job, forward and backward) under the device policy
+    `policy`."""
     with device_policy(policy):
-        return run_registered(group, *args, **kwargs)
+        return job(group, *args)
 
 
 def run_registered(group, family, method, inputs, do, layout, causal=True, validate=False):

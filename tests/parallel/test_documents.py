@@ -11,6 +11,7 @@ import torch
 from lasp2.parallel import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, Problem
 from tests.helpers import leaf, make_inputs, rel_err
 from tests.ops.test_delta_rule import delta_inputs
+from tests.parallel.cases import run_under
 
 T = 48
 DOCUMENTS = {
@@ -112,13 +113,6 @@ def test_packed_methods_equal_one_device(dist_workers, family, method, world, la
         assert sent == [sorted(spec_fwd), sorted(spec_bwd)], rank
 
 
-def packed_shard_under(group, policy, *args):
-    from lasp2.ops import policy as device_policy
-
-    with device_policy(policy):
-        return packed_shard(group, *args)
-
-
 CUDA_CASES = [(family, method, layout, decay) for family, methods, decays in (
     ("linear", ("lasp2", "lasp1", "allgather", "ring", "ulysses"), ("none", "token")),
     ("linear", ("lasp2", "lasp1", "ulysses"), ("channel",)),
@@ -132,7 +126,7 @@ def test_packed_methods_under_the_cuda_policy(dist_workers, family, method, layo
     """policy("cuda") (log-depth scans over chunks whose resets zero the transitions, one tile),
     W = 2: the single-device packed result."""
     x, do, ref = _reference(family, decay, "edges")
-    results = dist_workers.run(packed_shard_under, (0, 1), "cuda", family, method, x, do,
+    results = dist_workers.run(run_under, (0, 1), "cuda", packed_shard, family, method, x, do,
                                torch.tensor(DOCUMENTS["edges"]), layout)
     for rank, got in results.items():
         for name, want in ref.items():

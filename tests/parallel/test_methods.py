@@ -8,7 +8,7 @@ import torch
 
 from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS
 from tests.helpers import DECAY_FORMS, make_inputs, rel_err
-from tests.parallel.cases import rejected, run_registered, run_registered_under, single_device, softmax_reference
+from tests.parallel.cases import rejected, run_registered, run_under, single_device, softmax_reference
 
 # 168 tokens: 24 | 168, so both layouts shard for W <= 4; shards and zigzag slots (21..168
 # tokens) are never a multiple of the kernels' chunk of 16.
@@ -85,7 +85,7 @@ def test_linear_methods_under_the_cuda_policy(dist_workers, method, form, layout
     if kind not in LINEAR_METHODS[method].decays:
         return
     inputs, do, reference = _linear_case(form, torch.float64)
-    results = dist_workers.run(run_registered_under, (0, 1), "cuda", "linear", method, inputs, do, layout, causal)
+    results = dist_workers.run(run_under, (0, 1), "cuda", run_registered, "linear", method, inputs, do, layout, causal)
     _check(results, reference, TOLERANCE[torch.float64], kind == "head")
 
 
@@ -93,7 +93,7 @@ def test_linear_methods_under_the_cuda_policy(dist_workers, method, form, layout
 @pytest.mark.parametrize("method", list(SOFTMAX_METHODS))
 def test_softmax_methods_under_the_cuda_policy(dist_workers, method, layout):
     inputs, do, reference = _softmax_reference((4, 2), True, torch.float64)
-    results = dist_workers.run(run_registered_under, (0, 1), "cuda", "softmax", method, inputs, do, layout, True)
+    results = dist_workers.run(run_under, (0, 1), "cuda", run_registered, "softmax", method, inputs, do, layout, True)
     _check(results, reference, TOLERANCE[torch.float64], False)
 
 
@@ -128,5 +128,5 @@ def test_linear_methods_bf16(dist_workers, method, layout, device_policy):
     the ops' stated bf16 bound of 1e-2."""
     inputs = make_inputs("token", B=1, T=48, H=2, K=4, V=4, dtype=torch.bfloat16, seed=1)
     do = torch.randn(1, 48, 2, 4, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    results = dist_workers.run(run_registered_under, (0, 1), device_policy, "linear", method, inputs, do, layout, True)
+    results = dist_workers.run(run_under, (0, 1), device_policy, run_registered, "linear", method, inputs, do, layout, True)
     _check(results, single_device(inputs, do, True), 1e-2, False)
