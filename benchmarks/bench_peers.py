@@ -4,6 +4,7 @@ roofline, and whether the outputs agree.
 
     python benchmarks/bench_peers.py                     # T=8K, B=1, H=8, K=V=64, fp32, every recurrence
     python benchmarks/bench_peers.py --T 2048 --repeats 3 --recurrences token gated_deltanet
+    python benchmarks/bench_peers.py --recurrences none head token --groups 1   # as a Mamba2 layer calls SSD
 
 Recurrences and their peers (transformers 5.24's own PyTorch paths; `pip install "lasp2[bench]"`
 or transformers alone):
@@ -16,7 +17,10 @@ or transformers alone):
   kda             per-channel gated delta      transformers' chunk_kimi_delta_attention (Kimi Linear)
 A peer that is not installed is skipped with a line saying so. Every op gets the same raw inputs
 and computes what its layer would from them (SSD: v = x dt and log decay A dt; the delta rule:
-L2-normalised keys, scale K^-1/2), at chunk 64. The ops take turns within each repeat; times are
+L2-normalised keys, scale K^-1/2), at chunk 64. --groups G (SSD rows only) hands B and C over as
+a Mamba2 layer does, [B, T, G, N] with G groups shared by the heads: each op expands them over the
+heads inside the timing (transformers' repeat_interleave; lasp2 an expand, a view for one group,
+which its chunked layout copies), and the gradient sums back over the heads. The ops take turns within each repeat; times are
 medians of --repeats after --warmup. The roofline is lasp2's chunked FLOPs (bench_ops.py) over the
 fp32 matmul rate measured in this run, the same FLOPs for every op of a row. Writes a CSV and a
 bar chart (with matplotlib) under benchmarks/results/<date>-<device>/ or --out.
@@ -41,10 +45,13 @@ CHUNK = 64
 AGREE = 1e-3  # relative difference of the outputs (different fp32 algorithms of the same math)
 
 
-def inputs_for(recurrence: str, B: int, T: int, H: int, D: int) -> dict:
-    """Raw inputs as a layer hands them over (leaves that require grad)."""
+def inputs_for(recurrence: str, B: int, T: int, H: int, D: int, groups: int | None = None) -> dict:
+    """Raw inputs as a layer hands them over (leaves that require grad); groups: SSD's B and C
+    (k and q here) with that many groups shared by the heads."""
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
+    grouped = groups is not None and recurrence in ("none", "head", "token")
+    q, k = (torch.randn(B, T, groups if grouped else H, D, generator=gen) for _ in range(2))
+    v = torch.randn(B, T, H, D, generator=gen)
     x = dict(q=q, k=k, v=v)
     if recurrence in ("none", "head", "token"):  # SSD: v = x dt, log decay A dt
         x["dt"] = torch.ones(B, T, H) if recurrence != "token" else F.softplus(torch.randn(B, T, H, generator=gen) - 2)
@@ -66,8 +73,10 @@ def lasp2_op(recurrence: str):
     if recurrence in ("none", "head", "token"):
         def ssd(x):
             decay = None if recurrence == "none" else x["A"] if recurrence == "head" else x["A"] * x["dt"]
-            return chunk_linear_attn(x["q"], x["k"], x["v"] * x["dt"][..., None], decay, scale=1.0,
-                                     chunk_size=CHUNK)[0]
+            heads = x["v"].shape[2]
+            q, k = (t.unsqueeze(3).expand(*t.shape[:3], heads // t.shape[2], t.shape[3]).flatten(2, 3)
+                    for t in (x["q"], x["k"]))  # group g serves heads g·H/G ..; a view for one group
+            return chunk_linear_attn(q, k, x["v"] * x["dt"][..., None], decay, scale=1.0, chunk_size=CHUNK)[0]
         return ssd
     if recurrence == "channel":
         return lambda x: chunk_linear_attn(x["q"], x["k"], x["v"], x["g"], chunk_size=CHUNK)[0]
@@ -143,6 +152,8 @@ def main():
     p.add_argument("--H", type=int, default=8)
     p.add_argument("--D", type=int, default=64, help="K = V")
     p.add_argument("--recurrences", nargs="+", default=list(RECURRENCES), choices=RECURRENCES)
+    p.add_argument("--groups", type=int, default=None,
+                   help="SSD rows: B and C in this many groups, expanded over the heads inside the timing")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results/<date>-<device>)")
@@ -158,7 +169,7 @@ def main():
         peers, missing = peers_for(recurrence)
         for line in missing:
             print(f"{recurrence:15s} skipped {line}")
-        x = inputs_for(recurrence, args.B, args.T, args.H, args.D)
+        x = inputs_for(recurrence, args.B, args.T, args.H, args.D, args.groups)
         ops = {"lasp2": lasp2_op(recurrence), **peers}
         with torch.no_grad():
             ours = ops["lasp2"](x)
@@ -166,7 +177,7 @@ def main():
         times = time_ops(ops, x, args.warmup, args.repeats)
         flops = 3 * forward_flops(roofline_form(recurrence), args.B, args.T, args.H, args.D, args.D)
         for name, (fwd, both) in times.items():
-            row = dict(recurrence=recurrence, op=name, T=args.T, fwd_ms=fwd * 1e3, fwd_bwd_ms=both * 1e3,
+            row = dict(recurrence=recurrence, op=name, T=args.T, groups=args.groups, fwd_ms=fwd * 1e3, fwd_bwd_ms=both * 1e3,
                        fwd_bwd_roofline=flops / peak / both, ratio_to_lasp2=both / times["lasp2"][1],
                        relative_difference=agree[name], matmul_gflops=peak / 1e9)
             rows.append(row)
@@ -174,11 +185,12 @@ def main():
                   f"{row['ratio_to_lasp2']:10.2f} {agree[name]:8.1e}" + ("" if agree[name] <= AGREE else "  DIFFERS"))
     out = args.out or results_dir(device)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "peers.csv").open("w", newline="") as f:
+    name = "peers.csv" if args.groups is None else f"peers-groups{args.groups}.csv"
+    with (out / name).open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {out / 'peers.csv'}" + (", peers.png" if plot(rows, out / "peers.png", args.T) else ""))
+    print(f"wrote {out / name}" + (f", {name[:-4]}.png" if plot(rows, out / f"{name[:-4]}.png", args.T) else ""))
 
 
 def plot(rows, path: Path, T: int) -> bool:
