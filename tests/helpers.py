@@ -1,10 +1,17 @@
 """Inputs and comparisons shared by the tests."""
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lasp2
 
 DECAY_FORMS = ("none", "head", "token", "channel")
+LASP2_SOURCES = str(Path(lasp2.__file__).parent)
 
 
 def make_inputs(kind: str, B=2, T=37, H=3, K=6, V=5, dtype=torch.float64, seed=0, strong=False) -> dict:
@@ -35,3 +42,24 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def leaf(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().clone().requires_grad_(True)
+
+
+class MatmulOperands(TorchDispatchMode):
+    """Records every bmm / baddbmm as (both operands hold bf16 values only, "file:function" of
+    the innermost lasp2 frame that issued it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    @property
+    def bf16_exact(self) -> list[bool]:
+        return [exact for exact, _ in self.calls]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm):
+            a, b = (args[0], args[1]) if func.overloadpacket is torch.ops.aten.bmm else (args[1], args[2])
+            exact = all(bool((t == t.bfloat16().to(t.dtype)).all()) for t in (a, b))
+            frames = [f for f in traceback.extract_stack() if f.filename.startswith(LASP2_SOURCES)]
+            self.calls.append((exact, f"{Path(frames[-1].filename).name}:{frames[-1].name}" if frames else "?"))
+        return func(*args, **(kwargs or {}))

@@ -9,6 +9,7 @@ from .chunk_kernels import add_incoming, add_outgoing_grad, grad_state_pass, sta
 from .chunk_layout import ChunkedSeq
 from .documents import (add_state_tokens, check_document_states, check_readable, documents, each_document,
                         read_states, reset_log_decay, scatter_tokens, with_state_tokens)
+from .policy import policy_for, under_forward_policy
 from .precision import without_autocast
 
 
@@ -23,6 +24,7 @@ class _ChunkLinearAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, initial_state, kind, scale, chunk_size):
         ctx.set_materialize_grads(False)
+        ctx.policy = policy_for(q.device)
         x = ChunkedSeq.from_inputs(q, k, v, log_decay, kind, chunk_size)
         S0 = None if initial_state is None else initial_state.to(x.state_dtype)
         h_start, final_state = state_pass(x)
@@ -36,6 +38,7 @@ class _ChunkLinearAttn(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
+    @under_forward_policy
     def backward(ctx, do, d_final):
         if do is None and d_final is None:
             return (None,) * 8

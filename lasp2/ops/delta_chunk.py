@@ -10,8 +10,9 @@ from .checks import check_chunk_size, compute_dtype
 from .delta_checks import check_delta_rule_inputs
 from .documents import (add_state_tokens, check_document_states, check_readable, documents, read_states,
                         scatter_tokens, with_state_tokens)
-from .delta_kernels import (add_query_side, carry, delta_chunks, grad_carry, key_side_grads, outputs,
+from .delta_kernels import (add_query_side, carry, delta_chunks, entering_grads, grad_carry, key_side_grads, outputs,
                             query_side_grads, rebuild_chunks)
+from .policy import policy_for, under_forward_policy
 from .precision import without_autocast
 
 
@@ -25,6 +26,7 @@ class _ChunkDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, log_decay, initial_state, shape, scale, chunk_size, resets):
         ctx.set_materialize_grads(False)
+        ctx.policy = policy_for(q.device)
         x = add_query_side(delta_chunks(shape, q, k, v, beta, log_decay, chunk_size, resets))
         state = x.zero_state() if initial_state is None else initial_state.to(x.q.dtype)
         entering, final_state = carry(x, state)
@@ -36,13 +38,14 @@ class _ChunkDeltaRule(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
+    @under_forward_policy
     def backward(ctx, do, d_final):
         if do is None and d_final is None:
             return (None,) * 10
         q, k, v, beta, log_decay, resets, entering, *kept = ctx.saved_tensors
         x = rebuild_chunks(ctx.shape, (q, k, v, beta, log_decay), ctx.chunk_size, resets, kept)
         do = x.output_grad(do, ctx.scale)
-        d_leaving, d_initial = grad_carry(x, x.Qe.transpose(-1, -2) @ do,
+        d_leaving, d_initial = grad_carry(x, entering_grads(x, do),
                                           None if d_final is None else d_final.to(x.q.dtype))
         dq, dk, dv, dbeta, dg = key_side_grads(x, entering, d_leaving, *query_side_grads(x, do, entering))
         d_initial = None if ctx.state_dtype is None else d_initial.to(ctx.state_dtype)

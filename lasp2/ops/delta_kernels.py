@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checks import DECAY_CHANNEL, DECAY_NONE, DECAY_TOKEN, compute_dtype
+from .checks import DECAY_CHANNEL, DECAY_NONE, DECAY_TOKEN, HALF_DTYPES, compute_dtype
 from .chunk_kernels import bmm, bmm_plus
 from .delta_checks import DeltaRuleShape
 from .policy import policy_for
@@ -56,14 +56,31 @@ def _t(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-1, -2)
 
 
-def _scores(a: torch.Tensor, b: torch.Tensor, decay: torch.Tensor | None) -> torch.Tensor:
+def _mm(half: torch.dtype | None, a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None,
+        alpha: float = 1.0) -> torch.Tensor:
+    """A chunk matmul a @ b (`chunk_kernels.bmm`; into `acc` when given). half: None, or the
+    half dtype both operands are rounded to (`DeltaChunks.half`: fp32 accumulation and result)."""
+    if half is not None:
+        a, b = a.to(half), b.to(half)
+    return bmm(a, b, acc=acc, alpha=alpha)
+
+
+def _mm_plus(half: torch.dtype | None, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0):
+    """c + alpha · (a @ b) into a new tensor, the matmul as `_mm`'s."""
+    if half is not None:
+        a, b = a.to(half), b.to(half)
+    return bmm_plus(c, a, b, alpha=alpha)
+
+
+def _scores(a: torch.Tensor, b: torch.Tensor, decay: torch.Tensor | None, half: torch.dtype | None) -> torch.Tensor:
     """Σ_c a_tc b_sc exp(γ_tc − γ_sc) for every pair of a chunk (before masking): decay is None,
-    [.., L, L] or [.., L, L, K]."""
+    [.., L, L] or [.., L, L, K] (per channel: a three-way product in the compute dtype, never a
+    half matmul)."""
     if decay is None:
-        return a @ _t(b)
+        return _mm(half, a, _t(b))
     if decay.dim() == a.dim() + 1:
         return torch.einsum("...tc,...sc,...tsc->...ts", a, b, decay)
-    return (a @ _t(b)) * decay
+    return _mm(half, a, _t(b)).mul_(decay)
 
 
 def _channel_scores_grads(d: torch.Tensor, a: torch.Tensor, b: torch.Tensor, decay: torch.Tensor):
@@ -87,7 +104,10 @@ class DeltaChunks:
     `decay_end` Γ as a row factor [.., K|1, 1]. `to_start` and `to_end` are the factors
     [.., L, K|1] of Q̃ = Q ⊙ to_start, K̃ = K ⊙ to_start and K̂ = K ⊙ to_end (None: 1). With
     resets they also drop the tokens that a reset separates from the chunk's start or end. The
-    query side (qg = Q̃, P, Qe, PU = P Ū) is filled by `add_query_side`."""
+    query side (qg = Q̃, P, Qe, PU = P Ū) is filled by `add_query_side`. `half`: None, or the
+    half dtype of the inputs when the device policy runs half matmuls (`Policy.half_matmuls`):
+    every chunk matmul then rounds both operands to it and accumulates in fp32, while the
+    fields, the solve, the states and the scans stay in the compute dtype."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -110,6 +130,7 @@ class DeltaChunks:
     Qe: torch.Tensor | None = None
     PU: torch.Tensor | None = None
     maps: torch.Tensor | None = None  # `chunk_maps`, made when a scan needs them
+    half: torch.dtype | None = None
 
     @property
     def n_chunks(self) -> int:
@@ -165,6 +186,7 @@ def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: in
     document boundaries) marks each document's first token: its state starts from zero. kept:
     `kept_for_backward()` of the same chunks, kept by a forward (then only the cheap terms are made)."""
     dtype = compute_dtype(shape.dtype)
+    half = shape.dtype if shape.dtype in HALF_DTYPES and policy_for(q.device).half_matmuls else None
     L = min(chunk_size, CHANNEL_CHUNK) if shape.decay == DECAY_CHANNEL else chunk_size
     L = min(L, shape.seq_len)
     pad = -shape.seq_len % L  # padded tokens have k = v = beta = g = 0: they leave the state as it is
@@ -203,18 +225,19 @@ def delta_chunks(shape: DeltaRuleShape, q, k, v, beta, log_decay, chunk_size: in
     if kept is not None:
         scores_kk, inverse, W, U_bar, P, Qe = kept
         x = DeltaChunks(qc, kc, vc, bc, gamma, decay, kg, scores_kk, inverse, W, U_bar, k_end, decay_end, to_start,
-                        to_end, shape, P=P, Qe=Qe)
+                        to_end, shape, P=P, Qe=Qe, half=half)
         x.qg = _decayed_queries(x)
         return x
-    scores_kk = _scores(kc, kc, decay).masked_fill(~causal.tril(-1), 0.0)
+    scores_kk = _scores(kc, kc, decay, half).masked_fill(~causal.tril(-1), 0.0)
     eye = torch.eye(L, dtype=dtype, device=q.device)
     # The inverse, kept: the backward's solve becomes a matmul (a batched triangular solve runs
     # at a fraction of a matmul's speed on CPUs).
     inverse = torch.linalg.solve_triangular(eye + bc.unsqueeze(-1) * scores_kk, eye.expand_as(scores_kk), upper=False,
                                             unitriangular=True)
-    W, U_bar = bmm(inverse, bc.unsqueeze(-1) * kg), bmm(inverse, bc.unsqueeze(-1) * vc)  # [B, H, n, L, K|V]
+    W = _mm(half, inverse, bc.unsqueeze(-1) * kg)  # [B, H, n, L, K]
+    U_bar = _mm(half, inverse, bc.unsqueeze(-1) * vc)  # [B, H, n, L, V]
     return DeltaChunks(qc, kc, vc, bc, gamma, decay, kg, scores_kk, inverse, W, U_bar, k_end, decay_end, to_start,
-                       to_end, shape)
+                       to_end, shape, half=half)
 
 
 def _decayed_queries(x: DeltaChunks) -> torch.Tensor:
@@ -228,9 +251,9 @@ def add_query_side(x: DeltaChunks, outputs: bool = True) -> DeltaChunks:
     L = x.q.shape[3]
     x.qg = _decayed_queries(x)
     causal = _tril(L, x.q.device)
-    x.P = _scores(x.q, x.k, x.decay).masked_fill(~causal, 0.0)
-    x.Qe = torch.baddbmm(x.qg.flatten(0, 2), x.P.flatten(0, 2), x.W.flatten(0, 2), alpha=-1).view_as(x.qg)
-    x.PU = x.P @ x.U_bar if outputs else None
+    x.P = _scores(x.q, x.k, x.decay, x.half).masked_fill(~causal, 0.0)
+    x.Qe = _mm_plus(x.half, x.qg, x.P, x.W, alpha=-1)
+    x.PU = _mm(x.half, x.P, x.U_bar) if outputs else None
     return x
 
 
@@ -255,7 +278,7 @@ def carry(x: DeltaChunks, state: torch.Tensor, *, values: bool = True) -> tuple[
     if scans_as_trees(x.q.device):
         made = x.U_bar.new_zeros(*x.U_bar.shape[:3], *state.shape[-2:])  # what a chunk adds from a zero state
         if values:  # K̂^T Ū in the value columns
-            made[..., :V] = bmm(_t(x.k_end), x.U_bar)
+            made[..., :V] = _mm(x.half, _t(x.k_end), x.U_bar)
         before, end = prefix_scan(torch.cat([state.unsqueeze(2), made], dim=2), _with_identity(chunk_maps(x), first=True),
                                   dense=True)
         return before[:, :, 1:, :, :V], end
@@ -273,7 +296,7 @@ def chunk_maps(x: DeltaChunks) -> torch.Tensor:
     """[B, H, n, K, K] each chunk's transition Γ − K̂^T W (S_next = that S + K̂^T Ū), made once
     per DeltaChunks."""
     if x.maps is None:
-        maps = bmm(_t(x.k_end), x.W).neg_()
+        maps = _mm(x.half, _t(x.k_end), x.W).neg_()
         maps.diagonal(dim1=-2, dim2=-1).add_(1.0 if x.decay_end is None else x.decay_end[..., 0])
         x.maps = maps
     return x.maps
@@ -285,9 +308,15 @@ def _with_identity(maps: torch.Tensor, first: bool) -> torch.Tensor:
     return torch.cat([eye, maps] if first else [maps, eye], dim=2)
 
 
-def outputs(x: DeltaChunks, entering: torch.Tensor) -> torch.Tensor:
-    """O = Qe S + P Ū per chunk [B, H, n, L, V] (unscaled), S the state entering each chunk."""
-    return bmm_plus(x.PU, x.Qe, entering)
+def outputs(x: DeltaChunks, entering: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """O = Qe S + base per chunk [B, H, n, L, V] (unscaled), S the state entering each chunk;
+    base None: P Ū (the outputs from the chunks' own tokens)."""
+    return _mm_plus(x.half, x.PU if base is None else base, x.Qe, entering)
+
+
+def entering_grads(x: DeltaChunks, do: torch.Tensor) -> torch.Tensor:
+    """Qe^T dO [B, H, n, K, V]: each chunk's own gradient on the state entering it."""
+    return _mm(x.half, _t(x.Qe), do)
 
 
 def grad_carry(x: DeltaChunks, d_entering_local: torch.Tensor | None, d_final: torch.Tensor | None):
@@ -314,9 +343,10 @@ def grad_carry(x: DeltaChunks, d_entering_local: torch.Tensor | None, d_final: t
 def query_side_grads(x: DeltaChunks, do: torch.Tensor, entering: torch.Tensor):
     """The gradients that need only dO (already scaled) and the states: dQe, dP, dŪ and −dW
     before the carried state's gradient adds its share."""
-    dQe = bmm(do, _t(entering))
-    dP = bmm(dQe, _t(x.W), acc=bmm(do, _t(x.U_bar)), alpha=-1).masked_fill_(~_tril(x.q.shape[3], do.device), 0.0)
-    return dQe, dP, bmm(_t(x.P), do), bmm(_t(x.P), dQe)
+    dQe = _mm(x.half, do, _t(entering))
+    dP = _mm(x.half, dQe, _t(x.W), acc=_mm(x.half, do, _t(x.U_bar)), alpha=-1)
+    dP.masked_fill_(~_tril(x.q.shape[3], do.device), 0.0)
+    return dQe, dP, _mm(x.half, _t(x.P), do), _mm(x.half, _t(x.P), dQe)
 
 
 def key_side_grads(x: DeltaChunks, entering: torch.Tensor, d_leaving: torch.Tensor, dQe, dP, dU_bar, neg_dW):
@@ -325,13 +355,15 @@ def key_side_grads(x: DeltaChunks, entering: torch.Tensor, d_leaving: torch.Tens
     one), in the compute dtype. (W's gradient travels negated: every sign lands on a small
     factor.)"""
     shape, L = x.shape, x.q.shape[3]
-    U = bmm_plus(x.U_bar, x.W, entering, alpha=-1)  # Ū − W S
-    dU = bmm(x.k_end, d_leaving)  # U = Ū − W S feeds the next state only
-    neg_dW = bmm(dU, _t(entering), acc=neg_dW)  # −dW = P^T dQe + dU S^T
+    U = _mm_plus(x.half, x.U_bar, x.W, entering, alpha=-1)  # Ū − W S
+    dU = _mm(x.half, x.k_end, d_leaving)  # U = Ū − W S feeds the next state only
+    neg_dW = _mm(x.half, dU, _t(entering), acc=neg_dW)  # −dW = P^T dQe + dU S^T
     dU_bar = dU_bar.add_(dU)
-    dk_end = bmm(U, _t(d_leaving))
-    neg_dR_W, dR_U = bmm(_t(x.inverse), neg_dW), bmm(_t(x.inverse), dU_bar)  # (I + A)^{-T} [−dW | dŪ]
-    neg_dA = bmm(neg_dR_W, _t(x.W), acc=bmm(dR_U, _t(x.U_bar)), alpha=-1).masked_fill_(~_tril(L, x.q.device, -1), 0.0)
+    dk_end = _mm(x.half, U, _t(d_leaving))
+    neg_dR_W = _mm(x.half, _t(x.inverse), neg_dW)  # (I + A)^{-T} [−dW | dŪ]
+    dR_U = _mm(x.half, _t(x.inverse), dU_bar)
+    neg_dA = _mm(x.half, neg_dR_W, _t(x.W), acc=_mm(x.half, dR_U, _t(x.U_bar)), alpha=-1)
+    neg_dA.masked_fill_(~_tril(L, x.q.device, -1), 0.0)
     b = x.beta.unsqueeze(-1)
     w_dot = (neg_dR_W * x.kg).sum(-1)  # −Σ_c dR_W ⊙ K̃
     a_dot = neg_dA * x.scores_kk  # −dA ⊙ (k k^T scores)
@@ -345,9 +377,9 @@ def key_side_grads(x: DeltaChunks, entering: torch.Tensor, d_leaving: torch.Tens
         dk = dk_p.add_(dk_a).add_(dk_b)
     else:
         dZp, dZa = (dP, dD) if x.decay is None else (dP * x.decay, dD * x.decay)
-        dq, dk = bmm(dZp, x.k), bmm(_t(dZp), x.q)
-        bmm(dZa, x.k, acc=dk)
-        bmm(_t(dZa), x.k, acc=dk)
+        dq, dk = _mm(x.half, dZp, x.k), _mm(x.half, _t(dZp), x.q)
+        _mm(x.half, dZa, x.k, acc=dk)
+        _mm(x.half, _t(dZa), x.k, acc=dk)
     if x.to_start is None:
         dq.add_(dQe)
         dk.addcmul_(neg_dR_W, b, value=-1).add_(dk_end)

@@ -49,15 +49,20 @@ math to the same tolerances; they differ only in what suits the device:
               in fp32 (a CPU has no faster half matmul). True (CUDA): linear attention keeps its
               chunked q, k, v in the input dtype and runs each matmul with half operands (a
               state or an fp32 factor rounded to the input dtype, as FLA's kernels do) and fp32
-              accumulation and result (tensor cores); decay factors, states and scans stay fp32.
+              accumulation and result (tensor cores); the delta rule rounds both operands of
+              each chunk matmul the same way (its fields stay fp32 for the element-wise work);
+              decay factors, the delta rule's solve, states and scans stay fp32.
               On a CPU the forced policy emulates it exactly (operands rounded to the half
               dtype, then multiplied in fp32).
 
-A policy is picked once per call (`policy_for`) and kept for its backward.
+A policy is picked once per call (`policy_for`) and kept for its backward: the autograd
+functions record it (`ctx.policy`) and run their backward under it (`under_forward_policy`),
+wherever `backward()` is called.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -132,3 +137,18 @@ def policy_for(device: torch.device) -> Policy:
 
 def _by_name(device_type: str) -> Policy:
     return CUDA if device_type == "cuda" else CPU
+
+
+def under_forward_policy(backward):
+    """Decorates an autograd Function's backward: it runs under `ctx.policy`, the policy its
+    forward recorded, even where `backward()` is called outside the forward's `policy` block.
+    (Compiled, the backward is traced with the forward, under the same policy.)"""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.compiler.is_compiling():
+            return backward(ctx, *grads)
+        with policy(ctx.policy):
+            return backward(ctx, *grads)
+
+    return wrapper

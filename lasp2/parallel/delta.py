@@ -22,9 +22,9 @@ import torch
 
 from ..ops.delta_checks import DELTA_DECAY_REASON, DELTA_DECAYS
 from ..ops.delta_chunk import chunk_delta_rule
-from ..ops.chunk_kernels import bmm
-from ..ops.delta_kernels import (add_query_side, carry, delta_chunks, grad_carry, key_side_grads, outputs,
-                                 query_side_grads, rebuild_chunks)
+from ..ops.delta_kernels import (add_query_side, carry, delta_chunks, entering_grads, grad_carry, key_side_grads,
+                                 outputs, query_side_grads, rebuild_chunks)
+from ..ops.policy import policy_for, under_forward_policy
 from ..ops.precision import without_autocast
 from .inputs import check_delta_call
 from .lasp1 import _Relay
@@ -48,6 +48,7 @@ class _StatePassing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, log_decay, shape, scale, chunk_size, exchange, resets):
         S = exchange.slots_per_rank
+        ctx.policy = policy_for(q.device)
         x = delta_chunks(shape, *_segments(S, q, k, v, beta, log_decay), chunk_size, *_segments(S, resets))
         K, V = shape.key_dim, shape.value_dim
         eye = torch.eye(K, dtype=x.q.dtype, device=x.q.device).expand(*x.q.shape[:2], K, K)
@@ -56,7 +57,7 @@ class _StatePassing(torch.autograd.Function):
         o = outputs(add_query_side(x), entering)  # from a zero state, while the summaries travel
         S_in, transitions = pending.wait()
         incoming, _ = carry(x, S_in, values=False)  # S_in's share of each chunk's entering state
-        o = bmm(x.Qe, incoming, acc=o)
+        o = outputs(x, incoming, base=o)
         ctx.save_for_backward(q, k, v, beta, log_decay, resets, entering + incoming, transitions,
                               *x.kept_for_backward())
         ctx.shape, ctx.scale, ctx.chunk_size, ctx.exchange = shape, scale, chunk_size, exchange
@@ -64,6 +65,7 @@ class _StatePassing(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
+    @under_forward_policy
     def backward(ctx, do):
         q, k, v, beta, log_decay, resets, entering, transitions, *kept = ctx.saved_tensors
         exchange = ctx.exchange
@@ -71,7 +73,7 @@ class _StatePassing(torch.autograd.Function):
         x = rebuild_chunks(ctx.shape, _segments(S, q, k, v, beta, log_decay), ctx.chunk_size, *_segments(S, resets),
                            kept)
         do = x.output_grad(to_segments(do, S), ctx.scale)
-        d_leaving, d_in = grad_carry(x, x.Qe.transpose(-1, -2) @ do, None)  # each slot's gradient on its S_in
+        d_leaving, d_in = grad_carry(x, entering_grads(x, do), None)  # each slot's gradient on its S_in
         pending = exchange.start_backward(d_in, transitions)
         grads = query_side_grads(x, do, entering)  # while the gradients travel
         d_out = pending.wait()  # the gradient on each slot's outgoing state

@@ -37,7 +37,7 @@ from ..ops import bidirectional as bi
 from ..ops.chunk_kernels import (add_incoming, add_outgoing_grad, grad_state_pass, intra_output, query_side_grads,
                                  state_pass, tiled_input_grads, tiled_outputs)
 from ..ops.chunk_layout import ChunkedSeq
-from ..ops.policy import policy_for
+from ..ops.policy import policy_for, under_forward_policy
 from ..ops.precision import without_autocast
 from .layout import from_segments, segments, to_segments, unsegment_grads
 
@@ -84,6 +84,7 @@ class _Causal(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
+    @under_forward_policy
     def backward(ctx, do):
         exchange, S = ctx.exchange, ctx.exchange.slots_per_rank
         x, (h_start, kept) = ChunkedSeq.from_ctx(ctx, lambda q, k, v, g: segments(q, k, v, g, S))

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ..ops.checks import DECAY_HEAD, DECAY_NONE, DECAY_TOKEN, compute_dtype
 from ..ops.chunk import chunk_linear_attn
 from ..ops.left_product import head_decay_cumulative, left_product_linear_attn
+from ..ops.policy import policy_for, under_forward_policy
 from ..ops.precision import without_autocast
 from ..ops.scan import exclusive_cumsum
 from ..ops.softmax_attn import attention_block, merge_blocks, softmax_attn
@@ -55,12 +56,13 @@ class _Ring(torch.autograd.Function):
             if step + 1 < world:
                 handle.wait()
                 current = arriving
-        ctx.blocks, ctx.group = blocks, group
+        ctx.blocks, ctx.group, ctx.policy = blocks, group, policy_for(kv.device)
         ctx.save_for_backward(kv, o, lse, *q_side)
         return o
 
     @staticmethod
     @without_autocast
+    @under_forward_policy
     def backward(ctx, do):
         kv, o, lse, *q_side = ctx.saved_tensors
         blocks, group = ctx.blocks, ctx.group

@@ -3,11 +3,10 @@ import dataclasses
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lasp2.ops import chunk_linear_attn, naive_recurrent_linear_attn, policy
 from lasp2.ops.policy import CPU
-from tests.helpers import DECAY_FORMS, leaf, make_inputs, rel_err
+from tests.helpers import DECAY_FORMS, MatmulOperands, leaf, make_inputs, rel_err
 
 
 def _run(fn, inputs, s0, do, d_final, causal=True, device="cpu", **kwargs):
@@ -156,20 +155,6 @@ def test_inputs_are_not_modified():
         assert torch.equal(t.detach(), copies[n])
 
 
-class _MatmulOperands(TorchDispatchMode):
-    """Records, for every bmm / baddbmm, whether both operands hold bf16 values only."""
-
-    def __init__(self):
-        super().__init__()
-        self.bf16_exact = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm):
-            a, b = (args[0], args[1]) if func.overloadpacket is torch.ops.aten.bmm else (args[1], args[2])
-            self.bf16_exact.append(all(bool((t == t.bfloat16().to(t.dtype)).all()) for t in (a, b)))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("kind", DECAY_FORMS)
 def test_the_cuda_policy_runs_every_chunk_matmul_in_bf16_for_bf16_inputs(kind):
     """policy("cuda"), bf16 inputs: every batched matmul of the forward and backward takes bf16
@@ -179,7 +164,7 @@ def test_the_cuda_policy_runs_every_chunk_matmul_in_bf16_for_bf16_inputs(kind):
     q, k, v, g = (None if inputs[n] is None else leaf(inputs[n]) for n in "qkvg")
     seen = {}
     for device_policy in ("cpu", "cuda"):
-        with policy(device_policy), _MatmulOperands() as log:
+        with policy(device_policy), MatmulOperands() as log:
             o, _ = chunk_linear_attn(q, k, v, g, chunk_size=16)
             o.float().square().sum().backward()
         seen[device_policy] = log.bf16_exact
