@@ -18,6 +18,10 @@ counts per token and head 2*64*(4K+2V) (the q.k and k.k scores, W, U, Qe = Q - P
 runs after --warmup runs. --policy runs each op under the given device policies
 (`lasp2.ops.policy`); --compile also times it compiled (torch.compile(fullgraph=True), the
 default inductor backend), with the seconds its first forward and fwd+bwd took to compile.
+--matmuls-alone replays the batched matmuls of one eager fwd+bwd (every bmm / baddbmm / mm /
+addmm with its operands' shapes, strides and dtypes, on fresh tensors) and times them alone: the
+share of the time spent in matmuls, and the ceiling, the % of roofline the op would reach if
+everything else were free (64 x 64 batched matmuls run well below a large square one).
 Prints a table and writes a CSV under benchmarks/results/.
 """
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 from lasp2_bench.documents import packed_offsets
 from lasp2_bench.machine import cpu_name
 from lasp2.ops import chunk_delta_rule, chunk_linear_attn, policy
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DELTA_GATES = {"deltanet": None, "gated_deltanet": "token", "kda": "channel"}
 FORMS = ("none", "head", "token", "channel", *DELTA_GATES)
@@ -90,8 +95,41 @@ def make_inputs(form, B, T, H, K, V, device, dtype):
     return [None if t is None else t.requires_grad_() for t in inputs]
 
 
-def bench(form, B, T, H, K, V, device, dtype, warmup, repeats, cu_seqlens=None, compiled=False):
-    """((fwd median, min, max), (fwd+bwd median, min, max), seconds to compile or None)."""
+MATMULS = (torch.ops.aten.bmm, torch.ops.aten.baddbmm, torch.ops.aten.mm, torch.ops.aten.addmm)
+
+
+class _RecordMatmuls(TorchDispatchMode):
+    """Records every matmul as (op, its arguments with each tensor as (shape, stride, dtype))."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in MATMULS:
+            describe = lambda a: ("tensor", a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a  # noqa: E731
+            self.calls.append((func, [describe(a) for a in args], {n: describe(a) for n, a in kwargs.items()}))
+        return func(*args, **kwargs)
+
+
+def matmuls_alone(fwd_bwd, device, warmup, repeats) -> tuple[float, float, float]:
+    """The matmuls one call of fwd_bwd issues, replayed alone on fresh tensors: (median, min, max)."""
+    with _RecordMatmuls() as log:
+        fwd_bwd()
+
+    def make(a):
+        if not (isinstance(a, tuple) and a and a[0] == "tensor"):
+            return a
+        return torch.empty_strided(a[1], a[2], dtype=a[3], device=device).normal_()
+
+    replay = [(func, [make(a) for a in args], {n: make(a) for n, a in kwargs.items()}) for func, args, kwargs in log.calls]
+    return median_time(lambda: [func(*args, **kwargs) for func, args, kwargs in replay], device, warmup, repeats)
+
+
+def bench(form, B, T, H, K, V, device, dtype, warmup, repeats, cu_seqlens=None, compiled=False, alone=False):
+    """((fwd median, min, max), (fwd+bwd median, min, max), seconds to compile or None, fwd+bwd's
+    matmuls alone (median, min, max) or None); alone: also time the matmuls alone (eager)."""
     inputs = make_inputs(form, B, T, H, K, V, device, dtype)
     op = chunk_delta_rule if form in DELTA_GATES else chunk_linear_attn
     kw = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
@@ -120,7 +158,8 @@ def bench(form, B, T, H, K, V, device, dtype, warmup, repeats, cu_seqlens=None, 
         compile_s = time.perf_counter() - start
     with torch.no_grad():
         fwd = median_time(lambda: run(*inputs), device, warmup, repeats)
-    return fwd, median_time(fwd_bwd, device, warmup, repeats), compile_s
+    fb = median_time(fwd_bwd, device, warmup, repeats)
+    return fwd, fb, compile_s, matmuls_alone(fwd_bwd, device, warmup, repeats) if alone and not compiled else None
 
 
 def main():
@@ -141,6 +180,8 @@ def main():
     parser.add_argument("--policy", nargs="+", default=[None], choices=["cpu", "cuda"],
                         help="device policies to run under (default: the device's own)")
     parser.add_argument("--compile", action="store_true", help="also time each op compiled (torch.compile, fullgraph)")
+    parser.add_argument("--matmuls-alone", action="store_true",
+                        help="also time each eager fwd+bwd's matmuls alone (share of the time, roofline ceiling)")
     parser.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/ops-<date>-<device>.csv)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -151,6 +192,8 @@ def main():
           f"fp32 matmul {peak / 1e9:.1f} GFLOP/s (median, measured now)")
     header = f"{'decay':14s} {'policy':6s} {'mode':8s} {'T':>6s} {'fwd ms':>9s} {'fwd %roof':>9s} {'fwd+bwd ms':>11s} " \
              f"{'f+b %roof':>9s} {'compile s':>9s}"
+    if args.matmuls_alone:
+        header += f" {'matmuls ms':>10s} {'in matmuls':>10s} {'ceiling':>8s}"
     if args.documents:
         header += f" {'packed f+b ms':>13s} {'packed/plain':>12s}"
     print(header)
@@ -162,19 +205,25 @@ def main():
             for chosen in args.policy:
                 for compiled in (False, True) if args.compile else (False,):
                     with policy(chosen or device.type):
-                        (f_med, f_min, f_max), (fb_med, fb_min, fb_max), compile_s = bench(
+                        (f_med, f_min, f_max), (fb_med, fb_min, fb_max), compile_s, alone = bench(
                             form, args.B, T, args.H, args.K, args.V, device, dtype, args.warmup, args.repeats,
-                            compiled=compiled)
+                            compiled=compiled, alone=args.matmuls_alone)
                     flops = forward_flops(form, args.B, T, args.H, args.K, args.V)
                     f_roof, fb_roof = flops / peak / f_med, 3 * flops / peak / fb_med
                     mode = "compiled" if compiled else "eager"
                     shown = "-" if compile_s is None else f"{compile_s:.1f}"
                     line = (f"{form:14s} {chosen or device.type:6s} {mode:8s} {T:6d} {f_med * 1e3:9.1f} "
                             f"{100 * f_roof:8.0f}% {fb_med * 1e3:11.1f} {100 * fb_roof:8.0f}% {shown:>9s}")
+                    matmul_ms = ceiling = None
+                    if args.matmuls_alone:
+                        matmul_ms = None if alone is None else alone[0] * 1e3
+                        ceiling = None if alone is None else 3 * flops / peak / alone[0]
+                        line += (f" {'-':>10s} {'-':>10s} {'-':>8s}" if alone is None else
+                                 f" {matmul_ms:10.1f} {100 * alone[0] / fb_med:9.0f}% {100 * ceiling:7.0f}%")
                     packed_ms = None
                     if args.documents:
                         with policy(chosen or device.type):
-                            _, (packed_med, _, _), _ = bench(form, args.B, T, args.H, args.K, args.V, device, dtype,
+                            _, (packed_med, _, _), _, _ = bench(form, args.B, T, args.H, args.K, args.V, device, dtype,
                                                              args.warmup, args.repeats,
                                                              packed_offsets(T, args.documents, device), compiled)
                         packed_ms = packed_med * 1e3
@@ -186,7 +235,8 @@ def main():
                                      fwd_ms_median=f_med * 1e3, fwd_ms_min=f_min * 1e3, fwd_ms_max=f_max * 1e3,
                                      fwd_bwd_ms_median=fb_med * 1e3, fwd_bwd_ms_min=fb_min * 1e3,
                                      fwd_bwd_ms_max=fb_max * 1e3, fwd_roofline=f_roof, fwd_bwd_roofline=fb_roof,
-                                     matmul_gflops=peak / 1e9))
+                                     matmul_gflops=peak / 1e9, fwd_bwd_matmuls_alone_ms=matmul_ms,
+                                     matmul_ceiling_roofline=ceiling))
     out = args.out or Path(__file__).parent / "results" / f"ops-{datetime.date.today()}-{device.type}-{args.dtype}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
