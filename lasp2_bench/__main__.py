@@ -74,17 +74,18 @@ def cmd_model(args) -> None:
     rows = model.merge_rows(earlier, rows)
     model.print_table(rows, sys.stdout)
     (out / "machine.json").write_text(json.dumps(machine, indent=1))
-    ok = [dict(r, family=r["pattern"], method=f"{r['linear']} {r['data_parallel']}" + (" AC" if r["checkpointing"] else ""))
-          for r in rows if r["status"] == "ok"]
+    ok = [dict(r, family=r["pattern"], method=f"{r['linear']} {r['data_parallel']}" + (" AC" if r["checkpointing"] else "")
+               + (" compiled" if r["compile"] else "")) for r in rows if r["status"] == "ok"]
     drawn = lines_by_method(ok, "seq_len", "peak_mb", "peak MB per rank", out / f"{name}-memory.png", args.preset,
                             panel="sp")
     drawn &= lines_by_method(ok, "seq_len", "tokens_per_s", "tokens/s", out / f"{name}-throughput.png", args.preset,
                              panel="sp")
     mem_gb = model.memory_limit_gb(args, _device(args).type == "cuda")
-    for (pattern, linear, mode, ac), (ran, oom, reach) in sorted(model.longest_fitting(rows, mem_gb).items()):
+    for (pattern, linear, mode, ac, compiled), (ran, oom, reach) in sorted(model.longest_fitting(rows, mem_gb).items()):
         limit = (f"out of memory at {oom}" if oom else
                  f"not run further (time); the last two peaks extrapolate to the limit at about {reach or '?'}")
-        print(f"longest {pattern} {linear} {mode}{' AC' if ac else ''}: {ran} ran; {limit} (limit {mem_gb:.1f} GB/rank)")
+        print(f"longest {pattern} {linear} {mode}{' AC' if ac else ''}{' compiled' if compiled else ''}: {ran} ran; {limit} "
+              f"(limit {mem_gb:.1f} GB/rank)")
     print(f"machine: {machine}\nwrote {out}/{name}.csv" + (f", {name}-memory.png, {name}-throughput.png" if drawn
                                                           else f" (no plots: {NO_MATPLOTLIB})"))
 

@@ -42,10 +42,10 @@ from lasp2.run_config import ModelChoice, OptimChoice, ParallelChoice
 from lasp2.train import apply_parallelism, build_model, make_optimizer
 from .machine import describe, free_port, peak_memory_bytes, reset_peak_memory, sync
 
-FIELDS = ["preset", "pattern", "linear", "softmax", "sp", "data_parallel", "checkpointing", "seq_len", "batch", "status",
-          "step_s", "tokens_per_s", "peak_mb", "bytes_per_rank", "formula_bytes", "calls_per_rank", "dp_bytes_per_rank",
+FIELDS = ["preset", "pattern", "linear", "softmax", "sp", "data_parallel", "checkpointing", "compile", "seq_len", "batch",
+          "status", "step_s", "compile_s", "tokens_per_s", "peak_mb", "bytes_per_rank", "formula_bytes", "calls_per_rank", "dp_bytes_per_rank",
           "params_m"]
-KEY = ("preset", "pattern", "linear", "softmax", "sp", "data_parallel", "checkpointing", "batch", "seq_len")
+KEY = ("preset", "pattern", "linear", "softmax", "sp", "data_parallel", "checkpointing", "compile", "batch", "seq_len")
 
 
 def add_arguments(p) -> None:
@@ -62,6 +62,9 @@ def add_arguments(p) -> None:
     p.add_argument("--mem-gb", type=float, default=None, help="per-rank memory limit in GB (default: 90%% of RAM / sp)")
     p.add_argument("--budget-seconds", type=float, default=120, help="longest step to attempt (default: %(default)s)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each block, as the trainer's --compile (an untimed step at each length "
+                        "compiles first; its seconds are the compile_s column)")
     p.add_argument("--data-parallel", nargs="+", default=["shard"], choices=list(DATA_PARALLEL),
                    help="FSDP2 over the ranks: shard and/or replicate the parameters, gradients and AdamW state "
                         "(default: %(default)s)")
@@ -119,7 +122,7 @@ def _worker(rank, world, port, conf, args, mem_gb, out_path, use_cuda):
     # As the trainer: built on the meta device, parallelized, then each rank's shards materialized.
     model = build_model(ModelChoice(preset=args.preset), cfg, cfg.vocab_size, None, device)[0]
     apply_parallelism(model, dims, ParallelChoice(data_parallel=conf["data_parallel"],
-                                                  activation_checkpointing=args.checkpointing))
+                                                  activation_checkpointing=args.checkpointing, compile=args.compile))
     materialize(model, device, seed=0)
     optimizer = make_optimizer(model, OptimChoice(lr=1e-4))
     # Its own group over the same ranks, so that its collectives are told apart from FSDP's (with
@@ -148,8 +151,15 @@ def _worker(rank, world, port, conf, args, mem_gb, out_path, use_cuda):
     if not use_cuda:
         _return_freed_memory()  # what setting up left freed, among others
         _limit_address_space(int(mem_gb * 2**30))
+    T, compile_s = conf["seq_len"], None
+    if args.compile:  # the blocks compile for this length before the timed steps
+        sync(device)
+        start = time.perf_counter()
+        train_step(T)
+        sync(device)
+        compile_s = time.perf_counter() - start
     reset_peak_memory(device)
-    times, log, T = [], None, conf["seq_len"]
+    times, log = [], None
     for step in range(args.steps):
         sync(device)
         start = time.perf_counter()
@@ -170,7 +180,7 @@ def _worker(rank, world, port, conf, args, mem_gb, out_path, use_cuda):
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     if rank == 0:
         step_s = statistics.median(times[1:] or times)
-        Path(out_path).write_text(json.dumps(dict(status="ok", step_s=step_s, tokens_per_s=B * T / step_s,
+        Path(out_path).write_text(json.dumps(dict(status="ok", step_s=step_s, compile_s=compile_s, tokens_per_s=B * T / step_s,
                                                   peak_mb=stats[0].item() / 2**20, bytes_per_rank=int(stats[1]),
                                                   calls_per_rank=int(stats[2]), dp_bytes_per_rank=int(stats[3]))))
     dist.destroy_process_group()
@@ -180,7 +190,7 @@ def run_one(conf, args, mem_gb, use_cuda) -> dict:
     cfg = preset(args.preset, vocab_size=256, layer_pattern=conf["pattern"])
     slots = 1 if args.layout == "contiguous" else 2
     row = dict(preset=args.preset, softmax=args.softmax, sp=args.sp, batch=args.batch, params_m=count_parameters(cfg) / 1e6,
-               checkpointing=args.checkpointing,
+               checkpointing=args.checkpointing, compile=args.compile,
                formula_bytes=_formula_bytes(cfg, conf["linear"], args.softmax, conf["seq_len"], args.sp, args.batch, slots,
                                              dtype_bytes=2 if use_cuda else 4), **conf)
     # A rank killed by a signal other than an allocation failure (a gloo transport abort, seen once
@@ -244,12 +254,13 @@ def run(args, on_row=None) -> tuple[list[dict], dict]:
 
 
 _INTS = ("sp", "seq_len", "batch", "bytes_per_rank", "formula_bytes", "calls_per_rank", "dp_bytes_per_rank")
-_FLOATS = ("step_s", "tokens_per_s", "peak_mb", "params_m")
+_FLOATS = ("step_s", "compile_s", "tokens_per_s", "peak_mb", "params_m")
 
 
 def typed(r: dict) -> dict:
     """A row read back from a CSV (strings) with its numbers as numbers; rows written before the
-    data_parallel and checkpointing columns existed were replicated, without checkpointing."""
+    data_parallel, checkpointing and compile columns existed were replicated, without
+    checkpointing, eager."""
     r = dict(r)
     for k in _INTS + _FLOATS:
         if r.get(k) not in (None, ""):
@@ -257,6 +268,7 @@ def typed(r: dict) -> dict:
     if r.get("data_parallel") in (None, ""):
         r["data_parallel"] = "replicate" if r["sp"] > 1 else "none"
     r["checkpointing"] = str(r.get("checkpointing")) == "True"
+    r["compile"] = str(r.get("compile")) == "True"
     return r
 
 
@@ -271,11 +283,11 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
 
 
 def setting(r: dict) -> tuple:
-    return r["pattern"], r["linear"], r["data_parallel"], r["checkpointing"]
+    return r["pattern"], r["linear"], r["data_parallel"], r["checkpointing"], r["compile"]
 
 
 def longest_fitting(rows, mem_gb) -> dict:
-    """(pattern, linear, data_parallel, checkpointing) -> (longest length that ran, shortest
+    """(pattern, linear, data_parallel, checkpointing, compile) -> (longest length that ran, shortest
     length that ran out of memory or None, length at which the line through the last two peaks
     reaches mem_gb or None)."""
     rows = [typed(r) for r in rows]
@@ -293,12 +305,12 @@ def longest_fitting(rows, mem_gb) -> dict:
 
 
 def print_table(rows, stream) -> None:
-    head = (f"{'pattern':8s} {'linear':10s} {'sp':>2s} {'dp mode':9s} {'AC':2s} {'seq_len':>8s} {'step s':>8s} "
+    head = (f"{'pattern':8s} {'linear':10s} {'sp':>2s} {'dp mode':9s} {'AC':2s} {'C':1s} {'seq_len':>8s} {'step s':>8s} "
             f"{'tok/s':>8s} {'peak MB':>8s} {'MB sent':>8s} {'formula':>8s} {'calls':>5s} {'dp MB':>8s}")
     stream.write(head + "\n" + "-" * len(head) + "\n")
     for r in map(typed, rows):
         lead = (f"{r['pattern']:8s} {r['linear']:10s} {r['sp']:2d} {r['data_parallel']:9s} "
-                f"{'y' if r['checkpointing'] else 'n':2s} {r['seq_len']:8d} ")
+                f"{'y' if r['checkpointing'] else 'n':2s} {'y' if r['compile'] else 'n':1s} {r['seq_len']:8d} ")
         if r["status"] != "ok":
             stream.write(lead + r["status"] + "\n")
             continue

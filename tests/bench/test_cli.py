@@ -59,6 +59,6 @@ def test_merge_rows_and_longest_fitting():
     rows = merge_rows(old, [row(2048, peak=300.0), row(4096, peak=500.0)])
     assert [(r["seq_len"], r["peak_mb"]) for r in rows] == [(1024, 128.0), (2048, 300.0), (4096, 500.0)]
     # the line through the last two peaks (200 MB per 2048 tokens) reaches 1 GiB at 4096 + 524 / 200 * 2048
-    assert longest_fitting(rows, 1.0) == {("L", "lasp2", "replicate", False): (4096, None, 4096 + int(524 / 200 * 2048))}
+    assert longest_fitting(rows, 1.0) == {("L", "lasp2", "replicate", False, False): (4096, None, 4096 + int(524 / 200 * 2048))}
     rows = merge_rows(rows, [row(8192, "out of memory"), row(16384, "out of memory")])
-    assert longest_fitting(rows, 1.0)[("L", "lasp2", "replicate", False)][:2] == (4096, 8192)
+    assert longest_fitting(rows, 1.0)[("L", "lasp2", "replicate", False, False)][:2] == (4096, 8192)
