@@ -18,7 +18,7 @@ def device(request):
 
 @pytest.fixture(scope="session")
 def dist_workers():
-    """Four gloo ranks shared by every distributed test of the session."""
+    """Six gloo ranks shared by every distributed test of the session."""
     workers = DistWorkers()
     yield workers
     workers.close()

@@ -1,7 +1,7 @@
 """A pool of gloo ranks, forked once per test session, that run test jobs on chosen sub-groups.
 
-Starting ranks costs seconds, so the pool starts 4 ranks once and creates every group the tests
-use (ranks {0}, {0,1}, {0,1,2}, {0,1,2,3}, {1,3}, ...) and the trainer's dp x sp meshes. `run(fn, ranks, *args)` sends a job to
+Starting ranks costs seconds, so the pool starts 6 ranks once and creates every group the tests
+use (ranks {0}, {0,1}, {0,1,2}, {0,1,2,3}, {0,...,5}, {1,3}, ...) and the trainer's dp x sp meshes. `run(fn, ranks, *args)` sends a job to
 every rank; ranks in `ranks` call fn(group, *args) with that group, the others skip it. Each
 rank's result (or its exception) comes back to the test process, which asserts.
 
@@ -20,9 +20,9 @@ import traceback
 import torch
 import torch.distributed as dist
 
-WORLD_SIZE = 4
+WORLD_SIZE = 6
 # (2, 3) and (0, 2) complete a 2 x 2 dp x sp mesh with (0, 1) and (1, 3).
-GROUP_RANKS = ((0,), (0, 1), (0, 1, 2), (0, 1, 2, 3), (1, 3), (2, 3), (0, 2))
+GROUP_RANKS = ((0,), (0, 1), (0, 1, 2), (0, 1, 2, 3), (0, 1, 2, 3, 4, 5), (1, 3), (2, 3), (0, 2))
 _GROUPS: dict = {}  # in a worker: every group above, by its ranks
 
 

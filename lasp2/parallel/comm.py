@@ -114,6 +114,19 @@ def irecv(like: torch.Tensor, group, group_rank: int, tag: int = 0):
     return staged.tensor, Work([work], [staged])
 
 
+def exchange_batch(sends, receives, group):
+    """Starts point-to-point transfers as one batch_isend_irecv (NCCL groups them, so their
+    order between a pair of ranks does not matter): sends [(tensor, group_rank, tag)], receives
+    [(like, group_rank, tag)]; returns (the received tensors, Work)."""
+    staged_sends = [(_Staged(t, group), peer, tag) for t, peer, tag in sends]
+    staged_recvs = [(_Staged(torch.empty_like(like, memory_format=torch.contiguous_format), group), peer, tag)
+                    for like, peer, tag in receives]
+    ops = [dist.P2POp(dist.isend, st.wire, dist.get_global_rank(group, peer), group, tag) for st, peer, tag in staged_sends]
+    ops += [dist.P2POp(dist.irecv, st.wire, dist.get_global_rank(group, peer), group, tag) for st, peer, tag in staged_recvs]
+    works = dist.batch_isend_irecv(ops) if ops else []
+    return [st.tensor for st, _, _ in staged_recvs], Work(works, [st for st, _, _ in staged_recvs])
+
+
 def ring_exchange(x: torch.Tensor, group, tag: int = 0):
     """Starts sending x to the next rank of the ring and receiving the previous rank's;
     returns (received, Work). One batch_isend_irecv; streams in flight together use different tags."""

@@ -27,8 +27,8 @@ from ..ops.delta_kernels import (add_query_side, carry, delta_chunks, entering_g
 from ..ops.policy import policy_for, under_forward_policy
 from ..ops.precision import without_autocast
 from .inputs import check_delta_call
-from .lasp1 import _Relay
-from .lasp2 import _AllGatherSummaries
+from .lasp1 import Relay
+from .lasp2 import AllGatherSummaries
 from .layout import from_segments, to_segments
 from .spec import DELTA, Comm, MethodSpec, Plan
 from .transitions import DENSE
@@ -83,7 +83,7 @@ class _StatePassing(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def _state_passing(call, q, k, v, beta, log_decay, exchange):
+def state_passing_delta(call, q, k, v, beta, log_decay, exchange):
     """This rank's output of the delta rule, its slots' incoming states brought by `exchange`."""
     S = call.layout.slots_per_rank
     shape = dataclasses.replace(call.shape, batch=S * call.shape.batch, seq_len=call.shape.seq_len // S)
@@ -116,21 +116,21 @@ def lasp2_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, l
     if call.world == 1:
         return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size,
                                 cu_seqlens=call.documents)[0]
-    return _state_passing(call, q, k, v, beta, log_decay, _AllGatherSummaries(group, call.layout, DENSE))
+    return state_passing_delta(call, q, k, v, beta, log_decay, AllGatherSummaries(group, call.layout, DENSE))
 
 
 @without_autocast
 def lasp1_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
                      validate=False, cu_seqlens=None):
     """LASP-1 for the delta rule, the baseline: the signature and results of `lasp2_delta_rule`,
-    with the running state relayed slot to slot (`lasp1._Relay`; the maps stay on their ranks).
+    with the running state relayed slot to slot (`lasp1.Relay`; the maps stay on their ranks).
     The communication is `LASP1_SPEC.plan`."""
     call = check_delta_call(LASP1_SPEC, q, k, v, beta, log_decay, scale=scale, group=group, chunk_size=chunk_size,
                             validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
         return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size,
                                 cu_seqlens=call.documents)[0]
-    return _state_passing(call, q, k, v, beta, log_decay, _Relay(group, call.layout, DENSE))
+    return state_passing_delta(call, q, k, v, beta, log_decay, Relay(group, call.layout, DENSE))
 
 
 LASP2_SPEC = MethodSpec(

@@ -17,19 +17,14 @@ are computed until the exchange reports arrival, and the remaining tiles then ru
 their inter-chunk term while in cache; on CUDA ("fixed") every tile's intra-chunk work is
 enqueued before the wait, whatever the timing, so the kernel sequence is the same every step.
 
-An exchange is an object with
-    start_forward(h_end, a) -> Pending   h_end [S*B, H, K, V] each slot's state from zero,
-                                          a [S*B, H, Kg] or None its transition; wait() ->
-                                          (S_in, kept: the transitions its backward needs)
-    start_backward(d_in, kept) -> Pending d_in [S*B, H, K, V] each slot's gradient on its
-                                          incoming state; wait() -> the gradient on its outgoing state
-(it holds no tensor between the passes: `kept` is saved with the rest, so that activation
-checkpointing can drop it)
-    start_sum(local) -> Pending           bidirectional: wait() -> the sum of the other ranks' `local`
-    slots_per_rank                        slots a rank holds, stacked into its batch
+An exchange (`Exchange`: LASP-2's all-gather, LASP-1's relay, allscan's pipelined chain,
+logscan's recursive doubling) brings each slot its incoming state and each slot's gradient on
+its outgoing state; the math around it is the same for all of them.
 A rank's slots are stacked into the batch: [S*B, C/S, H, D].
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
@@ -40,6 +35,26 @@ from ..ops.chunk_layout import ChunkedSeq
 from ..ops.policy import policy_for, under_forward_policy
 from ..ops.precision import without_autocast
 from .layout import from_segments, segments, to_segments, unsegment_grads
+
+
+class Exchange(Protocol):
+    """How the ranks share the slots' summaries (one class per method: `lasp2.AllGatherSummaries`,
+    `lasp1.Relay`, `allscan.PipelinedChain`, `logscan.DoublingScan`). It holds no tensor between
+    the passes: what the backward needs (`kept`) is saved with the rest, so that activation
+    checkpointing can drop it."""
+
+    slots_per_rank: int  # slots a rank holds, stacked into its batch
+
+    def start_forward(self, h_end: torch.Tensor, a: torch.Tensor | None) -> "Pending":
+        """h_end [S*B, H, K, V] each slot's state from zero, a [S*B, H, Kg] (dense: [S*B, H, K, K])
+        or None its transition. wait() -> (S_in [S*B, H, K, V], kept: what the backward needs)."""
+
+    def start_backward(self, d_in: torch.Tensor, kept) -> "Pending":
+        """d_in [S*B, H, K, V] each slot's gradient on its incoming state. wait() -> the gradient
+        on each slot's outgoing state."""
+
+    def start_sum(self, local: torch.Tensor) -> "Pending":
+        """Bidirectional: wait() -> the sum of the other ranks' `local`."""
 
 
 class Pending:
@@ -58,6 +73,12 @@ class Pending:
         for work in self._works:
             work.wait()
         return self._finish()
+
+
+def carried_and_kept(scan, kept):
+    """An exchange's forward result: (the state entering each slot, `scan.wait()`, and what its
+    backward needs)."""
+    return scan.wait(), kept
 
 
 class _Causal(torch.autograd.Function):

@@ -12,114 +12,126 @@ serialized latency. The math is LASP-2's (`engine.py`); only the exchange differ
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..ops.chunk import chunk_linear_attn
 from ..ops.precision import without_autocast
 from .comm import irecv, isend
-from .engine import Pending, bidirectional_state_passing, causal_state_passing
+from .engine import Pending, bidirectional_state_passing, carried_and_kept, causal_state_passing
 from .inputs import check_linear_call
 from .layout import Layout
 from .spec import LINEAR, Comm, MethodSpec, Plan
-from .transitions import Transition, transition_for
-
-PREFIX_TAG, SUFFIX_TAG = 0, 1
+from .transitions import IDENTITY, Transition, transition_for
 
 
-class _Relay:
-    """The exchange of LASP-1: a chain through the slots in sequence order (forward) or in
-    reverse (backward)."""
+class _ChainPass:
+    """One pass of a chain through the slots: each slot's carry comes from the neighbouring
+    slot (handed over locally when this rank holds both), and the slot passes
+    local + apply(a, carry) on, cut into `blocks` column blocks (the columns of a state are
+    independent under every transition kind, so a block is combined and forwarded as soon as it
+    arrives: blocks > 1 pipelines the chain).
 
-    def __init__(self, group, layout: Layout, transition: Transition):
-        self.group, self.layout, self.transition = group, layout, transition
+    Every rank issues its sends and receives in chain order (each pair of ranks then matches
+    them in the same order, as NCCL requires). The hops that need no remote carry (the chain's
+    first slot, and what follows it on the same rank) go out at construction, before the local
+    compute; the rest when `wait()` is called, after it."""
+
+    def __init__(self, exchange: "Relay", local: torch.Tensor, a, forward: bool, apply, order=None):
+        """local [S*B, ...] this rank's slots stacked, a [S*B, H, Kg] (or [S*B, H, K, K]) or None;
+        order: (owner rank of each slot in sequence order, this rank's slots) (default: the
+        exchange's layout)."""
+        owner, mine = order or ([r for r, _ in exchange.layout.slot_owner()], exchange.layout.slots(exchange.rank))
+        S = len(mine)
+        self.exchange, self.owner, self.apply, self.step = exchange, owner, apply, 1 if forward else -1
+        self.per_slot = local.view(S, -1, *local.shape[1:])
+        self.decays = [None] * S if a is None else list(a.view(S, -1, *a.shape[1:]))
+        order_in_chain = sorted(enumerate(mine), key=lambda pair: pair[1])
+        self.remaining = order_in_chain if forward else order_in_chain[::-1]
+        self.carried, self.sends, self.handed_over = [None] * S, [], None
+        self._advance(may_receive=False)
+
+    def _columns(self, like: torch.Tensor) -> list[slice]:
+        width, blocks = like.shape[-1], self.exchange.blocks
+        return [slice(width * b // blocks, width * (b + 1) // blocks) for b in range(blocks)]
+
+    def _advance(self, may_receive: bool) -> None:
+        rank, n_slots = self.exchange.rank, len(self.owner)
+        while self.remaining:
+            index, slot = self.remaining[0]
+            before, after = slot - self.step, slot + self.step
+            local, decay = self.per_slot[index], self.decays[index]
+            remote_after = self.owner[after] if 0 <= after < n_slots and self.owner[after] != rank else None
+            if 0 <= before < n_slots and self.owner[before] != rank:
+                if not may_receive:
+                    return
+                carry, out = self._receive_and_forward(local, decay, self.owner[before], slot, after, remote_after)
+            else:
+                carry = torch.zeros_like(local) if not 0 <= before < n_slots else self.handed_over
+                out = local + self.apply(decay, carry)  # S_out = A_t S_in + M_t
+                if remote_after is not None:
+                    for b, cols in enumerate(self._columns(out)):
+                        self.sends.append(isend(out[..., cols], self.exchange.group, remote_after, self._tag(after, b)))
+            self.remaining.pop(0)
+            self.carried[index] = carry
+            self.handed_over = out
+
+    def _receive_and_forward(self, local, decay, source: int, slot: int, after: int, remote_after):
+        """Receives the carry block by block (all blocks posted first), combining and forwarding
+        each as it arrives. -> (carry, out)."""
+        columns = self._columns(local)
+        posted = [irecv(local[..., cols], self.exchange.group, source, self._tag(slot, b)) for b, cols in enumerate(columns)]
+        carry_blocks, out_blocks = [], []
+        for b, (cols, (block, work)) in enumerate(zip(columns, posted)):
+            work.wait()
+            out_block = local[..., cols] + self.apply(decay, block)
+            if remote_after is not None:
+                self.sends.append(isend(out_block, self.exchange.group, remote_after, self._tag(after, b)))
+            carry_blocks.append(block)
+            out_blocks.append(out_block)
+        return torch.cat(carry_blocks, dim=-1), torch.cat(out_blocks, dim=-1)
+
+    def _tag(self, slot: int, block: int) -> int:
+        return slot * self.exchange.blocks + block
+
+    def wait(self) -> torch.Tensor:
+        """-> the carry that entered each of this rank's slots, stacked [S*B, ...]."""
+        self._advance(may_receive=True)
+        for work in self.sends:
+            work.wait()
+        return torch.cat(self.carried)
+
+
+class Relay:
+    """The exchange of LASP-1 (`engine.Exchange`): a chain through the slots in sequence order
+    (forward) or in reverse (backward); blocks > 1 pipelines it (`allscan`)."""
+
+    def __init__(self, group, layout: Layout, transition: Transition, blocks: int = 1):
+        self.group, self.layout, self.transition, self.blocks = group, layout, transition, blocks
         self.rank, self.world = torch.distributed.get_rank(group), layout.world
         self.slots_per_rank = layout.slots_per_rank
 
-    def _receive(self, like: torch.Tensor, group_rank: int, tag: int) -> torch.Tensor:
-        received, work = irecv(like, self.group, group_rank, tag)
-        work.wait()
-        return received
-
-    def _chain(self, local: torch.Tensor, a, forward: bool, apply) -> Pending:
-        """local [S*B, ...] this rank's slots stacked, a [S*B, H, Kg] or None. Each slot's carry
-        comes from the neighbouring slot (handed over locally when this rank holds both); the
-        slot passes local + apply(a, carry) on. wait() -> the carry that entered each slot.
-
-        Every rank issues its sends and receives in chain order (each pair of ranks then
-        matches them in the same order, as NCCL requires). The hops that need no remote carry
-        (the chain's first slot, and what follows it on the same rank) go out now, before the
-        local compute; the rest run when the engine waits, after it."""
-        S, owner, n_slots = self.slots_per_rank, self.layout.slot_owner(), self.layout.n_slots
-        per_slot = local.view(S, -1, *local.shape[1:])
-        decays = [None] * S if a is None else list(a.view(S, -1, *a.shape[1:]))
-        step = 1 if forward else -1
-        order = list(enumerate(self.layout.slots(self.rank)))
-        remaining = order if forward else order[::-1]
-        carried, sends, handed_over = [None] * S, [], [None]
-
-        def advance(may_receive: bool) -> None:
-            while remaining:
-                index, slot = remaining[0]
-                before, after = slot - step, slot + step
-                if not 0 <= before < n_slots:
-                    carry = torch.zeros_like(per_slot[index])
-                elif owner[before][0] == self.rank:
-                    carry = handed_over[0]
-                elif may_receive:
-                    carry = self._receive(per_slot[index], owner[before][0], tag=slot)
-                else:
-                    return
-                remaining.pop(0)
-                carried[index] = carry
-                out = per_slot[index] + apply(decays[index], carry)  # S_out = A_t S_in + M_t
-                if 0 <= after < n_slots:
-                    if owner[after][0] == self.rank:
-                        handed_over[0] = out
-                    else:
-                        sends.append(isend(out, self.group, owner[after][0], tag=after))
-
-        advance(may_receive=False)
-
-        def relay():
-            advance(may_receive=True)
-            for work in sends:
-                work.wait()
-            return torch.cat(carried)
-
-        return Pending([], relay)
-
     def start_forward(self, h_end, a):
         """wait() -> (S_in, this rank's slots' transitions, which the backward relays through)."""
-        chain = self._chain(h_end, a, True, self.transition.apply)
-        return Pending([], lambda: (chain.wait(), a))
+        return Pending([], functools.partial(carried_and_kept, _ChainPass(self, h_end, a, True, self.transition.apply), a))
 
     def start_backward(self, d_in, transitions):
-        return self._chain(d_in, transitions, False, self.transition.apply_transposed)
+        return Pending([], _ChainPass(self, d_in, transitions, False, self.transition.apply_transposed).wait)
 
     def start_sum(self, local):
         """The sum of the other ranks' `local`: a prefix chain 0 -> W−1 of partial sums, then a
-        suffix chain W−1 -> 0, in that order on every rank; rank 0 starts the prefix chain now."""
-        rank, world, sends = self.rank, self.world, []
+        suffix chain W−1 -> 0, in that order on every rank (a pair of ranks then issues its sends
+        and receives in one order); rank 0 starts the prefix chain now."""
+        prefix = _ChainPass(self, local, None, True, IDENTITY.apply, self._rank_chain())
+        return Pending([], functools.partial(self._finish_sum, prefix, local))
 
-        def pass_on(carry, nxt: int, tag: int) -> None:
-            if 0 <= nxt < world:
-                sends.append(isend(carry + local, self.group, nxt, tag))
+    def _rank_chain(self):
+        return list(range(self.world)), (self.rank,)
 
-        prefix = torch.zeros_like(local) if rank == 0 else None
-        if prefix is not None:
-            pass_on(prefix, rank + 1, PREFIX_TAG)
-
-        def relay():
-            before = prefix if prefix is not None else self._receive(local, rank - 1, PREFIX_TAG)
-            if prefix is None:
-                pass_on(before, rank + 1, PREFIX_TAG)
-            after = torch.zeros_like(local) if rank == world - 1 else self._receive(local, rank + 1, SUFFIX_TAG)
-            pass_on(after, rank - 1, SUFFIX_TAG)
-            for work in sends:
-                work.wait()
-            return before + after
-
-        return Pending([], relay)
+    def _finish_sum(self, prefix: _ChainPass, local: torch.Tensor) -> torch.Tensor:
+        before = prefix.wait()
+        return before + _ChainPass(self, local, None, False, IDENTITY.apply, self._rank_chain()).wait()
 
 
 @without_autocast
@@ -134,7 +146,7 @@ def lasp1_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group
         return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
                                  cu_seqlens=call.documents)[0]
     log_decay, kind = call.linear_decay(log_decay, q.dtype)  # packed documents: resets as decays
-    exchange = _Relay(group, call.layout, transition_for(kind))
+    exchange = Relay(group, call.layout, transition_for(kind))
     if not causal:
         return bidirectional_state_passing(q, k, v, scale=call.scale, exchange=exchange)
     return causal_state_passing(q, k, v, log_decay, kind=kind, scale=call.scale,

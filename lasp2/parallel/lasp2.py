@@ -22,8 +22,8 @@ from .spec import LINEAR, Comm, MethodSpec, Plan
 from .transitions import Transition, transition_for
 
 
-class _AllGatherSummaries:
-    """The exchange of LASP-2: one all-gather of every slot's (M, A) forward, of every slot's
+class AllGatherSummaries:
+    """The exchange of LASP-2 (`engine.Exchange`): one all-gather of every slot's (M, A) forward, of every slot's
     gradient on its incoming state backward."""
 
     def __init__(self, group, layout: Layout, transition: Transition):
@@ -110,7 +110,7 @@ def lasp2_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group
         return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
                                  cu_seqlens=call.documents)[0]
     log_decay, kind = call.linear_decay(log_decay, q.dtype)  # packed documents: resets as decays
-    exchange = _AllGatherSummaries(group, call.layout, transition_for(kind))
+    exchange = AllGatherSummaries(group, call.layout, transition_for(kind))
     if not causal:  # every token sees every state: the layout does not matter
         return bidirectional_state_passing(q, k, v, scale=call.scale, exchange=exchange)
     return causal_state_passing(q, k, v, log_decay, kind=kind, scale=call.scale,

@@ -14,7 +14,7 @@ import copy
 
 import torch
 
-from . import allgather, delta, lasp1, lasp2, ring, ulysses
+from . import allgather, allscan, delta, lasp1, lasp2, logscan, ring, ulysses
 from ..ops.documents import documents
 from .comm import group_rank_size
 from .conv import causal_conv1d
@@ -35,9 +35,9 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-for _spec in (lasp2.SPEC, lasp1.SPEC, ring.SPEC, allgather.SPEC, ulysses.SPEC,
+for _spec in (lasp2.SPEC, lasp1.SPEC, allscan.SPEC, logscan.SPEC, ring.SPEC, allgather.SPEC, ulysses.SPEC,
               allgather.SOFTMAX_SPEC, ring.SOFTMAX_SPEC, ulysses.SOFTMAX_SPEC,
-              delta.LASP2_SPEC, delta.LASP1_SPEC, ulysses.DELTA_SPEC):
+              delta.LASP2_SPEC, delta.LASP1_SPEC, allscan.DELTA_SPEC, logscan.DELTA_SPEC, ulysses.DELTA_SPEC):
     register(_spec)
 
 

@@ -26,11 +26,22 @@ PLURAL = {"all_gather": "all-gathers", "reduce_scatter": "reduce-scatters", "all
 SINGULAR = {"all_gather": "all-gather", "reduce_scatter": "reduce-scatter", "all_to_all": "all-to-all", "send": "send"}
 
 
+def ceil_log2(n: int) -> int:
+    """⌈log2 n⌉ for n >= 1: the rounds of a recursive doubling over n slots."""
+    return max(0, (int(n) - 1).bit_length())
+
+
+def column_blocks(width: int, most: int) -> int:
+    """The largest number of equal column blocks, at most `most`, that `width` columns divide into."""
+    return max(b for b in range(1, min(most, width) + 1) if width % b == 0)
+
+
 def evaluate(formula: str, symbols: dict) -> int:
-    """The value of a formula such as 'S·B·H·(K·V + Kg)' for the given symbols."""
+    """The value of a formula such as 'S·B·H·(K·V + Kg)' or '⌈log2(S·W)⌉' for the given symbols."""
     expr = formula.replace("·", "*").replace("−", "-").replace("'", "_p")
+    expr = expr.replace("⌈log2(", "_ceil_log((").replace("⌉", ")")
     expr = re.sub(r"(?<=[0-9])(?=[A-Za-z(])", "*", expr)  # 2K -> 2*K
-    return int(eval(expr, {"__builtins__": {}}, symbols))  # noqa: S307 - formulas are the specs' own text
+    return int(eval(expr, {"__builtins__": {}, "_ceil_log": ceil_log2}, symbols))  # noqa: S307 - the specs' own text
 
 
 @dataclass(frozen=True)
@@ -40,7 +51,10 @@ class Comm:
     values: formula of the values this rank hands to each call (reduce-scatter: its whole input).
     count: formula of the calls per rank; for a `chain` (dependent hops from rank to rank, "up"
         the sequence or "down" it, through its slots or `over` the ranks alone), the hops of
-        the whole group, which the layout spreads over the ranks.
+        the whole group, which the layout spreads over the ranks ("chain" route: slot to next
+        slot; "doubling": recursive doubling, each slot to the slot 1, 2, 4, ... after it in
+        ⌈log2(slots)⌉ rounds; for a doubling `count` gives the rounds).
+    pieces: formula of the messages each hop is cut into (a pipelined chain's column blocks).
     precision: what one value weighs: "state" (fp32, fp64 for fp64 inputs), "input" (the input
         dtype), "promoted" (the input dtype promoted with the log decay's, when there is one) or
         "fp64".
@@ -54,13 +68,16 @@ class Comm:
     chain: str | None = None
     over: str = "slots"
     when: tuple[str, ...] | None = None
+    route: str = "chain"
+    pieces: str = "1"
 
     def calls_of(self, problem: "Problem", rank: int, symbols: dict) -> int:
         """How many of these calls `rank` makes."""
         if self.chain is None:
             return evaluate(self.count, symbols)
-        sends = chain_sends(problem.W, problem.S if self.over == "slots" else 1)[rank]
-        return sends[0 if self.chain == "up" else 1]
+        hops = chain_sends if self.route == "chain" else doubling_sends
+        sends = hops(problem.W, problem.S if self.over == "slots" else 1)[rank]
+        return sends[0 if self.chain == "up" else 1] * evaluate(self.pieces, symbols)
 
     def applies(self, decay: str) -> bool:
         return self.when is None or decay in self.when
@@ -69,6 +86,10 @@ class Comm:
         count = "" if self.count == "1" else f"{self.count} "
         name = SINGULAR[self.kind] if self.count == "1" else PLURAL[self.kind]
         text = f"{count}{name} of {self.values}"
+        if self.route == "doubling":
+            text = f"{self.count} rounds of {PLURAL[self.kind]} of {self.values}"
+        elif self.pieces != "1":
+            text = f"{self.count} hops of {self.pieces} {PLURAL[self.kind]} of {self.values}"
         if self.precision == "fp64":
             text += " (fp64)"
         if self.when is not None:
@@ -123,6 +144,22 @@ class Problem:
         return {"state": self.state_bytes, "input": self.dtype_bytes, "promoted": promoted, "fp64": 8}[precision]
 
 
+def doubling_sends(W: int, S: int) -> list[tuple[int, int]]:
+    """(forward, backward) sends of each rank in a recursive doubling over the sequence's slots
+    (forward: slot s to s + d, backward: s to s − d, d = 1, 2, 4, ... < W·S; none between two
+    slots of one rank)."""
+    owner = [rank for rank, _ in Layout("contiguous" if S == 1 else "zigzag", W).slot_owner()]
+    sends = [[0, 0] for _ in range(W)]
+    d = 1
+    while d < len(owner):
+        for s in range(len(owner) - d):
+            if owner[s] != owner[s + d]:
+                sends[owner[s]][0] += 1
+                sends[owner[s + d]][1] += 1
+        d *= 2
+    return [tuple(x) for x in sends]
+
+
 def chain_sends(W: int, S: int) -> list[tuple[int, int]]:
     """(forward, backward) sends of each rank in a chain through the sequence's slots (zigzag:
     rank r holds slots r and 2W−1−r; a hop between two slots of one rank sends nothing)."""
@@ -149,6 +186,7 @@ class MethodSpec:
         "left_product" (masked (Q K^T) V), "softmax_block" (softmax blocks merged by log-sum-exp),
         "sdpa_bottom_right" (SDPA of a query block against the keys up to its end) or
         "sdpa_causal" (causal SDPA over whole sequences); the cost model times it by that rate.
+    blocks: the most column blocks a pipelined chain cuts each hop into (symbol P).
     """
 
     name: str
@@ -163,6 +201,12 @@ class MethodSpec:
     bidirectional: Plan | None = None
     decay_reason: str = ""  # why the missing decay forms cannot be expressed
     compute: str = "chunk"
+    blocks: int = 1
+
+    def symbols(self, problem: Problem) -> dict:
+        """The problem's symbols and P: the column blocks each hop of a pipelined chain is cut
+        into (the largest divisor of V not above `blocks`)."""
+        return {**problem.symbols(), "P": column_blocks(problem.V, self.blocks)}
 
     def plan_for(self, causal: bool) -> Plan:
         return self.plan if causal or self.bidirectional is None else self.bidirectional
@@ -184,7 +228,7 @@ class MethodSpec:
         the plan (chain hops: that rank's own; rank None: the busiest rank)."""
         if problem.W == 1:
             return [], []
-        symbols = problem.symbols()
+        symbols = self.symbols(problem)
         plan = self.plan_for(causal)
         ranks = range(problem.W) if rank is None else [rank]
         best = None
@@ -208,7 +252,7 @@ class MethodSpec:
         return sum(b for _, b in forward + backward)
 
     def sequential_steps(self, problem: Problem) -> int:
-        return 0 if problem.W == 1 else evaluate(self.plan.steps, problem.symbols())
+        return 0 if problem.W == 1 else evaluate(self.plan.steps, self.symbols(problem))
 
     def table_row(self) -> str:
         """This method's row of the README's method table (`registry.method_table`)."""

@@ -47,6 +47,10 @@ class Transition:
         """The transition of `earlier` followed by `later`: A_later A_earlier."""
         return None if later is None else later * earlier
 
+    def transposed(self, a: torch.Tensor | None) -> torch.Tensor | None:
+        """A^T (a diagonal is its own transpose)."""
+        return a
+
     def pack(self, a: torch.Tensor | None) -> list[torch.Tensor]:
         """The flat pieces A adds to a message (none for the identity)."""
         return [] if a is None else [a.reshape(-1)]
@@ -83,6 +87,9 @@ class DenseTransition(Transition):
 
     def compose(self, later, earlier):
         return later @ earlier
+
+    def transposed(self, a):
+        return a.transpose(-1, -2)
 
     def unpack(self, flat, lead, key_dim):
         return flat.view(*lead, key_dim, key_dim)

@@ -12,9 +12,12 @@ from lasp2.ops import naive_recurrent_linear_attn
 from lasp2.ops import policy as device_policy
 from lasp2.ops.policy import POLICIES
 from lasp2.parallel import count_collectives, lasp1_linear_attn, lasp2_linear_attn
+from lasp2.parallel.allscan import allscan_linear_attn
+from lasp2.parallel.logscan import logscan_linear_attn
 from tests.helpers import leaf
 
-METHODS = {"lasp2": lasp2_linear_attn, "lasp1": lasp1_linear_attn}
+METHODS = {"lasp2": lasp2_linear_attn, "lasp1": lasp1_linear_attn, "allscan": allscan_linear_attn,
+           "logscan": logscan_linear_attn}
 
 
 def even_bounds(T: int, world: int) -> list[tuple[int, int]]:

@@ -5,7 +5,7 @@ import torch
 from tests.helpers import make_inputs
 from tests.parallel.cases import call_and_catch, call_registered_and_catch as call_and_catch_registered
 
-METHODS = ["lasp2", "lasp1"]
+METHODS = ["lasp2", "lasp1", "allscan", "logscan"]
 
 
 def _inputs(**overrides):

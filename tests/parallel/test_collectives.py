@@ -96,13 +96,15 @@ def test_the_cuda_policy_overlaps_every_tile_whatever_the_timing(dist_workers, l
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_lasp1_pairs_its_sends_and_receives_in_one_order(dist_workers, world, layout, causal):
+@pytest.mark.parametrize("method", ["lasp1", "allscan"])
+def test_chains_pair_their_sends_and_receives_in_one_order(dist_workers, method, world, layout, causal):
     """Between any two ranks, the i-th point-to-point op one issues to the other is a send
     exactly when the other's i-th is a receive: NCCL runs a pair's operations in issue order
-    (tags do not reorder them), so two receives issued first would wait for each other."""
+    (tags do not reorder them), so two receives issued first would wait for each other.
+    (logscan's rounds go out as one batch each, which NCCL groups.)"""
     kind = "token" if causal else "none"
     inputs = make_inputs(kind, B=B, T=T, H=H, K=K, V=V, dtype=torch.float32)
-    results = dist_workers.run(point_to_point_order, tuple(range(world)), "lasp1", inputs, layout, causal)
+    results = dist_workers.run(point_to_point_order, tuple(range(world)), method, inputs, layout, causal)
     for which in ("forward", "backward"):
         for a in range(world):
             for b in range(a + 1, world):

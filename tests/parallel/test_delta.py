@@ -62,7 +62,7 @@ def delta_refused(group, method, x, layout):
 @pytest.mark.parametrize("decay", ["none", "token", "channel"])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-@pytest.mark.parametrize("method", ["lasp2", "lasp1", "ulysses"])
+@pytest.mark.parametrize("method", list(DELTA_METHODS))
 def test_delta_rule_methods_equal_the_recurrence(dist_workers, method, world, layout, decay, heads):
     x, do, ref = _case(decay, heads)
     ranks = tuple(range(world))
@@ -88,7 +88,7 @@ def test_delta_rule_methods_equal_the_recurrence(dist_workers, method, world, la
 
 @pytest.mark.parametrize("decay", ["none", "token", "channel"])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-@pytest.mark.parametrize("method", ["lasp2", "lasp1"])
+@pytest.mark.parametrize("method", ["lasp2", "lasp1", "allscan", "logscan"])
 def test_the_cuda_policy_is_exact_too(dist_workers, method, layout, decay):
     """Under policy("cuda") the state is carried by log-depth scans over the chunks' K x K maps
     and the backward recomputes every chunk term from the inputs (the CPU's carries chunk by
@@ -101,7 +101,7 @@ def test_the_cuda_policy_is_exact_too(dist_workers, method, layout, decay):
 
 @pytest.mark.parametrize("device_policy", ["cpu", "cuda"])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-@pytest.mark.parametrize("method", ["lasp2", "lasp1", "ulysses"])
+@pytest.mark.parametrize("method", list(DELTA_METHODS))
 def test_bf16_inputs_within_the_ops_bound(dist_workers, method, layout, device_policy):
     """bf16 inputs, W = 2 (states, maps and scans in fp32; under the CUDA policy bf16 chunk
     matmuls): within the op's stated bf16 bound of 2e-2 of the recurrence on the same values."""

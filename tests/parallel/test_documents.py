@@ -75,9 +75,9 @@ def packed_shard(group, family, method, x, do, cu_seqlens, layout):
 
 HEADS_SPLIT = {"linear": LINEAR_HEADS, "delta": DELTA_HEADS[0], "softmax": SOFTMAX_HEADS[0]}  # Ulysses: % W
 CASES = [(family, method, world, layout, decay, documents)
-         for family, methods, decays in (("linear", ("lasp2", "lasp1", "ulysses"), ("none", "head", "token", "channel")),
+         for family, methods, decays in (("linear", ("lasp2", "lasp1", "allscan", "logscan", "ulysses"), ("none", "head", "token", "channel")),
                                          ("linear", ("allgather", "ring"), ("none", "head", "token")),
-                                         ("delta", ("lasp2", "lasp1", "ulysses"), ("none", "token", "channel")),
+                                         ("delta", ("lasp2", "lasp1", "allscan", "logscan", "ulysses"), ("none", "token", "channel")),
                                          ("softmax", ("allgather", "ring", "ulysses"), ("none",)))
          for method in methods for world in (1, 2, 3, 4) for layout in ("contiguous", "zigzag")
          for decay in decays for documents in DOCUMENTS
@@ -100,7 +100,7 @@ def test_packed_methods_equal_one_device(dist_workers, family, method, world, la
         assert rel_err(sum(got["dg"] for got in results.values()), ref["dg"]) < 1e-10
     # LASP-2 and LASP-1 run the resets as per-token decays where the unpacked call had none or one
     # per head (their transitions travel); Ulysses ships the inputs as they are.
-    resets_travel = family == "linear" and method in ("lasp2", "lasp1")
+    resets_travel = family == "linear" and method in ("lasp2", "lasp1", "allscan", "logscan")
     effective = "channel" if decay == "channel" else ("token" if resets_travel else decay)
     heads = {"linear": dict(H=LINEAR_HEADS), "delta": dict(H=DELTA_HEADS[1], Hkv=DELTA_HEADS[0]),
              "softmax": dict(H=SOFTMAX_HEADS[0], Hkv=SOFTMAX_HEADS[1])}[family]
@@ -114,9 +114,9 @@ def test_packed_methods_equal_one_device(dist_workers, family, method, world, la
 
 
 CUDA_CASES = [(family, method, layout, decay) for family, methods, decays in (
-    ("linear", ("lasp2", "lasp1", "allgather", "ring", "ulysses"), ("none", "token")),
-    ("linear", ("lasp2", "lasp1", "ulysses"), ("channel",)),
-    ("delta", ("lasp2", "lasp1", "ulysses"), ("none", "token", "channel")),
+    ("linear", ("lasp2", "lasp1", "allscan", "logscan", "allgather", "ring", "ulysses"), ("none", "token")),
+    ("linear", ("lasp2", "lasp1", "allscan", "logscan", "ulysses"), ("channel",)),
+    ("delta", ("lasp2", "lasp1", "allscan", "logscan", "ulysses"), ("none", "token", "channel")),
     ("softmax", ("allgather", "ring", "ulysses"), ("none",))) for method in methods
     for layout in ("contiguous", "zigzag") for decay in decays]
 

@@ -3,9 +3,8 @@ import pytest
 import torch
 
 from lasp2.ops import chunk_linear_attn
-from lasp2.parallel import lasp1_linear_attn, lasp2_linear_attn
 from tests.helpers import DECAY_FORMS, make_inputs, rel_err
-from tests.parallel.cases import even_bounds, reference_slice, run_shard, run_shard_in_tiles, single_device
+from tests.parallel.cases import METHODS, even_bounds, reference_slice, run_shard, run_shard_in_tiles, single_device
 
 FORMS = DECAY_FORMS + ("bidirectional",)
 T = 84  # divisible by 1..4; shards of 21-84 tokens with chunk_size 16 end in partial chunks
@@ -34,7 +33,7 @@ def run_case(dist_workers, method, ranks, form, dtype, tol, bounds, total_len=T)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-@pytest.mark.parametrize("method", ["lasp2", "lasp1"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_matches_single_device(dist_workers, method, world, form, dtype, tol):
     run_case(dist_workers, method, tuple(range(world)), form, dtype, tol, even_bounds(T, world))
 
@@ -43,7 +42,7 @@ def test_matches_single_device(dist_workers, method, world, form, dtype, tol):
 @pytest.mark.parametrize("chunks_per_tile,policy", [(1, "cpu"), (2, "cpu"), (1, "cuda")])
 @pytest.mark.parametrize("form", DECAY_FORMS)
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("method", ["lasp2", "lasp1"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_matches_single_device_in_small_tiles(dist_workers, method, world, form, chunks_per_tile, policy):
     """The per-chunk kernels run over tiles of 1 or 2 chunks (16 tokens each): every rank's
     shard spans several tiles, and the intra-chunk outputs and query-side gradients computed
@@ -58,20 +57,20 @@ def test_matches_single_device_in_small_tiles(dist_workers, method, world, form,
 
 
 @pytest.mark.parametrize("form", ["none", "token", "channel", "bidirectional"])
-@pytest.mark.parametrize("method", ["lasp2", "lasp1"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_sub_group(dist_workers, method, form):
     """Ranks {1, 3} of 4 form the group: group ranks 0 and 1 map to global ranks 1 and 3."""
     run_case(dist_workers, method, (1, 3), form, torch.float64, 1e-10, even_bounds(T, 2))
 
 
 @pytest.mark.parametrize("form", ["head", "channel", "bidirectional"])
-@pytest.mark.parametrize("method", ["lasp2", "lasp1"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_uneven_shards(dist_workers, method, form):
     """Shards need not be equal: 7, 23 and 20 tokens."""
     run_case(dist_workers, method, (0, 1, 2), form, torch.float64, 1e-10, [(0, 7), (7, 30), (30, 50)], total_len=50)
 
 
-@pytest.mark.parametrize("fn", [lasp2_linear_attn, lasp1_linear_attn])
+@pytest.mark.parametrize("fn", list(METHODS.values()))
 @pytest.mark.parametrize("causal", [True, False])
 def test_group_none_is_the_single_device_op(fn, causal):
     x = make_inputs("none" if not causal else "token", T=40)

@@ -1,0 +1,94 @@
+"""allscan: LASP-1's chain, pipelined (ZeCO's All-Scan, arXiv 2507.01004, for every transition kind).
+
+The state entering slot t+1 is A_t S_in(t) + M_t, and A acts on the K rows only, so each block
+of V columns follows the same recurrence on its own (see the shared design notes, "Scale"). A
+rank therefore posts a receive for every column block of its incoming state, and combines and
+forwards each block as soon as it arrives: block b of rank t+1 travels while rank t still
+waits for block b+1. With P blocks a pass takes about (hops + P − 1) block hops instead of
+hops whole-state ones, and the bytes through a rank stay one state in and one out, flat in W
+(LASP-2's all-gather receives W−1 summaries). As in LASP-1, the hops that need no remote state
+leave before the local intra-chunk compute, and the rest run when the engine waits for the
+incoming state, after it; the backward pipelines the gradient chain the other way, with the
+transposed transitions; the bidirectional form pipelines a prefix and a suffix chain of
+partial sums. ZeCO cuts along K, which only works for diagonal transitions; cutting along V
+also carries the delta rule's dense K x K one (`delta.py`'s engine, `ALLSCAN_DELTA_SPEC`).
+"""
+from __future__ import annotations
+
+from ..ops.chunk import chunk_linear_attn
+from ..ops.delta_chunk import chunk_delta_rule
+from ..ops.delta_checks import DELTA_DECAY_REASON, DELTA_DECAYS
+from ..ops.precision import without_autocast
+from .delta import state_passing_delta
+from .engine import bidirectional_state_passing, causal_state_passing
+from .inputs import check_delta_call, check_linear_call
+from .layout import Layout
+from .lasp1 import Relay
+from .spec import DELTA, LINEAR, Comm, MethodSpec, Plan, column_blocks
+from .transitions import DENSE, Transition, transition_for
+
+# The most column blocks a hop is cut into (P: the largest divisor of V not above it). More
+# blocks shorten the pipeline's fill and drain and add one message latency each.
+BLOCKS = 8
+
+
+class PipelinedChain(Relay):
+    """The exchange of allscan (`engine.Exchange`): LASP-1's relay with every hop cut into P
+    column blocks, each combined and forwarded as soon as it arrives."""
+
+    def __init__(self, group, layout: Layout, transition: Transition, value_dim: int):
+        super().__init__(group, layout, transition, blocks=column_blocks(value_dim, BLOCKS))
+
+
+@without_autocast
+def allscan_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
+                        validate=False, layout="contiguous", cu_seqlens=None):
+    """allscan sequence-parallel linear attention; the signature and results of
+    `lasp2_linear_attn`, with the incoming states carried by a pipelined chain of column blocks.
+    The communication is `SPEC.plan` (the README's method table)."""
+    call = check_linear_call(SPEC, q, k, v, log_decay, scale=scale, causal=causal, group=group,
+                             chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
+    if call.world == 1:
+        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
+                                 cu_seqlens=call.documents)[0]
+    log_decay, kind = call.linear_decay(log_decay, q.dtype)  # packed documents: resets as decays
+    exchange = PipelinedChain(group, call.layout, transition_for(kind), v.shape[-1])
+    if not causal:
+        return bidirectional_state_passing(q, k, v, scale=call.scale, exchange=exchange)
+    return causal_state_passing(q, k, v, log_decay, kind=kind, scale=call.scale,
+                                chunk_size=call.chunk_size, exchange=exchange)
+
+
+@without_autocast
+def allscan_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
+                       validate=False, cu_seqlens=None):
+    """allscan for the delta rule: the signature and results of `lasp2_delta_rule`, the
+    incoming states carried by a pipelined chain of column blocks (the dense maps stay on their
+    ranks). The communication is `DELTA_SPEC.plan`."""
+    call = check_delta_call(DELTA_SPEC, q, k, v, beta, log_decay, scale=scale, group=group, chunk_size=chunk_size,
+                            validate=validate, layout=layout, cu_seqlens=cu_seqlens)
+    if call.world == 1:
+        return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size,
+                                cu_seqlens=call.documents)[0]
+    return state_passing_delta(call, q, k, v, beta, log_decay, PipelinedChain(group, call.layout, DENSE, v.shape[-1]))
+
+
+def _pipelined(values: str, count: str, chain: str, over: str = "slots") -> Comm:
+    return Comm("send", values, count, chain=chain, over=over, pieces="P")
+
+
+_PREFIX_AND_SUFFIX = (_pipelined("B·H·K·V/P", "W−1", "up", "ranks"), _pipelined("B·H·K·V/P", "W−1", "down", "ranks"))
+SPEC = MethodSpec(
+    name="allscan", family=LINEAR, fn=allscan_linear_attn, equal_shards=False, blocks=BLOCKS,
+    plan=Plan(forward=(_pipelined("B·H·K·V/P", "S·(W−1)", "up"),), backward=(_pipelined("B·H·K·V/P", "S·(W−1)", "down"),),
+              steps="2·(S·(W−1) + P − 1)", overlap="the intra-chunk compute for the first hop only (a chain)"),
+    bidirectional=Plan(forward=_PREFIX_AND_SUFFIX, backward=_PREFIX_AND_SUFFIX, steps="4·(W − 1 + P − 1)"),
+    notes="P = the largest divisor of V up to 8; steps counted in block hops; bytes through a rank flat in W",
+)
+DELTA_SPEC = MethodSpec(
+    name="allscan", family=DELTA, fn=allscan_delta_rule, equal_shards=False, blocks=BLOCKS, decays=DELTA_DECAYS,
+    decay_reason=DELTA_DECAY_REASON,
+    plan=Plan(forward=(_pipelined("B·H·K·V/P", "S·(W−1)", "up"),), backward=(_pipelined("B·H·K·V/P", "S·(W−1)", "down"),),
+              steps="2·(S·(W−1) + P − 1)", overlap="the outputs from a zero state for the first hop only (a chain)"),
+    notes="H: value heads; P = the largest divisor of V up to 8; the dense maps stay on their ranks",
+)
