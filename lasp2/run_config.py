@@ -28,6 +28,7 @@ class ParallelChoice:
     sp: int = 1
     sp_linear: str = "lasp2"
     sp_softmax: str = "allgather"
+    sp_network: str | None = None  # JSON of the links' α and β, for --sp-linear auto
     layout: str = "zigzag"
     chunk_size: int = 64
     data_parallel: str = "shard"

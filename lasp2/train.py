@@ -30,6 +30,8 @@ from .data import DataError, batch_for_step, check_ids, load_tokens, packed_batc
 from .distributed import ConfigError, ParallelDims, init_parallel, shutdown, sum_over_ranks
 from .model import DELTA_KINDS, LINEAR_KINDS, PRESETS, LinearLlama, count_parameters, pattern_for_ratio, preset
 from .parallel import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel
+from .parallel.cost import network_from_json
+from .parallel.registry import AUTO
 from .parallel.layout import LAYOUTS, Layout
 from .parallelize import (DATA_PARALLEL, apply_activation_checkpointing, apply_compile, apply_data_parallel,
                           clip_grad_norm, fp32_parameters, materialize, sum_replicated_gradients)
@@ -55,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory) instead of Linear-Llama3; needs pip install 'lasp2[hf]' (default: none)")
     par = p.add_argument_group("parallelism")
     par.add_argument("--sp", type=int, default=1, help=f"sequence-parallel ranks; dp = processes / sp {d}")
-    par.add_argument("--sp-linear", default="lasp2", choices=list(LINEAR_METHODS), help=f"method for linear layers {d}")
+    par.add_argument("--sp-linear", default="lasp2", choices=[*LINEAR_METHODS, AUTO],
+                     help=f"method for linear (and delta-rule) layers; auto: the cost model picks per layer shape {d}")
+    par.add_argument("--sp-network", default=None, metavar="JSON",
+                     help="the sp links' figures for --sp-linear auto: {\"alpha\": s, \"beta\": bytes/s}, or the "
+                          "attn-calibration.json `python -m lasp2_bench attn` writes (default: NVLink/InfiniBand "
+                          "figures on NCCL, this host's loopback on gloo)")
     par.add_argument("--sp-softmax", default="allgather", choices=list(SOFTMAX_METHODS), help=f"method for softmax layers {d}")
     par.add_argument("--layout", default="zigzag", choices=LAYOUTS, help=f"how sequences are split over sp ranks {d}")
     par.add_argument("--chunk-size", type=int, default=64, help=f"chunk length of the linear-attention kernels {d}")
@@ -145,14 +152,14 @@ def check_config(config: RunConfig, dp: int, cfg) -> None:
     layer_types = set(cfg.layer_types())
     delta = cfg.linear_kind in DELTA_KINDS
     linear_methods = DELTA_METHODS if delta else LINEAR_METHODS
-    if "L" in layer_types and par.sp_linear not in linear_methods:  # argparse allows any linear method
+    if "L" in layer_types and par.sp_linear not in linear_methods and par.sp_linear != AUTO:  # argparse allows any
         raise ConfigError(f"--sp-linear {par.sp_linear} has no delta-rule form for --linear-kind {cfg.linear_kind} "
                           f"(choose one of {', '.join(DELTA_METHODS)})")
     heads = (cfg.value_heads, cfg.num_heads) if delta else (cfg.num_heads, cfg.num_heads)
     for layer, flag, methods, name, decay, (num_heads, kv_heads) in (
             ("L", "--sp-linear", linear_methods, par.sp_linear, cfg.decay_form, heads),
             ("N", "--sp-softmax", SOFTMAX_METHODS, par.sp_softmax, "none", (cfg.num_heads, cfg.num_kv_heads))):
-        if layer in layer_types:
+        if layer in layer_types and name != AUTO:  # auto picks among methods that express every form
             spec = methods[name]
             try:
                 spec.check_rules(f"{flag} {spec.name}", decay, num_heads, kv_heads, par.sp)
@@ -316,8 +323,9 @@ def train(config: RunConfig, dims: ParallelDims, stream=sys.stdout) -> dict:
     check_config(config, dims.dp, cfg)
     par = config.parallel
     delta = par.sp_linear if cfg is not None and cfg.linear_kind in DELTA_KINDS else "lasp2"  # either family
+    network = None if par.sp_network is None else network_from_json(Path(par.sp_network).read_text(), dims.sp)
     sp = SequenceParallel(dims.sp_group, linear=par.sp_linear, softmax=par.sp_softmax, layout=par.layout,
-                          chunk_size=par.chunk_size, delta=delta)
+                          chunk_size=par.chunk_size, delta=delta, network=network)
     torch.manual_seed(config.seed)
     model, about, name = build_model(config.model, cfg, data.vocab_size, sp, dims.device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -346,7 +354,7 @@ def train(config: RunConfig, dims: ParallelDims, stream=sys.stdout) -> dict:
         f"({par.sp_linear} + {par.sp_softmax}, {par.layout}; {applied}) on {dims.device.type}"
         + (f" | resumed from {resume_from.name}" if resume_from else "")
     )
-    losses, val_loss, optim = [], None, config.optim
+    losses, val_loss, optim, said = [], None, config.optim, set()
     last = optim.steps if optim.stop_at is None else min(optim.steps, optim.stop_at)
     for step in range(start, last):
         began = time.perf_counter()
@@ -357,6 +365,10 @@ def train(config: RunConfig, dims: ParallelDims, stream=sys.stdout) -> dict:
         losses.append(loss)
         metrics.write(step=step, loss=loss, lr=lr_at(step, optim), tokens_per_s=tokens_per_s)
         progress.update(step, loss, tokens_per_s)
+        for shape, (_, why) in sp.decisions.items():  # --sp-linear auto: what it picked, once per layer shape
+            if shape not in said:
+                progress.note(f"--sp-linear auto: {why}")
+                said.add(shape)
         if (step + 1) % choice.val_every == 0 or step + 1 == last:
             val_loss = evaluate(model, sp, dims, data, config)
             metrics.write(step=step, val_loss=val_loss)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lasp2.parallel import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, Problem, count_collectives, shard
-from . import costs
+from lasp2.parallel import cost as costs
 from .calibrate import measure_kernels, measure_network
 from .documents import packed_offsets
 from .machine import describe, free_port, matmul_rate, peak_memory_bytes, reset_peak_memory, sync

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from lasp2.ops import chunk_linear_attn
 from lasp2.ops.left_product import left_product_linear_attn
 from lasp2.ops.softmax_attn import attention_block, sdpa, softmax_attn
-from .costs import CHUNK
+from lasp2.parallel.cost import CHUNK
 from .machine import sync
 
 SMALL, LARGE = 4 * 1024, 16 * 2**20  # bytes per rank

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lasp2.model import count_parameters, preset
 from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS, Problem
-from . import costs
+from lasp2.parallel import cost as costs
 from .machine import read_csv, write_csv
 from .plots import NO_MATPLOTLIB, pyplot
 

@@ -11,15 +11,22 @@ group=None means one device: every call runs the single-device op.
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
+import torch.distributed as dist
 
 from . import allgather, allscan, delta, lasp1, lasp2, logscan, ring, ulysses
+from ..ops.checks import DECAY_CHANNEL, DECAY_HEAD, DECAY_NONE, DECAY_TOKEN, compute_dtype
 from ..ops.documents import documents
+from .cost import LOOPBACK, NVLINK_IB, Network, choose_exchange
 from .comm import group_rank_size
 from .conv import causal_conv1d
 from .layout import LAYOUTS, Layout, positions, shard, unshard
-from .spec import DELTA, LINEAR, SOFTMAX, TABLE_HEADER, MethodSpec
+from .spec import DELTA, LINEAR, SOFTMAX, TABLE_HEADER, MethodSpec, Problem
+
+AUTO = "auto"  # SequenceParallel(linear=AUTO, delta=AUTO): the cost model picks per layer shape
+_LOG = logging.getLogger(__name__)
 
 # name -> MethodSpec, by family; the spec's `fn` is the method's function.
 LINEAR_METHODS: dict[str, MethodSpec] = {}
@@ -73,15 +80,25 @@ class SequenceParallel:
         validate: every call first checks that the ranks agree on shapes (one small all-gather).
         chunk_size: tokens per chunk of the linear-attention and delta-rule kernels.
         delta: method for delta-rule layers, one of DELTA_METHODS.
+        linear and delta may be "auto": for each layer shape (B, C, H, K, V, decay form, dtype)
+            the cost model (`cost.choose_exchange`) picks the state passing (LASP-2, LASP-1,
+            allscan, logscan) predicted fastest on `network`; every rank picks the same, and the
+            pick is logged once per shape (and kept in `decisions`).
+        network: the α–β figures of the group's links (`cost.Network`, e.g. from
+            `Network.from_calibration` of what `lasp2_bench attn` measures); None assumes
+            `cost.NVLINK_IB` on NCCL and `cost.LOOPBACK` (gloo on one host) otherwise.
+        rate: the chunk kernel's FLOP/s on one rank; given, "auto" weighs LASP-2's overlap with
+            the intra-chunk compute; None compares the communication alone.
     """
 
     def __init__(self, group=None, linear: str = "lasp2", softmax: str = "allgather", layout: str = "contiguous",
-                 *, validate: bool = False, chunk_size: int = 64, delta: str = "lasp2"):
+                 *, validate: bool = False, chunk_size: int = 64, delta: str = "lasp2", network: Network | None = None,
+                 rate: float | None = None):
         problems = []
-        if delta not in DELTA_METHODS:
-            problems.append(f"delta={delta!r} (valid: {', '.join(DELTA_METHODS)})")
-        if linear not in LINEAR_METHODS:
-            problems.append(f"linear={linear!r} (valid: {', '.join(LINEAR_METHODS)})")
+        if delta not in DELTA_METHODS and delta != AUTO:
+            problems.append(f"delta={delta!r} (valid: {', '.join(DELTA_METHODS)}, {AUTO})")
+        if linear not in LINEAR_METHODS and linear != AUTO:
+            problems.append(f"linear={linear!r} (valid: {', '.join(LINEAR_METHODS)}, {AUTO})")
         if softmax not in SOFTMAX_METHODS:
             problems.append(f"softmax={softmax!r} (valid: {', '.join(SOFTMAX_METHODS)})")
         if layout not in LAYOUTS:
@@ -92,6 +109,35 @@ class SequenceParallel:
         self.validate, self.chunk_size = validate, chunk_size
         self.rank, self.world = group_rank_size(group)
         self.cu_seqlens = None  # packed documents of the current batch (`with_documents`)
+        self.network, self.rate = network, rate
+        self.decisions: dict = {}  # "auto": layer shape -> (method, why), shared by this context's copies
+
+    def _choose(self, family: str, name: str, q, v, log_decay, value_heads: int, key_heads: int, packed: bool) -> str:
+        """The method a call runs: `name`, or for "auto" the cost model's pick for this shape."""
+        if name != AUTO:
+            return name
+        methods = LINEAR_METHODS if family == LINEAR else DELTA_METHODS
+        if self.world == 1:
+            return "lasp2"  # one device: every method runs the single-device op
+        decay = (DECAY_NONE if log_decay is None else DECAY_HEAD if log_decay.dim() == 1
+                 else DECAY_CHANNEL if log_decay.dim() == 4 else DECAY_TOKEN)
+        if packed and decay in (DECAY_NONE, DECAY_HEAD):  # document resets travel as per-token decays
+            decay = DECAY_TOKEN
+        B, C, K, V = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
+        key = (family, B, C, value_heads, key_heads, K, V, decay, q.dtype)
+        if key not in self.decisions:
+            network = self.network or (NVLINK_IB if dist.get_backend(self.group) == "nccl" else LOOPBACK)
+            state_bytes = torch.empty((), dtype=compute_dtype(q.dtype)).element_size()
+            problem = Problem(B=B, N=C * self.world, W=self.world, S=Layout(self.layout, self.world).slots_per_rank,
+                              H=value_heads, K=K, V=V, decay=decay, Hkv=key_heads, dtype_bytes=q.element_size(),
+                              state_bytes=state_bytes)
+            best, seconds = choose_exchange(methods, problem, network, self.rate)
+            why = (f"{family} layers with B={B}, C={C}, H={value_heads}, K={K}, V={V}, decay {decay} at W={self.world}: "
+                   f"{best} (predicted ms per forward+backward, {'whole layer' if self.rate else 'communication'}: "
+                   + ", ".join(f"{n} {t * 1e3:.3f}" for n, t in seconds.items()) + ")")
+            self.decisions[key] = (best, why)
+            _LOG.info("SequenceParallel(%s=auto) picks %s", family if family == LINEAR else "delta", why)
+        return self.decisions[key][0]
 
     def with_documents(self, cu_seqlens) -> "SequenceParallel":
         """This context for one packed row: every call below passes its documents (the global
@@ -108,7 +154,9 @@ class SequenceParallel:
     def linear_attn(self, q, k, v, log_decay=None, causal: bool = True, scale=None, cu_seqlens=None) -> torch.Tensor:
         """[B, C, H, K|K|V] local shard -> [B, C, H, V] (see lasp2_linear_attn; cu_seqlens: the
         global offsets of packed documents, B = 1)."""
-        return LINEAR_METHODS[self.linear].fn(q, k, v, log_decay, scale=scale, causal=causal, group=self.group,
+        name = self._choose(LINEAR, self.linear, q, v, log_decay, q.shape[2], q.shape[2],
+                            (cu_seqlens if cu_seqlens is not None else self.cu_seqlens) is not None)
+        return LINEAR_METHODS[name].fn(q, k, v, log_decay, scale=scale, causal=causal, group=self.group,
                                               chunk_size=self.chunk_size, validate=self.validate, layout=self.layout,
                                               **_documents(cu_seqlens, self.cu_seqlens))
 
@@ -121,7 +169,8 @@ class SequenceParallel:
     def delta_rule(self, q, k, v, beta, log_decay=None, scale=None, cu_seqlens=None) -> torch.Tensor:
         """[B, C, Hk, K|K], [B, C, Hv, V], beta [B, C, Hv] local shard -> [B, C, Hv, V] (see
         lasp2_delta_rule; cu_seqlens: the global offsets of packed documents, B = 1)."""
-        return DELTA_METHODS[self.delta].fn(q, k, v, beta, log_decay, scale=scale, group=self.group,
+        name = self._choose(DELTA, self.delta, q, v, log_decay, v.shape[2], q.shape[2], False)
+        return DELTA_METHODS[name].fn(q, k, v, beta, log_decay, scale=scale, group=self.group,
                                             layout=self.layout, chunk_size=self.chunk_size, validate=self.validate,
                                             **_documents(cu_seqlens, self.cu_seqlens))
 

@@ -16,7 +16,7 @@ def test_attn_command(tmp_path):
     main(["attn", "--world", "2", "--T", "128", "256", "--H", "2", "--D", "8", "--kv-heads", "2", "--warmup", "0",
           "--repeats", "1", "--delta", "lasp2", "lasp1", "ulysses", "--out", str(tmp_path)])
     rows = read(tmp_path / "attn.csv")
-    assert len(rows) == 2 * 11 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 2 * 13 and all(r["status"] == "ok" for r in rows)  # 7 linear, 3 softmax, 3 delta methods
     assert {r["method"] for r in rows if r["family"] == "delta"} == {"lasp2", "lasp1", "ulysses"}
     assert all(r["bytes_per_rank"] == r["formula_bytes"] for r in rows)
     assert all(float(r["min_ms"]) <= float(r["median_ms"]) <= float(r["max_ms"]) for r in rows)

@@ -145,3 +145,64 @@ def test_bytes_through_a_rank_as_w_grows():
         busiest = max(u + d for u, d in zip(up, down))
         assert sent("logscan", W) == busiest * (state + window_transition)
         assert busiest <= 2 * (W - 1).bit_length()
+
+
+def auto_calls(group, family, inputs, do, network, layout):
+    """Two calls of one layer shape through SequenceParallel(linear|delta="auto"): the pick, its
+    reasons, the outputs and gradients, and what the second call (forward and backward) sent."""
+    from lasp2.parallel import SequenceParallel, count_collectives, positions, shard
+    from tests.helpers import leaf
+
+    sp = SequenceParallel(group, linear="auto", delta="auto", layout=layout, chunk_size=8, network=network)
+    x = {n: None if t is None else leaf(shard(t, group, layout)) for n, t in inputs.items() if n != "s0"}
+    for call in range(2):
+        for t in x.values():
+            if t is not None:
+                t.grad = None
+        with count_collectives() as log:
+            if family == "linear":
+                o = sp.linear_attn(x["q"], x["k"], x["v"], x["g"], scale=0.7)
+            else:
+                o = sp.delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], scale=0.7)
+            o.backward(shard(do, group, layout))
+    return {"o": o.detach(), **{f"d{n}": None if t is None else t.grad for n, t in x.items()},
+            "positions": positions(do.shape[1], group, layout), "decisions": list(sp.decisions.values()),
+            "sent": sorted(r for r in log.rows() if r[0] != "recv")}
+
+
+@pytest.mark.parametrize("network,layout,want", [("latency", "contiguous", "logscan"), ("bandwidth", "zigzag", "allscan")])
+@pytest.mark.parametrize("family", ["linear", "delta"])
+def test_auto_picks_by_the_network_and_stays_exact(dist_workers, family, network, layout, want):
+    """W = 4: every rank picks the same method once for the shape (the second call reuses it),
+    says why, and runs it exactly, with its spec's messages. Latency-bound links: logscan's 2
+    rounds against the all-gather's 3 steps (contiguous); bandwidth-bound: allscan's one state
+    a hop (zigzag, 8 slots)."""
+    S = 1 if layout == "contiguous" else 2
+    from lasp2.parallel.cost import Network
+
+    nets = {"latency": Network(1e-3, 1e15, 1e-3, 1e15, ranks_per_node=64),
+            "bandwidth": Network(0.0, 1e6, 0.0, 1e6, ranks_per_node=64)}
+    if family == "linear":
+        inputs, do, ref = _linear_case("token", torch.float64)
+        inputs = {**inputs, "beta": None}
+        methods, problem = LINEAR_METHODS, Problem(B=2, N=168, W=4, S=S, H=4, K=6, V=5, decay="token", dtype_bytes=8,
+                                                    state_bytes=8)
+    else:
+        inputs, do, ref = delta_case("channel", (2, 4))
+        methods, problem = DELTA_METHODS, Problem(B=2, N=48, W=4, S=S, H=4, Hkv=2, K=5, V=3, decay="channel",
+                                                   dtype_bytes=8, state_bytes=8)
+    results = dist_workers.run(auto_calls, tuple(range(4)), family, inputs, do, nets[network], layout)
+    if family == "linear":  # test_methods' reference has another scale: the recurrence at 0.7
+        from lasp2.ops import naive_recurrent_linear_attn
+        from tests.helpers import leaf
+        leaves = {n: leaf(inputs[n]) for n in "qkvg"}
+        o, _ = naive_recurrent_linear_attn(leaves["q"], leaves["k"], leaves["v"], leaves["g"], scale=0.7)
+        o.backward(do)
+        ref = {"o": o.detach(), **{f"d{n}": t.grad for n, t in leaves.items()}}
+    for rank, got in results.items():
+        (picked, why), = got["decisions"]
+        assert picked == want and f"W=4: {want}" in why, why
+        for name, value in ref.items():
+            assert rel_err(got[name], value[:, got["positions"]]) < 1e-10, (rank, name)
+        spec_fwd, spec_bwd = methods[want].calls(problem, rank=rank)
+        assert got["sent"] == sorted(spec_fwd + spec_bwd), rank  # the second call's forward and backward

@@ -105,7 +105,7 @@ def test_toy_method_is_exact_and_sends_what_its_spec_says(dist_workers, world, l
 
 def test_toy_method_in_the_trainer_check_and_the_cost_model(toy_registered):
     from lasp2.train import check_config, parse_config
-    from lasp2_bench import costs
+    from lasp2.parallel import cost as costs
 
     config = parse_config(["--sp", "2", "--sp-linear", "toy", "--seq-len", "64"])
     check_config(config, 1, preset("debug"))  # accepted

@@ -126,13 +126,13 @@ def test_parity_of_every_linear_variant(dist_workers, tmp_path, kind):
 
 
 @pytest.mark.parametrize("linear,softmax", [("lasp1", "ring"), ("ulysses", "ulysses"), ("ring", "allgather"),
-                                            ("allgather", "ring")])
+                                            ("allgather", "ring"), ("allscan", "allgather"), ("logscan", "ring")])
 def test_parity_of_other_methods(dist_workers, tmp_path, linear, softmax):
     check_case(dist_workers, tmp_path, "simple_gla", "LLLN", [("sp2", "zigzag")],
                ["--sp-linear", linear, "--sp-softmax", softmax])
 
 
-@pytest.mark.parametrize("method", ["lasp2", "lasp1", "ulysses"])
+@pytest.mark.parametrize("method", ["lasp2", "lasp1", "ulysses", "auto"])
 def test_parity_of_delta_rule_methods(dist_workers, tmp_path, method):
     check_case(dist_workers, tmp_path, "gated_deltanet", "LLLN", [("sp2", "zigzag"), ("dp2sp2", "contiguous")],
                ["--sp-linear", method])

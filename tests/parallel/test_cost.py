@@ -5,7 +5,7 @@ import pytest
 
 from lasp2.parallel import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, Problem
 from lasp2.parallel.spec import chain_sends
-from lasp2_bench import costs
+from lasp2.parallel import cost as costs
 
 NET = costs.Network(alpha_intra=1e-5, beta_intra=1e11, alpha_inter=2e-5, beta_inter=1e10, ranks_per_node=8)
 
@@ -69,3 +69,35 @@ def test_delta_rule_flops_and_what_lasp2_overlaps():
     assert costs.flops(DELTA_METHODS["lasp2"], x) == pytest.approx((18_874_368, 39_845_888))
     for name in ("lasp1", "ulysses"):
         assert costs.flops(DELTA_METHODS[name], x) == pytest.approx((0.0, 18_874_368 + 39_845_888))
+
+
+def test_allscan_pays_its_pipeline_and_logscan_its_rounds():
+    """W = 64, B = 1, H = 16, K = 128, V = 128 (allscan: P = 8 blocks of 16 columns), by hand."""
+    problem = Problem(B=1, N=2**20, W=64, H=16, K=128, V=128, decay="token")
+    state, piece = 16 * 128 * 128 * 4, 16 * 128 * 16 * 4
+    allscan = costs.comm_seconds(LINEAR_METHODS["allscan"], problem, NET)
+    hops = 63 + 8 - 1  # the last of 8 pieces leaves 7 piece hops after the first; 8 of the 70 cross a node
+    assert allscan == pytest.approx(2 * (62 * (1e-5 + piece / 1e11) + 8 * (2e-5 + piece / 1e10)))
+    assert hops == 70
+    logscan = costs.comm_seconds(LINEAR_METHODS["logscan"], problem, NET)
+    window = state + 16 * 4  # the state and one decay per head
+    assert logscan == pytest.approx(2 * 6 * (2e-5 + window / 1e10))  # 6 rounds, at the inter-node link
+    zigzag = costs.comm_seconds(LINEAR_METHODS["logscan"], Problem(**{**problem.__dict__, "S": 2}), NET)
+    assert zigzag == pytest.approx(2 * 7 * (2e-5 + 2 * window / 1e10))  # 128 slots: 7 rounds of two windows
+
+
+def test_choose_exchange_follows_the_network():
+    """Latency-bound links favour logscan's ⌈log2 W⌉ rounds at large W (and at W = 2 every exchange
+    is one step a pass: the tie goes to LASP-2); bandwidth-bound ones with a dense transition
+    favour allscan's one state a hop over logscan's state plus transition a round."""
+    latency = costs.Network(1e-4, 1e15, 1e-4, 1e15, ranks_per_node=1 << 20)
+    bandwidth = costs.Network(0.0, 1e9, 0.0, 1e9, ranks_per_node=1 << 20)
+    linear = Problem(B=1, N=64 * 1024, W=64, H=16, K=128, V=128, decay="token")
+    assert costs.choose_exchange(LINEAR_METHODS, linear, latency)[0] == "logscan"
+    pair = Problem(B=1, N=2048, W=2, H=16, K=128, V=128, decay="token")
+    best, seconds = costs.choose_exchange(LINEAR_METHODS, pair, latency)
+    assert best == "lasp2" and seconds["lasp2"] == pytest.approx(seconds["logscan"])
+    assert set(seconds) == {"lasp2", "lasp1", "allscan", "logscan"}
+    dense = Problem(B=1, N=64 * 1024, W=64, H=16, Hkv=16, K=128, V=128, decay="channel")
+    best, seconds = costs.choose_exchange(DELTA_METHODS, dense, bandwidth)
+    assert best == "allscan" and seconds["allscan"] < seconds["logscan"] < seconds["lasp2"]

@@ -1,20 +1,23 @@
 """How long a sequence-parallel method takes per attention layer: an α–β model of its
-communication, read from the method's spec (`lasp2.parallel.MethodSpec`), and its compute.
+communication, read from the method's spec (`lasp2.parallel.MethodSpec`), and its compute;
+`choose_exchange` picks the state passing a layer runs with `SequenceParallel(linear="auto")`.
 
 Bytes and calls are the spec's (`MethodSpec.calls`, the README's method table; the
 collective-count tests check them against what the methods issue). Times: a collective of n
 bytes costs its steps × (α + bytes per step / β), with the α and β of the slowest link it
-crosses (intra-node or inter-node); a chain of dependent hops costs one hop each; compute costs
-FLOPs / rate. A method whose plan overlaps its communication hides it behind the overlappable
-compute: the intra-chunk work of a chunked method, every block of a quadratic one.
+crosses (intra-node or inter-node); a chain of dependent hops costs one hop each, a pipelined
+one (P pieces a hop) hops + P − 1 piece hops, a recursive doubling one hop per round (the
+slowest link once W leaves a node); compute costs FLOPs / rate. A method whose plan overlaps
+its communication hides it behind the overlappable compute: the intra-chunk work of a chunked
+method, every block of a quadratic one. `lasp2_bench` calibrates α, β and the rates on a
+machine (`project --calibrate`) and projects to clusters (`project`).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from lasp2.parallel import MethodSpec, Problem
-from lasp2.parallel.spec import DELTA
-from lasp2.parallel.spec import evaluate
+from .spec import DELTA, MethodSpec, Problem, evaluate
 
 CHUNK = 64
 # The measured kernel rate (`calibrate.measure_kernels`) each kind of local compute runs at.
@@ -92,21 +95,62 @@ class Network:
         inter = hops // self.ranks_per_node
         return (hops - inter) * self.hop(nbytes, False) + inter * self.hop(nbytes, True)
 
+    def doubling(self, nbytes: int, rounds: int, W: int) -> float:
+        """Recursive doubling: `rounds` dependent rounds, each a hop of nbytes from every rank
+        (some cross nodes once the group does)."""
+        return rounds * self.hop(nbytes, W > self.ranks_per_node)
+
+    @classmethod
+    def from_calibration(cls, calibration: dict, world: int) -> "Network":
+        """One group's figures as `lasp2_bench attn` measures them (attn-calibration.json:
+        allgather_alpha/beta, p2p_alpha/beta; one node), or plain {"alpha": s, "beta": bytes/s}."""
+        if "alpha" in calibration:
+            return cls(calibration["alpha"], calibration["beta"], calibration["alpha"], calibration["beta"], world)
+        return cls(calibration["allgather_alpha"], calibration["allgather_beta"], calibration["allgather_alpha"],
+                   calibration["allgather_beta"], world, p2p_alpha=calibration["p2p_alpha"],
+                   p2p_beta=calibration["p2p_beta"])
+
+
+def network_from_json(text: str, world: int) -> Network:
+    """A Network from JSON: {"alpha": s, "beta": bytes/s} (one link everywhere), one group's
+    calibration as `lasp2_bench attn` measures it, or its whole attn-calibration.json (a list:
+    the entry of this group size, else of the largest one measured)."""
+    data = json.loads(text)
+    if isinstance(data, list):
+        measured = [d for d in data if "allgather_alpha" in d]
+        if not measured:
+            raise ValueError("the calibration holds no network figures (it measured one rank only)")
+        data = next((d for d in measured if d.get("world") == world), max(measured, key=lambda d: d["world"]))
+    return Network.from_calibration(data, world)
+
+
+# Networks `SequenceParallel(linear="auto")` assumes when given none (state the figures you know
+# with `network=`; `lasp2_bench attn` measures a group's): NVLink within 8-GPU nodes and
+# InfiniBand between them (80% of 300 GB/s and of 25 GB/s per GPU, α 10 and 20 µs, as
+# `lasp2_bench project` assumes for the paper's A100 cluster), and gloo between processes of
+# one host (measured on this project's 2-core machine, benchmarks/results/2026-11-22-cpu2/
+# attn-calibration.json: all-gather α 445 µs, β 0.41 GB/s; a point-to-point hop 233 µs, 1.5 GB/s).
+NVLINK_IB = Network(alpha_intra=10e-6, beta_intra=0.8 * 300e9, alpha_inter=20e-6, beta_inter=0.8 * 25e9, ranks_per_node=8)
+LOOPBACK = Network(alpha_intra=445e-6, beta_intra=0.41e9, alpha_inter=445e-6, beta_inter=0.41e9, ranks_per_node=1 << 30,
+                   p2p_alpha=233e-6, p2p_beta=1.55e9)
+
 
 def _comm_parts(spec: MethodSpec, x: Problem, net: Network) -> tuple[float, float]:
     """(seconds of collectives, seconds of chains) of the causal plan per forward+backward on
     the busiest rank; a chain costs its hops one after another (the last rank waits for each)."""
     if x.W == 1:
         return 0.0, 0.0
-    symbols, plan, collectives, chains = x.symbols(), spec.plan, 0.0, 0.0
+    symbols, plan, collectives, chains = spec.symbols(x), spec.plan, 0.0, 0.0
     for c in plan.forward + plan.backward:
         if not c.applies(x.decay):
             continue
         nbytes = evaluate(c.values, symbols) * x.value_bytes(c.precision)
-        if c.chain is not None:
-            chains += net.chain(nbytes, evaluate(c.count, symbols))
-        else:
+        if c.chain is None:
             collectives += evaluate(c.count, symbols) * net.collective(c.kind, nbytes, x.W)
+        elif c.route == "doubling":  # a rank sends up to S windows a round
+            chains += net.doubling(x.S * nbytes, evaluate(c.count, symbols), x.W)
+        else:  # P pieces a hop, pipelined: the last piece leaves P − 1 piece hops after the first
+            chains += net.chain(nbytes, evaluate(c.count, symbols) + evaluate(c.pieces, symbols) - 1)
     return collectives, chains
 
 
@@ -125,3 +169,24 @@ def layer_time(spec: MethodSpec, x: Problem, net: Network, rate: float) -> dict:
     collectives, chains = _comm_parts(spec, x, net)
     return {"seconds": max(overlap_s, collectives) + chains + rest_s, "compute_s": overlap_s + rest_s,
             "comm_s": collectives + chains}
+
+
+# The exchanges `choose_exchange` weighs: the state-passing methods, exact for every decay form
+# and the delta rule, whose traffic is a state per slot (not the sequence's keys and values).
+STATE_PASSING = ("lasp2", "lasp1", "allscan", "logscan")
+
+
+def choose_exchange(methods: dict, x: Problem, net: Network, rate: float | None = None) -> tuple[str, dict]:
+    """-> (the name of the state-passing method predicted fastest for this layer, predicted
+    seconds per forward+backward of each candidate). methods: a family's registry (name ->
+    MethodSpec). rate: the chunk kernel's FLOP/s on one rank; given, layers compare whole
+    (LASP-2's all-gather hides behind its intra-chunk compute, the chains' and rounds' waits
+    add); None, the communication alone. Within 0.1% of the fastest, the earlier of
+    STATE_PASSING wins (a prediction is not that precise)."""
+    seconds = {}
+    for name in STATE_PASSING:
+        if name in methods and x.decay in methods[name].decays:
+            spec = methods[name]
+            seconds[name] = comm_seconds(spec, x, net) if rate is None else layer_time(spec, x, net, rate)["seconds"]
+    fastest = min(seconds.values())
+    return next(name for name, t in seconds.items() if t <= fastest * 1.001), seconds
