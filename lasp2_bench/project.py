@@ -7,6 +7,10 @@
    batch 1, SP = all GPUs, DGX-A100 nodes. Two unknowns (a fixed per-step overhead and the
    model FLOP utilisation) are fitted to the two 16-GPU cells of the paper's scalability table;
    the other cells and the LASP-1 / Ring gains are predictions. Every assumption is printed.
+3. The state-passing exchanges at scale (always): LASP-2's all-gather, LASP-1's chain, allscan's
+   pipelined chain and logscan's recursive doubling, 8 to 256 GPUs, against ZeCO's measured
+   collective times (arXiv 2507.01004: two cells fit the network, two are predictions), and where
+   each wins as W, the state and the network vary (exchanges.csv, exchanges.png).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lasp2.model import count_parameters, preset
-from lasp2.parallel import LINEAR_METHODS, SOFTMAX_METHODS, Problem
+from lasp2.parallel import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, Problem
 from lasp2.parallel import cost as costs
 from .machine import read_csv, write_csv
 from .plots import NO_MATPLOTLIB, pyplot
@@ -204,9 +208,123 @@ def project_paper(stream, out: Path) -> list[dict]:
     return rows
 
 
+# ---- the exchanges at scale ------------------------------------------------------------------------
+
+# ZeCO's measured collective times (1B GLA, H100): (method, GPUs, seconds).
+ZECO_CELLS = [("lasp2", 8, 0.375e-3), ("lasp2", 256, 8.514e-3), ("allscan", 8, 0.226e-3), ("allscan", 256, 2.165e-3)]
+ZECO_ALPHA = 5e-6  # s per message: NCCL's small-message latency (assumed)
+# The layers whose exchanges are compared: (label, family, Problem fields), B = 1, fp32 states.
+LAYERS = [("GLA-1B layer (H=4, K=256, V=512, diagonal)", "linear", dict(H=4, K=256, V=512, decay="channel")),
+          ("KDA layer (H=32, K=V=128, dense K x K)", "delta", dict(H=32, Hkv=32, K=128, V=128, decay="channel")),
+          ("small linear layer (H=16, K=V=64, scalar)", "linear", dict(H=16, K=64, V=64, decay="token"))]
+SCALE_W = (2, 4, 8, 16, 32, 64, 128, 256)
+EXCHANGES = ("lasp2", "lasp1", "allscan", "logscan")
+ZECO_ASSUMPTIONS = [
+    "ZeCO's 1B GLA as FLA configures GLA: hidden 2048, 4 heads, K = 256, V = 512 per head (expand_k 0.5, "
+    "expand_v 1), B = 1: a state of 524,288 fp32 values (2 MiB) and K decays per head per layer",
+    "one 'collective' = one layer's forward exchange: LASP-2's all-gather of (M, A), All-Scan's pipelined chain, "
+    "which we model as allscan with P = 8 column blocks (ZeCO's block count is not stated)",
+    "H100 nodes of 8 GPUs; one message step costs alpha = 5 us (NCCL's small-message latency) plus bytes / beta",
+    "fitted from LASP-2's two cells: a fixed overhead per collective (launch and host synchronisation) and one "
+    "effective bandwidth for every link (NCCL's ring runs at its slowest link); All-Scan's two cells are predictions",
+]
+
+
+def zeco_network() -> tuple[costs.Network, dict]:
+    """The network that reproduces ZeCO's two LASP-2 cells exactly: t(W) = overhead + (W − 1)·(α +
+    b / β), two equations in overhead and 1 / β."""
+    label, family, fields = LAYERS[0]
+    b = LINEAR_METHODS["lasp2"].calls(Problem(B=1, N=2 * 8, W=2, **fields))[0][0][1]  # one rank's (M, A) bytes
+    (_, w1, t1), (_, w2, t2) = ZECO_CELLS[:2]
+    per_step = (t2 - t1) / (w2 - w1)  # α + b / β
+    beta = b / (per_step - ZECO_ALPHA)
+    overhead = t1 - (w1 - 1) * per_step
+    net = costs.Network(ZECO_ALPHA, beta, ZECO_ALPHA, beta, ranks_per_node=8, overhead=overhead)
+    return net, {"overhead_s": overhead, "beta": beta, "payload_bytes": b}
+
+
+def forward_exchange_seconds(spec, x: Problem, net: costs.Network) -> float:
+    """One layer's forward exchange (what ZeCO times as one collective)."""
+    forward_only = replace(spec, plan=replace(spec.plan, backward=()))
+    return costs.comm_seconds(forward_only, x, net)
+
+
+def project_exchanges(stream, out: Path) -> list[dict]:
+    net, fitted = zeco_network()
+    stream.write("\nthe state-passing exchanges at scale: ZeCO's measured collective times (arXiv 2507.01004)\nassumptions:\n")
+    for a in ZECO_ASSUMPTIONS:
+        stream.write(f"  - {a}\n")
+    stream.write(f"fitted: overhead {fitted['overhead_s'] * 1e3:.3f} ms per collective, beta {fitted['beta'] / 1e9:.1f} GB/s "
+                 f"({fitted['payload_bytes'] / 2**20:.2f} MiB per rank)\n")
+    stream.write(f"{'exchange':>10s} {'GPUs':>5s} {'ZeCO ms':>8s} {'model ms':>9s} {'error':>7s}  role\n")
+    rows = []
+    _, _, fields = LAYERS[0]
+    for i, (method, W, measured) in enumerate(ZECO_CELLS):
+        model = forward_exchange_seconds(LINEAR_METHODS[method], Problem(B=1, N=16384 * W, W=W, **fields), net)
+        role = "fit" if i < 2 else "predicted"
+        name = "All-Scan" if method == "allscan" else "LASP-2"
+        rows.append(dict(kind="zeco", layer=LAYERS[0][0], network="ZeCO-fitted H100", W=W, method=method,
+                         seconds=model, measured=measured, error=model / measured - 1, role=role))
+        stream.write(f"{name:>10s} {W:5d} {measured * 1e3:8.3f} {model * 1e3:9.3f} {model / measured - 1:+7.1%}  {role}\n")
+    networks = {"ZeCO-fitted H100": net, "NVLink + IB (A100 figures)": costs.NVLINK_IB,
+                "slow IB (beta 5 GB/s)": replace(costs.NVLINK_IB, beta_inter=5e9)}
+    for net_name, network in networks.items():
+        for label, family, fields in LAYERS:
+            methods = LINEAR_METHODS if family == "linear" else DELTA_METHODS
+            stream.write(f"\n{label}, {net_name}: ms per layer, forward + backward exchanges "
+                         f"(MB through the busiest rank)\n{'W':>4s} " + " ".join(f"{m:>17s}" for m in EXCHANGES)
+                         + f" {'fastest':>9s}\n")
+            for W in SCALE_W:
+                x = Problem(B=1, N=16384 * W, W=W, **fields)
+                best, seconds = costs.choose_exchange(methods, x, network)
+                cells = []
+                for m in EXCHANGES:
+                    sent = methods[m].bytes_per_rank(x)
+                    through = sent * (x.W - 1) if m == "lasp2" else sent  # an all-gather brings W − 1 slots
+                    rows.append(dict(kind="scale", layer=label, network=net_name, W=W, method=m, seconds=seconds[m],
+                                     measured=None, error=None, role="fastest" if m == best else "",
+                                     bytes_through=through))
+                    cells.append(f"{seconds[m] * 1e3:8.3f} ({through / 1e6:6.1f})")
+                stream.write(f"{W:4d} " + " ".join(f"{c:>17s}" for c in cells) + f" {best:>9s}\n")
+    write_csv(out / "exchanges.csv", rows, ["kind", "layer", "network", "W", "method", "seconds", "measured", "error", "role",
+                                            "bytes_through"])
+    plt = pyplot()
+    if plt is None:
+        stream.write(f"no exchanges.png ({NO_MATPLOTLIB})\n")
+        return rows
+    fig, axes = plt.subplots(len(networks), len(LAYERS), figsize=(4 * len(LAYERS), 3.2 * len(networks)), sharex=True)
+    for i, net_name in enumerate(networks):
+        for j, (label, _, _) in enumerate(LAYERS):
+            ax = axes[i][j]
+            for m in EXCHANGES:
+                mine = [r for r in rows if r["kind"] == "scale" and r["network"] == net_name and r["layer"] == label
+                        and r["method"] == m]
+                ax.plot([r["W"] for r in mine], [r["seconds"] * 1e3 for r in mine], marker=".", label=m)
+            if i == 0 and j == 0:  # one forward exchange, measured by ZeCO (x) and modelled (+)
+                for r in rows[:len(ZECO_CELLS)]:
+                    ax.scatter([r["W"]], [r["measured"] * 1e3], marker="x", color="k")
+                    ax.scatter([r["W"]], [r["seconds"] * 1e3], marker="+", color="k")
+                    ax.annotate(f"ZeCO {'All-Scan' if r['method'] == 'allscan' else 'LASP-2'} fwd (x), model (+)",
+                                (r["W"], r["measured"] * 1e3), fontsize=5)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{label.split(' (')[0]}, {net_name}", fontsize=8)
+            ax.grid(True, which="both", alpha=0.3)
+            if j == 0:
+                ax.set_ylabel("ms per layer (fwd+bwd)")
+            if i == len(networks) - 1:
+                ax.set_xlabel("GPUs (W)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "exchanges.png", dpi=110)
+    plt.close(fig)
+    return rows
+
+
 def run(args, out: Path, stream) -> None:
     if args.calibrate is not None:
         local = calibrate_local(args.calibrate, stream)
         write_csv(out / "local.csv", local, ["family", "method", "world", "T", "measured_s", "predicted_s", "comm_s", "ratio"])
     project_paper(stream, out)
+    project_exchanges(stream, out)
     stream.write(f"wrote {out}\n")

@@ -15,17 +15,16 @@ also carries the delta rule's dense K x K one (`delta.py`'s engine, `ALLSCAN_DEL
 """
 from __future__ import annotations
 
-from ..ops.chunk import chunk_linear_attn
-from ..ops.delta_chunk import chunk_delta_rule
+import functools
+
 from ..ops.delta_checks import DELTA_DECAY_REASON, DELTA_DECAYS
 from ..ops.precision import without_autocast
-from .delta import state_passing_delta
-from .engine import bidirectional_state_passing, causal_state_passing
-from .inputs import check_delta_call, check_linear_call
-from .layout import Layout
+from .delta import delta_by_state_passing
+from .engine import linear_by_state_passing
 from .lasp1 import Relay
+from .layout import Layout
 from .spec import DELTA, LINEAR, Comm, MethodSpec, Plan, column_blocks
-from .transitions import DENSE, Transition, transition_for
+from .transitions import Transition
 
 # The most column blocks a hop is cut into (P: the largest divisor of V not above it). More
 # blocks shorten the pipeline's fill and drain and add one message latency each.
@@ -46,17 +45,9 @@ def allscan_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, gro
     """allscan sequence-parallel linear attention; the signature and results of
     `lasp2_linear_attn`, with the incoming states carried by a pipelined chain of column blocks.
     The communication is `SPEC.plan` (the README's method table)."""
-    call = check_linear_call(SPEC, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-                             chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
-    if call.world == 1:
-        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
-                                 cu_seqlens=call.documents)[0]
-    log_decay, kind = call.linear_decay(log_decay, q.dtype)  # packed documents: resets as decays
-    exchange = PipelinedChain(group, call.layout, transition_for(kind), v.shape[-1])
-    if not causal:
-        return bidirectional_state_passing(q, k, v, scale=call.scale, exchange=exchange)
-    return causal_state_passing(q, k, v, log_decay, kind=kind, scale=call.scale,
-                                chunk_size=call.chunk_size, exchange=exchange)
+    exchange = functools.partial(PipelinedChain, value_dim=v.shape[-1])
+    return linear_by_state_passing(SPEC, exchange, q, k, v, log_decay, scale=scale, causal=causal, group=group,
+                                   chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
 
 
 @without_autocast
@@ -65,12 +56,9 @@ def allscan_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None,
     """allscan for the delta rule: the signature and results of `lasp2_delta_rule`, the
     incoming states carried by a pipelined chain of column blocks (the dense maps stay on their
     ranks). The communication is `DELTA_SPEC.plan`."""
-    call = check_delta_call(DELTA_SPEC, q, k, v, beta, log_decay, scale=scale, group=group, chunk_size=chunk_size,
-                            validate=validate, layout=layout, cu_seqlens=cu_seqlens)
-    if call.world == 1:
-        return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size,
-                                cu_seqlens=call.documents)[0]
-    return state_passing_delta(call, q, k, v, beta, log_decay, PipelinedChain(group, call.layout, DENSE, v.shape[-1]))
+    exchange = functools.partial(PipelinedChain, value_dim=v.shape[-1])
+    return delta_by_state_passing(DELTA_SPEC, exchange, q, k, v, beta, log_decay, scale=scale, group=group,
+                                  layout=layout, chunk_size=chunk_size, validate=validate, cu_seqlens=cu_seqlens)
 
 
 def _pipelined(values: str, count: str, chain: str, over: str = "slots") -> Comm:

@@ -58,7 +58,9 @@ def kernel(spec: MethodSpec) -> str:
 @dataclass(frozen=True)
 class Network:
     """α (s) and β (bytes/s, one direction per rank) within a node and between nodes; point-to-
-    point messages within a node may have their own (p2p_alpha, p2p_beta), e.g. gloo's."""
+    point messages within a node may have their own (p2p_alpha, p2p_beta), e.g. gloo's;
+    overhead (s) is paid once per collective call and once per chain or doubling pass (a
+    launch and a synchronisation, as timed from the host)."""
 
     alpha_intra: float
     beta_intra: float
@@ -67,6 +69,7 @@ class Network:
     ranks_per_node: int
     p2p_alpha: float | None = None
     p2p_beta: float | None = None
+    overhead: float = 0.0
 
     def hop(self, nbytes: int, inter: bool) -> float:
         if inter:
@@ -81,24 +84,24 @@ class Network:
         """Seconds for one call handing over nbytes, ring algorithms (W−1 steps of 1/W of the data)."""
         alpha, beta = self.link(W)
         if kind == "all_gather":
-            return (W - 1) * (alpha + nbytes / beta)
+            return self.overhead + (W - 1) * (alpha + nbytes / beta)
         if kind == "reduce_scatter":
-            return (W - 1) * (alpha + nbytes / W / beta)
+            return self.overhead + (W - 1) * (alpha + nbytes / W / beta)
         if kind == "all_to_all":
-            return alpha + nbytes * (W - 1) / W / beta
+            return self.overhead + alpha + nbytes * (W - 1) / W / beta
         if kind == "send":
-            return self.hop(nbytes, W > self.ranks_per_node)
+            return self.overhead + self.hop(nbytes, W > self.ranks_per_node)
         raise ValueError(f"no time model for a {kind!r} call")
 
     def chain(self, nbytes: int, hops: int) -> float:
         """A chain of dependent hops around W ranks: a hop crosses nodes every ranks_per_node."""
         inter = hops // self.ranks_per_node
-        return (hops - inter) * self.hop(nbytes, False) + inter * self.hop(nbytes, True)
+        return self.overhead + (hops - inter) * self.hop(nbytes, False) + inter * self.hop(nbytes, True)
 
     def doubling(self, nbytes: int, rounds: int, W: int) -> float:
         """Recursive doubling: `rounds` dependent rounds, each a hop of nbytes from every rank
         (some cross nodes once the group does)."""
-        return rounds * self.hop(nbytes, W > self.ranks_per_node)
+        return self.overhead + rounds * self.hop(nbytes, W > self.ranks_per_node)
 
     @classmethod
     def from_calibration(cls, calibration: dict, world: int) -> "Network":

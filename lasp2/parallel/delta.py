@@ -91,6 +91,19 @@ def state_passing_delta(call, q, k, v, beta, log_decay, exchange):
     return _StatePassing.apply(q, k, v, beta, log_decay, shape, call.scale, call.chunk_size, exchange, resets)
 
 
+def delta_by_state_passing(spec, make_exchange, q, k, v, beta, log_decay, *, scale, group, layout, chunk_size, validate,
+                           cu_seqlens):
+    """The body of every state-passing delta-rule method: the inputs checked against `spec`
+    before any collective, one device runs `chunk_delta_rule`, else this rank's slots with
+    `make_exchange(group, layout, DENSE)` bringing the states."""
+    call = check_delta_call(spec, q, k, v, beta, log_decay, scale=scale, group=group, chunk_size=chunk_size,
+                            validate=validate, layout=layout, cu_seqlens=cu_seqlens)
+    if call.world == 1:
+        return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size,
+                                cu_seqlens=call.documents)[0]
+    return state_passing_delta(call, q, k, v, beta, log_decay, make_exchange(group, call.layout, DENSE))
+
+
 @without_autocast
 def lasp2_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
                      validate=False, cu_seqlens=None):
@@ -111,12 +124,8 @@ def lasp2_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, l
         o [B, C, Hv, V], this rank's shard of the output, in v's dtype. The communication is
         `LASP2_SPEC.plan` (the README's method table).
     """
-    call = check_delta_call(LASP2_SPEC, q, k, v, beta, log_decay, scale=scale, group=group, chunk_size=chunk_size,
-                            validate=validate, layout=layout, cu_seqlens=cu_seqlens)
-    if call.world == 1:
-        return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size,
-                                cu_seqlens=call.documents)[0]
-    return state_passing_delta(call, q, k, v, beta, log_decay, AllGatherSummaries(group, call.layout, DENSE))
+    return delta_by_state_passing(LASP2_SPEC, AllGatherSummaries, q, k, v, beta, log_decay, scale=scale, group=group,
+                                  layout=layout, chunk_size=chunk_size, validate=validate, cu_seqlens=cu_seqlens)
 
 
 @without_autocast
@@ -125,12 +134,8 @@ def lasp1_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, l
     """LASP-1 for the delta rule, the baseline: the signature and results of `lasp2_delta_rule`,
     with the running state relayed slot to slot (`lasp1.Relay`; the maps stay on their ranks).
     The communication is `LASP1_SPEC.plan`."""
-    call = check_delta_call(LASP1_SPEC, q, k, v, beta, log_decay, scale=scale, group=group, chunk_size=chunk_size,
-                            validate=validate, layout=layout, cu_seqlens=cu_seqlens)
-    if call.world == 1:
-        return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size,
-                                cu_seqlens=call.documents)[0]
-    return state_passing_delta(call, q, k, v, beta, log_decay, Relay(group, call.layout, DENSE))
+    return delta_by_state_passing(LASP1_SPEC, Relay, q, k, v, beta, log_decay, scale=scale, group=group, layout=layout,
+                                  chunk_size=chunk_size, validate=validate, cu_seqlens=cu_seqlens)
 
 
 LASP2_SPEC = MethodSpec(

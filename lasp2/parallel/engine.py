@@ -29,12 +29,15 @@ from typing import Protocol
 import torch
 
 from ..ops import bidirectional as bi
+from ..ops.chunk import chunk_linear_attn
 from ..ops.chunk_kernels import (add_incoming, add_outgoing_grad, grad_state_pass, intra_output, query_side_grads,
                                  state_pass, tiled_input_grads, tiled_outputs)
 from ..ops.chunk_layout import ChunkedSeq
 from ..ops.policy import policy_for, under_forward_policy
 from ..ops.precision import without_autocast
+from .inputs import check_linear_call
 from .layout import from_segments, segments, to_segments, unsegment_grads
+from .transitions import transition_for
 
 
 class Exchange(Protocol):
@@ -157,3 +160,21 @@ def bidirectional_state_passing(q, k, v, *, scale: float, exchange) -> torch.Ten
     """This rank's output [B, C, H, V] of bidirectional linear attention; `exchange.start_sum`
     brings the other ranks' states."""
     return _Bidirectional.apply(q, k, v, scale, exchange)
+
+
+def linear_by_state_passing(spec, make_exchange, q, k, v, log_decay, *, scale, causal, group, chunk_size, validate,
+                            layout, cu_seqlens):
+    """The body of every state-passing linear method (LASP-2, LASP-1, allscan, logscan): the
+    inputs checked against `spec` before any collective, one device runs `chunk_linear_attn`,
+    else this rank's slots with `make_exchange(group, layout, transition)` bringing the states."""
+    call = check_linear_call(spec, q, k, v, log_decay, scale=scale, causal=causal, group=group, chunk_size=chunk_size,
+                             validate=validate, layout=layout, cu_seqlens=cu_seqlens)
+    if call.world == 1:
+        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
+                                 cu_seqlens=call.documents)[0]
+    log_decay, kind = call.linear_decay(log_decay, q.dtype)  # packed documents: resets as decays
+    exchange = make_exchange(group, call.layout, transition_for(kind))
+    if not causal:  # every token sees every state: the layout does not matter
+        return bidirectional_state_passing(q, k, v, scale=call.scale, exchange=exchange)
+    return causal_state_passing(q, k, v, log_decay, kind=kind, scale=call.scale, chunk_size=call.chunk_size,
+                                exchange=exchange)

@@ -16,14 +16,12 @@ import functools
 
 import torch
 
-from ..ops.chunk import chunk_linear_attn
 from ..ops.precision import without_autocast
 from .comm import irecv, isend
-from .engine import Pending, bidirectional_state_passing, carried_and_kept, causal_state_passing
-from .inputs import check_linear_call
+from .engine import Pending, carried_and_kept, linear_by_state_passing
 from .layout import Layout
 from .spec import LINEAR, Comm, MethodSpec, Plan
-from .transitions import IDENTITY, Transition, transition_for
+from .transitions import IDENTITY, Transition
 
 
 class _ChainPass:
@@ -140,17 +138,8 @@ def lasp1_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group
     """LASP-1 sequence-parallel linear attention; the signature and results of
     `lasp2_linear_attn`, with the state relayed slot to slot by point-to-point sends instead of
     all-gathered. The communication is `SPEC.plan` (the README's method table)."""
-    call = check_linear_call(SPEC, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-                             chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
-    if call.world == 1:
-        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
-                                 cu_seqlens=call.documents)[0]
-    log_decay, kind = call.linear_decay(log_decay, q.dtype)  # packed documents: resets as decays
-    exchange = Relay(group, call.layout, transition_for(kind))
-    if not causal:
-        return bidirectional_state_passing(q, k, v, scale=call.scale, exchange=exchange)
-    return causal_state_passing(q, k, v, log_decay, kind=kind, scale=call.scale,
-                                chunk_size=call.chunk_size, exchange=exchange)
+    return linear_by_state_passing(SPEC, Relay, q, k, v, log_decay, scale=scale, causal=causal, group=group,
+                                   chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
 
 
 _PREFIX_AND_SUFFIX = (Comm("send", "B·H·K·V", "W−1", chain="up", over="ranks"),

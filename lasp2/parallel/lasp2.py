@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.chunk import chunk_linear_attn
 from ..ops.precision import without_autocast
 from .comm import all_gather_async
-from .engine import Pending, bidirectional_state_passing, causal_state_passing
-from .inputs import check_linear_call
+from .engine import Pending, linear_by_state_passing
 from .layout import Layout, slots_in_order
 from .spec import LINEAR, Comm, MethodSpec, Plan
-from .transitions import Transition, transition_for
+from .transitions import Transition
 
 
 class AllGatherSummaries:
@@ -104,17 +102,8 @@ def lasp2_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group
         o [B, C, H, V], this rank's shard of the output, in q's dtype. The communication is
         `SPEC.plan` (the README's method table).
     """
-    call = check_linear_call(SPEC, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-                             chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
-    if call.world == 1:
-        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
-                                 cu_seqlens=call.documents)[0]
-    log_decay, kind = call.linear_decay(log_decay, q.dtype)  # packed documents: resets as decays
-    exchange = AllGatherSummaries(group, call.layout, transition_for(kind))
-    if not causal:  # every token sees every state: the layout does not matter
-        return bidirectional_state_passing(q, k, v, scale=call.scale, exchange=exchange)
-    return causal_state_passing(q, k, v, log_decay, kind=kind, scale=call.scale,
-                                chunk_size=call.chunk_size, exchange=exchange)
+    return linear_by_state_passing(SPEC, AllGatherSummaries, q, k, v, log_decay, scale=scale, causal=causal, group=group,
+                                   chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
 
 
 SPEC = MethodSpec(

@@ -22,17 +22,14 @@ import functools
 
 import torch
 
-from ..ops.chunk import chunk_linear_attn
-from ..ops.delta_chunk import chunk_delta_rule
 from ..ops.delta_checks import DELTA_DECAY_REASON, DELTA_DECAYS
 from ..ops.precision import without_autocast
 from .comm import exchange_batch
-from .delta import state_passing_delta
-from .engine import Pending, bidirectional_state_passing, carried_and_kept, causal_state_passing
-from .inputs import check_delta_call, check_linear_call
+from .delta import delta_by_state_passing
+from .engine import Pending, carried_and_kept, linear_by_state_passing
 from .layout import Layout
 from .spec import DELTA, LINEAR, Comm, MethodSpec, Plan
-from .transitions import DENSE, IDENTITY, Transition, transition_for
+from .transitions import IDENTITY, Transition
 
 
 class _DoublingPass:
@@ -149,17 +146,8 @@ def logscan_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, gro
     """logscan sequence-parallel linear attention; the signature and results of
     `lasp2_linear_attn`, with the incoming states formed by recursive doubling over the slots.
     The communication is `SPEC.plan` (the README's method table)."""
-    call = check_linear_call(SPEC, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-                             chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
-    if call.world == 1:
-        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
-                                 cu_seqlens=call.documents)[0]
-    log_decay, kind = call.linear_decay(log_decay, q.dtype)  # packed documents: resets as decays
-    exchange = DoublingScan(group, call.layout, transition_for(kind))
-    if not causal:
-        return bidirectional_state_passing(q, k, v, scale=call.scale, exchange=exchange)
-    return causal_state_passing(q, k, v, log_decay, kind=kind, scale=call.scale,
-                                chunk_size=call.chunk_size, exchange=exchange)
+    return linear_by_state_passing(SPEC, DoublingScan, q, k, v, log_decay, scale=scale, causal=causal, group=group,
+                                   chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
 
 
 @without_autocast
@@ -168,12 +156,8 @@ def logscan_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None,
     """logscan for the delta rule: the signature and results of `lasp2_delta_rule`, the
     incoming states formed by recursive doubling over the slots, composing the dense K x K maps.
     The communication is `DELTA_SPEC.plan`."""
-    call = check_delta_call(DELTA_SPEC, q, k, v, beta, log_decay, scale=scale, group=group, chunk_size=chunk_size,
-                            validate=validate, layout=layout, cu_seqlens=cu_seqlens)
-    if call.world == 1:
-        return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size,
-                                cu_seqlens=call.documents)[0]
-    return state_passing_delta(call, q, k, v, beta, log_decay, DoublingScan(group, call.layout, DENSE))
+    return delta_by_state_passing(DELTA_SPEC, DoublingScan, q, k, v, beta, log_decay, scale=scale, group=group,
+                                  layout=layout, chunk_size=chunk_size, validate=validate, cu_seqlens=cu_seqlens)
 
 
 def _doubling(values: str, chain: str, over: str = "slots") -> Comm:

@@ -33,7 +33,24 @@ def test_project_writes_tables_and_plot(tmp_path):
     project.run(SimpleNamespace(calibrate=None), tmp_path, out)
     text = out.getvalue()
     assert "assumptions:" in text and "predicted" in text
-    assert {p.name for p in tmp_path.iterdir()} >= {"paper.csv", "paper-64gpu-table.csv", "paper.png"}
+    assert {p.name for p in tmp_path.iterdir()} >= {"paper.csv", "paper-64gpu-table.csv", "paper.png", "exchanges.csv",
+                                                    "exchanges.png"}
+
+
+def test_zeco_cells_two_fit_two_predicted_within_25_percent(tmp_path):
+    """LASP-2's two cells fix the network's overhead and bandwidth exactly; the model then
+    predicts All-Scan's two (allscan, P = 8) within 25%, and the exchange with the fewest bytes
+    through a rank wins at 256 GPUs on that network for the GLA layer (logscan or allscan, never
+    LASP-2's all-gather)."""
+    rows = project.project_exchanges(io.StringIO(), tmp_path)
+    zeco = [r for r in rows if r["kind"] == "zeco"]
+    for r in zeco:
+        assert abs(r["error"]) < (1e-9 if r["role"] == "fit" else 0.25), r
+    at_256 = {r["method"]: r for r in rows if r["kind"] == "scale" and r["W"] == 256 and r["network"] == "ZeCO-fitted H100"
+              and r["layer"].startswith("GLA")}
+    fastest = [m for m, r in at_256.items() if r["role"] == "fastest"]
+    assert fastest in (["logscan"], ["allscan"]) and at_256["lasp2"]["seconds"] > 3 * at_256[fastest[0]]["seconds"]
+    assert at_256["allscan"]["bytes_through"] == at_256["lasp1"]["bytes_through"] < at_256["logscan"]["bytes_through"]
 
 
 def test_local_calibration_predicts_from_the_runs_own_parameters(tmp_path):
@@ -62,4 +79,5 @@ def test_project_without_matplotlib_prints_its_tables_and_skips_the_plot(tmp_pat
     project.run(SimpleNamespace(calibrate=None), tmp_path, out)
     text = out.getvalue()
     assert "predicted" in text and "no paper.png (matplotlib is not installed: pip install lasp2[bench])" in text
-    assert {p.name for p in tmp_path.iterdir()} == {"paper.csv", "paper-64gpu-table.csv"}
+    assert "no exchanges.png (matplotlib is not installed" in text
+    assert {p.name for p in tmp_path.iterdir()} == {"paper.csv", "paper-64gpu-table.csv", "exchanges.csv"}
