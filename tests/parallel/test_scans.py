@@ -206,3 +206,18 @@ def test_auto_picks_by_the_network_and_stays_exact(dist_workers, family, network
             assert rel_err(got[name], value[:, got["positions"]]) < 1e-10, (rank, name)
         spec_fwd, spec_bwd = methods[want].calls(problem, rank=rank)
         assert got["sent"] == sorted(spec_fwd + spec_bwd), rank  # the second call's forward and backward
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("family,decay", [("linear", "none"), ("linear", "channel"), ("delta", "token")])
+@pytest.mark.parametrize("method", STATE_PASSING)
+def test_packed_documents_at_six_ranks(dist_workers, method, family, decay, layout):
+    """Packed documents crossing slot edges (48 tokens: 8 a rank, or twelve zigzag slots of 4)."""
+    from tests.parallel.test_documents import DOCUMENTS, _reference, packed_shard
+
+    name = max(DOCUMENTS, key=lambda n: len(DOCUMENTS[n]))  # the most documents
+    x, do, ref = _reference(family, decay, name)
+    results = dist_workers.run(packed_shard, SIX, family, method, x, do, torch.tensor(DOCUMENTS[name]), layout)
+    for rank, got in results.items():
+        for n, want in ref.items():
+            assert rel_err(got[n], want[:, got["positions"]]) < 1e-10, (rank, n)
