@@ -44,7 +44,7 @@ def test_zigzag_balances_causal_work(world):
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(ValueError, match=r"linear='lasp3' \(valid: lasp2, lasp1, ring, allgather, ulysses\)"):
+    with pytest.raises(ValueError, match=r"linear='lasp3' \(valid: lasp2, lasp1, allscan, logscan, ring, allgather, ulysses, auto\)"):
         SequenceParallel(None, linear="lasp3")
     with pytest.raises(ValueError, match=r"softmax='flash' \(valid: allgather, ring, ulysses\)"):
         SequenceParallel(None, softmax="flash")
