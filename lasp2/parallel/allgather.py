@@ -36,7 +36,7 @@ def allgather_attn(q, k, v, *, causal=True, scale=None, group=None, layout="cont
         causal: mask by global positions (the layout's offsets); False attends to everything.
         scale: None means D ** -0.5.
         group: None or a group of one runs single-device attention.
-        layout: "contiguous" or "zigzag" (C even).
+        layout: "contiguous", "zigzag" (C even) or a slot table (`layout.slot_table`; C a multiple of its S).
         validate: compare shapes, dtype, causal and scale across the group first (one small
             all-gather) so that mismatched ranks raise instead of hanging.
         cu_seqlens: None, or the global [N + 1] int64 offsets of documents packed in the row

@@ -14,7 +14,7 @@ from ..ops.conv import check_conv_inputs
 from ..ops.documents import documents
 from .collectives import gather_rows
 from .comm import group_rank_size
-from .layout import Layout, slots_in_order
+from .layout import as_layout, slots_in_order
 
 
 def causal_conv1d(x, weight, bias=None, *, activation="silu", group=None, layout="contiguous", cu_seqlens=None):
@@ -27,7 +27,7 @@ def causal_conv1d(x, weight, bias=None, *, activation="silu", group=None, layout
     rank, world = group_rank_size(group)
     if world == 1:
         return local_causal_conv1d(x, weight, bias, activation=activation, cu_seqlens=cu_seqlens)
-    lay = Layout(layout, world)
+    lay = as_layout(layout, world, "causal_conv1d")
     lay.check_local_length(x.shape[1], fn)
     doc_positions = None
     if cu_seqlens is not None:

@@ -113,7 +113,8 @@ def lasp2_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, l
         q, k: [B, C, Hk, K] this rank's shard; v: [B, C, Hv, V] with Hv % Hk == 0;
         beta: [B, C, Hv] in [0, 2]; log_decay: None, [B, C, Hv] or [B, C, Hv, K], values <= 0.
         scale: None means 1. group: None or a group of one runs `chunk_delta_rule`.
-        layout: "contiguous" or "zigzag". chunk_size: tokens per chunk of the local work.
+        layout: "contiguous", "zigzag" or a slot table (`layout.slot_table`). chunk_size: tokens per
+            chunk of the local work.
         validate: check the values and compare shapes across the group first (one small
             all-gather), so that mismatched ranks raise instead of hanging.
         cu_seqlens: None, or the [N + 1] int64 offsets (or `lasp2.ops.Documents`, which costs no

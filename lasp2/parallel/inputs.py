@@ -17,7 +17,7 @@ from ..ops.chunk import effective_chunk_size
 from ..ops.delta_checks import DeltaRuleShape, check_delta_rule_inputs
 from ..ops.documents import Documents, documents, reset_log_decay
 from .comm import checked_across_group, group_rank_size
-from .layout import Layout
+from .layout import Layout, as_layout
 
 LINEAR_FIELDS = ("batch", "num_heads", "key_dim", "value_dim", "decay form", "dtype", "causal", "scale")
 DELTA_FIELDS = ("batch", "key_heads", "value_heads", "key_dim", "value_dim", "decay form", "dtype", "scale")
@@ -97,9 +97,7 @@ def _documents_code(packed: PackedShard | None) -> tuple:
 
 
 def _layout(fn: str, world: int, layout, local_len: int) -> Layout:
-    if not isinstance(layout, str):
-        raise TypeError(f"{fn}: layout must be a string, got {type(layout).__name__}")
-    lay = Layout(layout, world)
+    lay = as_layout(layout, world, fn)
     lay.check_local_length(local_len, fn)
     return lay
 
@@ -138,7 +136,7 @@ def check_linear_call(spec, q, k, v, log_decay, *, scale, causal, group, chunk_s
 
     shape, packed = _checked(spec, fn, group, validate, check, LINEAR_FIELDS + DOCUMENT_FIELDS, describe, q.device)
     return Call(shape, _scale(scale, 1.0), effective_chunk_size(chunk_size, shape.decay, fn),
-                Layout(layout, world), rank, world, packed)
+                as_layout(layout, world, fn), rank, world, packed)
 
 
 def check_delta_call(spec, q, k, v, beta, log_decay, *, scale, group, chunk_size, validate, layout,
@@ -161,7 +159,7 @@ def check_delta_call(spec, q, k, v, beta, log_decay, *, scale, group, chunk_size
                 *_documents_code(checked[1]))
 
     shape, packed = _checked(spec, fn, group, validate, check, DELTA_FIELDS + DOCUMENT_FIELDS, describe, q.device)
-    return Call(shape, _scale(scale, 1.0), chunk_size, Layout(layout, world), rank, world, packed)
+    return Call(shape, _scale(scale, 1.0), chunk_size, as_layout(layout, world, fn), rank, world, packed)
 
 
 def check_softmax_call(spec, q, k, v, *, scale, causal, group, validate, layout, cu_seqlens=None) -> Call:
@@ -181,7 +179,7 @@ def check_softmax_call(spec, q, k, v, *, scale, causal, group, validate, layout,
                 _scale(scale, s.head_dim**-0.5), *_documents_code(checked[1]))
 
     shape, packed = _checked(spec, fn, group, validate, check, SOFTMAX_FIELDS + DOCUMENT_FIELDS, describe, q.device)
-    return Call(shape, _scale(scale, shape.head_dim**-0.5), 0, Layout(layout, world), rank, world, packed)
+    return Call(shape, _scale(scale, shape.head_dim**-0.5), 0, as_layout(layout, world, fn), rank, world, packed)
 
 
 def wire_dtype(q: torch.Tensor, log_decay=None) -> torch.dtype:

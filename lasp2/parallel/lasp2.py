@@ -91,7 +91,8 @@ def lasp2_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group
             form, causal, scale and cu_seqlens across the group with one extra all-gather of 11 float64
             values per rank (one collective latency), so that mismatched ranks raise the same
             ValueError instead of hanging or exchanging wrongly sized buffers. Off by default.
-        layout: "contiguous" (shards may differ in length) or "zigzag" (even local length).
+        layout: "contiguous" (shards may differ in length), "zigzag" (even local length) or a slot
+            table (`layout.slot_table`: any equal slots to ranks; a local length divisible by its S).
         cu_seqlens: None, or the [N + 1] int64 offsets (or `lasp2.ops.Documents`, which costs no
             host read) of N documents packed in the global row
             (B = 1; the same tensor on every rank, each rank an equal shard): each document is

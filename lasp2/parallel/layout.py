@@ -6,33 +6,46 @@ rank some of them, concatenated in increasing slot order:
     contiguous: W slots, rank r holds slot r.
     zigzag:     2W slots, rank r holds slots r and 2W-1-r (head and tail), which balances causal
                 softmax work: every rank gets one early and one late slot.
+    a table:    W·S slots, rank r holds the S slots of row r of a slot table, in that order
+                (`slot_table`: any assignment, e.g. a planner's for packed documents).
 
-T must be a multiple of the slot count for `shard` (contiguous: W; zigzag: 2W). Methods that
-work per slot (LASP-2, LASP-1) take the local shard of any length for contiguous, and an even
-local length for zigzag.
+T must be a multiple of the slot count for `shard` (contiguous: W; zigzag: 2W; a table: W·S).
+Methods that work per slot take the local shard of any length for contiguous, and a multiple
+of S for the others. Every method accepts `layout=` as a name or a `Layout` (a slot table).
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from .comm import all_gather_dim0, group_rank_size
 
 LAYOUTS = ("contiguous", "zigzag")
+TABLE = "table"
 
 
 @dataclass(frozen=True)
 class Layout:
+    """How W ranks hold a sequence's slots: a named layout, or (name "table") `table`, one row
+    of slots per rank, each rank the same number."""
+
     name: str
     world: int
+    table: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self):
-        if self.name not in LAYOUTS:
-            raise ValueError(f"unknown layout {self.name!r}; the layouts are {', '.join(LAYOUTS)}")
+        if self.name == TABLE:
+            _check_table(self.table, self.world)
+        elif self.name not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.name!r}; the layouts are {', '.join(LAYOUTS)} or a slot table "
+                             f"(lasp2.parallel.slot_table)")
+        elif self.table is not None:
+            raise ValueError(f"the {self.name} layout takes no slot table")
 
     @property
     def slots_per_rank(self) -> int:
-        return 1 if self.name == "contiguous" else 2
+        return len(self.table[0]) if self.name == TABLE else 1 if self.name == "contiguous" else 2
 
     @property
     def n_slots(self) -> int:
@@ -40,7 +53,12 @@ class Layout:
 
     def slots(self, rank: int) -> tuple[int, ...]:
         """The global slots rank holds, in the order they appear in its shard."""
+        if self.name == TABLE:
+            return self.table[rank]
         return (rank,) if self.name == "contiguous" else (rank, 2 * self.world - 1 - rank)
+
+    def __str__(self) -> str:
+        return self.name if self.name != TABLE else f"slot table {[list(row) for row in self.table]}"
 
     def slot_owner(self) -> list[tuple[int, int]]:
         """For each global slot, (rank, index of the slot within that rank's shard)."""
@@ -55,7 +73,7 @@ class Layout:
         if seq_len % self.n_slots:
             raise ValueError(
                 f"{fn}: sequence length {seq_len} does not divide into the {self.n_slots} equal slots of "
-                f"the {self.name} layout over {self.world} ranks; use a length divisible by {self.n_slots}"
+                f"the {self} layout over {self.world} ranks; use a length divisible by {self.n_slots}"
             )
         return seq_len // self.n_slots
 
@@ -63,8 +81,8 @@ class Layout:
         """-> slot length; raises unless the local shard splits into this layout's slots."""
         if local_len % self.slots_per_rank:
             raise ValueError(
-                f"{fn}: the {self.name} layout gives each rank {self.slots_per_rank} equal slots, but the local "
-                f"shard has {local_len} tokens (odd); use a global length divisible by {self.n_slots}"
+                f"{fn}: the {self} layout gives each rank {self.slots_per_rank} equal slots, but the local "
+                f"shard has {local_len} tokens; use a global length divisible by {self.n_slots}"
             )
         return local_len // self.slots_per_rank
 
@@ -73,8 +91,52 @@ class Layout:
         return torch.cat([torch.arange(s * slot_len, (s + 1) * slot_len, device=device) for s in self.slots(rank)])
 
 
-def layout_for(group, name: str) -> Layout:
-    return Layout(name, group_rank_size(group)[1])
+def _check_table(table, world: int) -> None:
+    """Raises ValueError naming what is wrong: rows for every rank, equal in length, together
+    every slot 0 .. W·S − 1 exactly once."""
+    if not isinstance(table, tuple) or not all(isinstance(row, tuple) for row in table):
+        raise TypeError("a slot table is a tuple of tuples of slot numbers, one per rank (use slot_table(rows))")
+    if len(table) != world:
+        raise ValueError(f"the slot table has {len(table)} rows; it needs one per rank, {world}")
+    lengths = {len(row) for row in table}
+    if len(lengths) != 1 or 0 in lengths:
+        raise ValueError(f"every rank must hold the same number (>= 1) of slots; the slot table's rows hold "
+                         f"{[len(row) for row in table]}")
+    n = world * lengths.pop()
+    counts = Counter(s for row in table for s in row)
+    missing = sorted(set(range(n)) - set(counts))
+    repeated = sorted(s for s, c in counts.items() if c > 1)
+    outside = sorted(s for s in counts if not (isinstance(s, int) and 0 <= s < n))
+    if missing or repeated or outside:
+        problems = [f"{what} {values}" for what, values in (("misses", missing), ("repeats", repeated),
+                                                             ("names slots outside 0..{}:".format(n - 1), outside))
+                    if values]
+        raise ValueError(f"the slot table {[list(r) for r in table]} " + "; ".join(problems)
+                         + f"; every slot 0..{n - 1} must appear exactly once")
+
+
+def slot_table(rows) -> Layout:
+    """A layout from a slot table: rows[r] lists the slots rank r holds, in shard order (every
+    rank the same number; together every slot 0 .. W·S − 1 exactly once). E.g. zigzag on two
+    ranks is slot_table([[0, 3], [1, 2]])."""
+    table = tuple(tuple(int(s) for s in row) for row in rows)
+    return Layout(TABLE, len(table), table)
+
+
+def as_layout(layout, world: int, fn: str = "layout") -> Layout:
+    """A layout name or a Layout, checked against the group's size."""
+    if isinstance(layout, Layout):
+        if layout.world != world:
+            raise ValueError(f"{fn}: the layout ({layout}) is for {layout.world} ranks, the group has {world}")
+        return layout
+    if not isinstance(layout, str):
+        raise TypeError(f"{fn}: layout must be a layout name ({', '.join(LAYOUTS)}) or a Layout (slot_table), "
+                        f"got {type(layout).__name__}")
+    return Layout(layout, world)
+
+
+def layout_for(group, layout) -> Layout:
+    return as_layout(layout, group_rank_size(group)[1])
 
 
 def shard(x: torch.Tensor, group, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ..ops.documents import documents
 from .cost import LOOPBACK, NVLINK_IB, Network, choose_exchange
 from .comm import group_rank_size
 from .conv import causal_conv1d
-from .layout import LAYOUTS, Layout, positions, shard, unshard
+from .layout import LAYOUTS, TABLE, Layout, as_layout, positions, shard, unshard
 from .spec import DELTA, LINEAR, SOFTMAX, TABLE_HEADER, MethodSpec, Problem
 
 AUTO = "auto"  # SequenceParallel(linear=AUTO, delta=AUTO): the cost model picks per layer shape
@@ -76,7 +76,8 @@ class SequenceParallel:
         group: the sequence-parallel process group, or None for a single device.
         linear: method for linear-attention layers, one of LINEAR_METHODS.
         softmax: method for softmax-attention layers, one of SOFTMAX_METHODS.
-        layout: "contiguous" or "zigzag"; one layout for every layer of a model.
+        layout: "contiguous", "zigzag" or a slot table (`slot_table(rows)`); one layout for every
+            layer of a model.
         validate: every call first checks that the ranks agree on shapes (one small all-gather).
         chunk_size: tokens per chunk of the linear-attention and delta-rule kernels.
         delta: method for delta-rule layers, one of DELTA_METHODS.
@@ -101,8 +102,11 @@ class SequenceParallel:
             problems.append(f"linear={linear!r} (valid: {', '.join(LINEAR_METHODS)}, {AUTO})")
         if softmax not in SOFTMAX_METHODS:
             problems.append(f"softmax={softmax!r} (valid: {', '.join(SOFTMAX_METHODS)})")
-        if layout not in LAYOUTS:
-            problems.append(f"layout={layout!r} (valid: {', '.join(LAYOUTS)})")
+        world = group_rank_size(group)[1]
+        if isinstance(layout, Layout) and layout.world != world:
+            problems.append(f"layout {layout} is for {layout.world} ranks, the group has {world}")
+        elif not isinstance(layout, Layout) and layout not in LAYOUTS:
+            problems.append(f"layout={layout!r} (valid: {', '.join(LAYOUTS)}, or a slot table: slot_table(rows))")
         if problems:
             raise ValueError("SequenceParallel: unknown " + "; ".join(problems))
         self.group, self.linear, self.softmax, self.delta, self.layout = group, linear, softmax, delta, layout
@@ -128,9 +132,10 @@ class SequenceParallel:
         if key not in self.decisions:
             network = self.network or (NVLINK_IB if dist.get_backend(self.group) == "nccl" else LOOPBACK)
             state_bytes = torch.empty((), dtype=compute_dtype(q.dtype)).element_size()
-            problem = Problem(B=B, N=C * self.world, W=self.world, S=Layout(self.layout, self.world).slots_per_rank,
-                              H=value_heads, K=K, V=V, decay=decay, Hkv=key_heads, dtype_bytes=q.element_size(),
-                              state_bytes=state_bytes)
+            lay = as_layout(self.layout, self.world)
+            problem = Problem(B=B, N=C * self.world, W=self.world, S=lay.slots_per_rank, H=value_heads, K=K, V=V,
+                              decay=decay, Hkv=key_heads, dtype_bytes=q.element_size(), state_bytes=state_bytes,
+                              layout=lay if lay.name == TABLE else None)
             best, seconds = choose_exchange(methods, problem, network, self.rate)
             why = (f"{family} layers with B={B}, C={C}, H={value_heads}, K={K}, V={V}, decay {decay} at W={self.world}: "
                    f"{best} (predicted ms per forward+backward, {'whole layer' if self.rate else 'communication'}: "
@@ -194,4 +199,4 @@ class SequenceParallel:
 
     def check_seq_len(self, seq_len: int) -> None:
         """Raises unless a global length shards evenly in this layout (contiguous: W, zigzag: 2W)."""
-        Layout(self.layout, self.world).check_global_length(seq_len, "SequenceParallel")
+        as_layout(self.layout, self.world).check_global_length(seq_len, "SequenceParallel")

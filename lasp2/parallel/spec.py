@@ -76,7 +76,8 @@ class Comm:
         if self.chain is None:
             return evaluate(self.count, symbols)
         hops = chain_sends if self.route == "chain" else doubling_sends
-        sends = hops(problem.W, problem.S if self.over == "slots" else 1)[rank]
+        by_slots = self.over == "slots"
+        sends = hops(problem.W, problem.S if by_slots else 1, problem.layout if by_slots else None)[rank]
         return sends[0 if self.chain == "up" else 1] * evaluate(self.pieces, symbols)
 
     def applies(self, decay: str) -> bool:
@@ -113,7 +114,8 @@ class Problem:
     """One attention layer: B sequences of N tokens over W ranks, S slots per rank. Linear: H
     heads, head dims K, V, a decay form. Softmax: Hq query and Hkv key/value heads, dims D, Dv.
     dtype_bytes: bytes of one input value; state_bytes: of one state value; decay_bytes: of one
-    log-decay value (None: as the inputs)."""
+    log-decay value (None: as the inputs). layout: a slot table (`layout.slot_table`) when the
+    slots are neither contiguous (S = 1) nor zigzag (S = 2); S is then its slots per rank."""
 
     B: int
     N: int
@@ -127,6 +129,12 @@ class Problem:
     dtype_bytes: int = 4
     state_bytes: int = 4
     decay_bytes: int | None = None
+    layout: Layout | None = None
+
+    def __post_init__(self):
+        if self.layout is not None and (self.layout.world, self.layout.slots_per_rank) != (self.W, self.S):
+            raise ValueError(f"Problem: the layout is for W={self.layout.world}, S={self.layout.slots_per_rank}; "
+                             f"the problem says W={self.W}, S={self.S}")
 
     @property
     def C(self) -> int:
@@ -144,11 +152,16 @@ class Problem:
         return {"state": self.state_bytes, "input": self.dtype_bytes, "promoted": promoted, "fp64": 8}[precision]
 
 
-def doubling_sends(W: int, S: int) -> list[tuple[int, int]]:
+def _owners(W: int, S: int, layout: Layout | None) -> list[int]:
+    """The rank holding each slot in sequence order: `layout`'s, else contiguous (S = 1) or zigzag."""
+    return [rank for rank, _ in (layout or Layout("contiguous" if S == 1 else "zigzag", W)).slot_owner()]
+
+
+def doubling_sends(W: int, S: int, layout: Layout | None = None) -> list[tuple[int, int]]:
     """(forward, backward) sends of each rank in a recursive doubling over the sequence's slots
     (forward: slot s to s + d, backward: s to s − d, d = 1, 2, 4, ... < W·S; none between two
     slots of one rank)."""
-    owner = [rank for rank, _ in Layout("contiguous" if S == 1 else "zigzag", W).slot_owner()]
+    owner = _owners(W, S, layout)
     sends = [[0, 0] for _ in range(W)]
     d = 1
     while d < len(owner):
@@ -160,10 +173,10 @@ def doubling_sends(W: int, S: int) -> list[tuple[int, int]]:
     return [tuple(x) for x in sends]
 
 
-def chain_sends(W: int, S: int) -> list[tuple[int, int]]:
+def chain_sends(W: int, S: int, layout: Layout | None = None) -> list[tuple[int, int]]:
     """(forward, backward) sends of each rank in a chain through the sequence's slots (zigzag:
     rank r holds slots r and 2W−1−r; a hop between two slots of one rank sends nothing)."""
-    owner = [rank for rank, _ in Layout("contiguous" if S == 1 else "zigzag", W).slot_owner()]
+    owner = _owners(W, S, layout)
     sends = [[0, 0] for _ in range(W)]
     for a, b in zip(owner, owner[1:]):
         if a != b:

@@ -48,7 +48,7 @@ def test_unknown_names_list_the_valid_ones():
         SequenceParallel(None, linear="lasp3")
     with pytest.raises(ValueError, match=r"softmax='flash' \(valid: allgather, ring, ulysses\)"):
         SequenceParallel(None, softmax="flash")
-    with pytest.raises(ValueError, match=r"layout='striped' \(valid: contiguous, zigzag\)"):
+    with pytest.raises(ValueError, match=r"layout='striped' \(valid: contiguous, zigzag, or a slot table"):
         SequenceParallel(None, layout="striped")
 
 
