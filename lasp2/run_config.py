@@ -44,6 +44,7 @@ class DataChoice:
     tokenizer: str | None = None
     vocab_size: int | None = None
     packing: str = "none"
+    packed_rows: str = "batched"  # --packing documents: a rank's rows in one call, or one call per row
     doc_sep: str | None = None
     seq_len: int = 256
     batch_size: int = 8

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--packing", default="none", choices=["none", "documents"],
                       help="none: windows of the token stream; documents: rows of whole documents, each ended by an "
                            "end-of-document token, attention and positions per document (default: %(default)s)")
+    data.add_argument("--packed-rows", default="batched", choices=["batched", "one"],
+                      help="with --packing documents: batched runs a rank's rows as one packed sequence, one call "
+                           "per layer (FLA's cu_seqlens); one runs them a row at a time (default: %(default)s)")
     data.add_argument("--doc-sep", default=None,
                       help="with --packing documents: the string between documents of a text corpus (default: each "
                            "file is one), or the token id that ends each document of a .npy/.bin corpus")
@@ -140,6 +143,9 @@ def check_config(config: RunConfig, dp: int, cfg) -> None:
     if optim.grad_accum < 1 or (data.batch_size // dp) % optim.grad_accum:
         raise ConfigError(f"--grad-accum {optim.grad_accum} must divide the {data.batch_size // dp} rows each "
                           f"data-parallel rank takes of --batch-size {data.batch_size}")
+    if data.packed_rows != "batched" and data.packing != "documents":
+        raise ConfigError(f"--packed-rows {data.packed_rows} chooses how packed rows run; it means nothing with "
+                          f"--packing {data.packing}")
     if data.doc_sep is not None and data.packing != "documents":
         raise ConfigError(f"--doc-sep {data.doc_sep!r} separates documents for --packing documents; "
                           f"it means nothing with --packing {data.packing}")
@@ -230,16 +236,27 @@ def sequence_loss(model, sp, dims, batch, choice: DataChoice, part: int = 0, par
         inputs, labels = sp.shard(mine[:, :-1]), sp.shard(mine[:, 1:])  # shift first, then shard
         positions = sp.positions(choice.seq_len, dims.device)  # global positions, for RoPE
         return _nll(model, inputs, labels, positions, sp, autocast) / (choice.batch_size * choice.seq_len)
-    # Packed rows, one at a time (documents are given per row, B = 1); positions restart.
+    # Packed rows (B = 1 per call, documents as cu_seqlens; positions restart at each document):
+    # batched, the rank's rows concatenated into one packed sequence, each row's documents
+    # shifted to its place; one, a call per row.
     counted = choice.batch_size * choice.seq_len - int(skip.sum())  # over the global batch
+    labels = mine[:, 1:].masked_fill(skip[first:first + rows].to(dims.device), -100)
+    calls = [range(rows)] if choice.packed_rows == "batched" else [[i] for i in range(rows)]
     total = 0.0
-    for i in range(rows):
-        cu = documents[first + i].to(dims.device)
-        labels = mine[i:i + 1, 1:].masked_fill(skip[first + i:first + i + 1].to(dims.device), -100)
-        positions = sp.positions(choice.seq_len, dims.device, cu_seqlens=cu)
-        total = total + _nll(model, sp.shard(mine[i:i + 1, :-1]), sp.shard(labels), positions, sp.with_documents(cu),
-                             autocast)
+    for members in calls:
+        T = choice.seq_len * len(members)
+        cu = concatenated_documents([documents[first + i] for i in members], choice.seq_len).to(dims.device)
+        inputs, row_labels = (t[list(members)].reshape(1, T) for t in (mine[:, :-1], labels))
+        positions = sp.positions(T, dims.device, cu_seqlens=cu)
+        total = total + _nll(model, sp.shard(inputs), sp.shard(row_labels), positions, sp.with_documents(cu), autocast)
     return total / counted
+
+
+def concatenated_documents(offsets: list[torch.Tensor], seq_len: int) -> torch.Tensor:
+    """Rows of seq_len tokens, each with its documents' offsets [0, ..., seq_len], as one packed
+    sequence: the offsets of every document of every row, in row order."""
+    shifted = [row[:-1] + i * seq_len for i, row in enumerate(offsets)]
+    return torch.cat(shifted + [offsets[0].new_tensor([len(offsets) * seq_len])])
 
 
 def train_step(model, optimizer, sp, dims, data, step: int, config: RunConfig) -> float:

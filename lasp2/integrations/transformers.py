@@ -272,25 +272,33 @@ def parallelize(model, sp):
 def shard_batch(sp, input_ids, labels=None, position_ids=None) -> dict:
     """The keyword arguments of this rank's forward: its tokens of `input_ids` [B, T], their
     positions ([B, T] global, or restarting at each packed document when the caller's
-    `position_ids` restart; packing takes B = 1), and with `labels`, the labels shifted on the
-    whole sequence (`shift_labels`, so no rank loses the label of its last token) and
-    `num_items_in_batch` (the labelled tokens of the whole batch, so that the ranks' losses sum
-    to its mean)."""
+    `position_ids` restart), and with `labels`, the labels shifted on the whole sequence
+    (`shift_labels`, so no rank loses the label of its last token) and `num_items_in_batch`
+    (the labelled tokens of the whole batch, so that the ranks' losses sum to its mean).
+    Packed rows (B > 1) run as one packed sequence [1, B·T] (FLA's cu_seqlens convention): each
+    row's documents shifted into place, one call per layer; the model's outputs then have
+    B = 1."""
     b, t = input_ids.shape
     if position_ids is None:
         position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
     position_ids = position_ids.expand(b, t)
+    restarts = bool((position_ids[:, 1:] == 0).any())
+    if restarts and b > 1:  # packed rows: one packed sequence, each row starting a document
+        if bool((position_ids[:, 0] != 0).any()):
+            raise ValueError("shard_batch: every packed row's position_ids must start at 0 (a document's first token)")
+        input_ids, position_ids = input_ids.reshape(1, b * t), position_ids.reshape(1, b * t)
+        shifted = None if labels is None else F.pad(labels[:, 1:], (0, 1), value=-100).reshape(1, b * t)
+        b, t = 1, b * t
+    else:
+        shifted = None if labels is None else F.pad(labels[:, 1:], (0, 1), value=-100)
     out = {"input_ids": sp.shard(input_ids), "position_ids": sp.shard(position_ids), "use_cache": False}
-    restarts = (position_ids[:, 1:] == 0).any()
-    if bool(restarts):  # packed documents: their global offsets go down to every layer
-        if b != 1:
-            raise ValueError(f"shard_batch: packed documents (position_ids that restart) need B = 1, got B = {b}")
+    if restarts:  # packed documents: their global offsets go down to every layer
         starts = torch.nonzero(position_ids[0] == 0).flatten()
         if int(starts[0]) != 0:
             raise ValueError("shard_batch: position_ids must start at 0 (a document's first token)")
         out["cu_seq_lens_q"] = torch.cat([starts, starts.new_tensor([t])])
-    if labels is not None:
-        shift = F.pad(labels[:, 1:], (0, 1), value=-100)
+    if shifted is not None:
+        shift = shifted
         if "cu_seq_lens_q" in out:  # a document's last token does not predict the next one's first
             shift[0, out["cu_seq_lens_q"][1:-1] - 1] = -100
         out["shift_labels"] = sp.shard(shift)

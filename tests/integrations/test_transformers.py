@@ -187,6 +187,36 @@ def test_packed_documents_equal_each_document_alone(dist_workers, family, layout
     check(dist_workers.run(sp_run, (0, 1), family, layout, documents), reference(family, documents))
 
 
+def sp_run_rows(group, family, layout, row_documents):
+    """sp_run with the batch cut into rows [R, T / R], each with its documents: shard_batch runs
+    them as one packed sequence."""
+    from lasp2.integrations.transformers import parallelize, shard_batch
+    from lasp2.parallel import SequenceParallel, positions
+
+    sp = SequenceParallel(group, layout=layout)
+    model = parallelize(build(family), sp)
+    ids = batch().view(len(row_documents), -1)
+    position_ids = torch.stack([torch.cat([torch.arange(b - a) for a, b in zip(docs, docs[1:])]) for docs in row_documents])
+    out = model(**shard_batch(sp, ids, labels=ids, position_ids=position_ids))
+    out.loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.clone()
+        torch.distributed.all_reduce(g, group=group)
+        grads[name] = g
+    loss = out.loss.detach().clone()
+    torch.distributed.all_reduce(loss, group=group)
+    return {"loss": float(loss), "logits": out.logits.detach(), "grads": grads, "positions": positions(T, group, layout)}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_packed_rows_run_as_one_packed_sequence(dist_workers, family):
+    """Two packed rows of 12 tokens ([2, 12], documents 0-5-12 and 0-1-12): the same as one row of
+    24 with documents 0-5-12-13-24, each document alone (W = 2, zigzag)."""
+    results = dist_workers.run(sp_run_rows, (0, 1), family, "zigzag", [(0, 5, 12), (0, 1, 12)])
+    check(results, reference(family, (0, 5, 12, 13, 24)))
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_state_dicts_load_both_ways(family):
     from lasp2.integrations.transformers import parallelize

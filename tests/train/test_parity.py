@@ -159,8 +159,19 @@ def documents_corpus(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["simple_gla", "gated_deltanet"])
 def test_parity_of_packed_documents(dist_workers, tmp_path, documents_corpus, kind):
-    check_case(dist_workers, tmp_path, kind, "LLLN", [("sp2", "zigzag"), ("sp2", "contiguous")],
+    """A rank's packed rows run as one packed sequence (the default --packed-rows batched)."""
+    check_case(dist_workers, tmp_path, kind, "LLLN", [("sp2", "zigzag"), ("sp2", "contiguous"), ("dp2sp2", "zigzag")],
                ["--packing", "documents", "--data", str(documents_corpus)])
+
+
+def test_packed_rows_batched_equal_one_at_a_time(dist_workers, tmp_path, documents_corpus):
+    """Rows concatenated into one packed sequence (their documents shifted into place) train as
+    the rows run one at a time, at sp 2 (the calls differ: one per layer instead of one per row)."""
+    extra = ["--packing", "documents", "--data", str(documents_corpus)]
+    batched = run(dist_workers, "sp2", argv(tmp_path / "batched", "simple_gla", "LLLN", "zigzag", extra))
+    one = run(dist_workers, "sp2", argv(tmp_path / "one", "simple_gla", "LLLN", "zigzag", [*extra, "--packed-rows", "one"]))
+    loss, val, whole, tensor = differences(one, batched)
+    assert loss <= TOL and val <= TOL and whole <= TOL and tensor <= PER_TENSOR_TOL, (loss, val, whole, tensor)
 
 
 @pytest.fixture(scope="module")
