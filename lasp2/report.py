@@ -22,7 +22,7 @@ class Progress:
         self.start = time.perf_counter()
         self.first_step = None
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float, detail: str = "") -> None:
         if not self.enabled:
             return
         self.first_step = step if self.first_step is None else self.first_step
@@ -30,7 +30,7 @@ class Progress:
         rate = (time.perf_counter() - self.start) / max(1, done - self.first_step)
         filled = int(20 * done / self.total)
         line = (f"step {done}/{self.total} [{'#' * filled}{'.' * (20 - filled)}] loss {loss:.4f} | "
-                f"{tokens_per_s / 1e3:.1f}k tok/s | ETA {_duration(rate * (self.total - done))}")
+                f"{tokens_per_s / 1e3:.1f}k tok/s{detail} | ETA {_duration(rate * (self.total - done))}")
         if self.tty:
             self.stream.write("\r" + line + ("\n" if done == self.total else ""))
         elif done % self.every == 0 or done == self.total or done == self.first_step + 1:

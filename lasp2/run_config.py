@@ -45,6 +45,7 @@ class DataChoice:
     vocab_size: int | None = None
     packing: str = "none"
     packed_rows: str = "batched"  # --packing documents: a rank's rows in one call, or one call per row
+    balance: bool = False  # --packing documents, batched: the planner's document order and slot table
     doc_sep: str | None = None
     seq_len: int = 256
     batch_size: int = 8

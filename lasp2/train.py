@@ -30,9 +30,10 @@ from .data import DataError, batch_for_step, check_ids, load_tokens, packed_batc
 from .distributed import ConfigError, ParallelDims, init_parallel, shutdown, sum_over_ranks
 from .model import DELTA_KINDS, LINEAR_KINDS, PRESETS, LinearLlama, count_parameters, pattern_for_ratio, preset
 from .parallel import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel
-from .parallel.cost import network_from_json
+from .parallel.balance import LayerCosts, Placement, named_layout_costs, plan_placement
+from .parallel.cost import LOOPBACK, NVLINK_IB, network_from_json
 from .parallel.registry import AUTO
-from .parallel.layout import LAYOUTS, Layout
+from .parallel.layout import LAYOUTS, Layout, as_layout
 from .parallelize import (DATA_PARALLEL, apply_activation_checkpointing, apply_compile, apply_data_parallel,
                           clip_grad_norm, fp32_parameters, materialize, sum_replicated_gradients)
 from .report import MetricsLog, Progress, plot_losses
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--packed-rows", default="batched", choices=["batched", "one"],
                       help="with --packing documents: batched runs a rank's rows as one packed sequence, one call "
                            "per layer (FLA's cu_seqlens); one runs them a row at a time (default: %(default)s)")
+    data.add_argument("--balance", action="store_true",
+                      help="with --packing documents (batched rows): every call's documents run in the planner's "
+                           "order over its slot table (lasp2.parallel.balance), so that the softmax layers' work "
+                           "per rank evens out; off by default: pure linear models gain nothing, and more slots "
+                           "per rank mean more state-passing messages")
     data.add_argument("--doc-sep", default=None,
                       help="with --packing documents: the string between documents of a text corpus (default: each "
                            "file is one), or the token id that ends each document of a .npy/.bin corpus")
@@ -143,6 +149,9 @@ def check_config(config: RunConfig, dp: int, cfg) -> None:
     if optim.grad_accum < 1 or (data.batch_size // dp) % optim.grad_accum:
         raise ConfigError(f"--grad-accum {optim.grad_accum} must divide the {data.batch_size // dp} rows each "
                           f"data-parallel rank takes of --batch-size {data.batch_size}")
+    if data.balance and (data.packing != "documents" or data.packed_rows != "batched"):
+        raise ConfigError(f"--balance places packed documents: it needs --packing documents with --packed-rows batched "
+                          f"(got --packing {data.packing}, --packed-rows {data.packed_rows})")
     if data.packed_rows != "batched" and data.packing != "documents":
         raise ConfigError(f"--packed-rows {data.packed_rows} chooses how packed rows run; it means nothing with "
                           f"--packing {data.packing}")
@@ -222,10 +231,63 @@ def _nll(model, inputs, labels, positions, ctx, autocast: bool):
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100)
 
 
-def sequence_loss(model, sp, dims, batch, choice: DataChoice, part: int = 0, parts: int = 1):
+class Balancer:
+    """--balance: the planner's costs for this model (`lasp2.parallel.balance`), and the
+    placement of the last packed call, which the progress line and the metrics report."""
+
+    def __init__(self, model, cfg, sp, network, device: torch.device):
+        linear, softmax, heads, head_dim, value_dim = _layer_mix(model, cfg)
+        rate = 1e14 if device.type == "cuda" else 1e10  # FLOP/s of the kernels; the costs' ratio is what counts
+        state_bytes = heads * head_dim * value_dim * 4
+        beta = (network or (NVLINK_IB if device.type == "cuda" else LOOPBACK)).link(sp.world)[1]
+        # a slot's summary reaches the other W − 1 ranks, forward and backward, in every state-passing layer
+        slot_seconds = linear * 2 * (sp.world - 1) * state_bytes / beta
+        self.costs = LayerCosts.for_model(linear, softmax, heads, head_dim, rate, slot_seconds)
+        self.last: Placement | None = None
+        self.unplanned: tuple[float, ...] = ()  # the last call's rank costs in its given order and --layout
+
+    def place(self, sp, inputs, labels, cu):
+        """The call's documents in the planner's order over its slot table: (context, inputs,
+        labels, cu_seqlens), the tokens permuted document by document; unchanged when the given
+        order and --layout are estimated no slower."""
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        plan = plan_placement(lengths, sp.world, self.costs)
+        self.unplanned = named_layout_costs(lengths, sp.layout, sp.world, self.costs)
+        if max(self.unplanned) <= max(plan.cost):
+            self.last = Placement(tuple(range(len(lengths))), as_layout(sp.layout, sp.world), self.unplanned)
+            return sp, inputs, labels, cu
+        starts = cu[:-1].tolist()
+        order = torch.cat([torch.arange(starts[i], starts[i] + lengths[i]) for i in plan.order]).to(inputs.device)
+        reordered = torch.tensor([0] + [lengths[i] for i in plan.order]).cumsum(0)
+        self.last = plan
+        return sp.with_layout(plan.layout), inputs[:, order], labels[:, order], reordered
+
+    def detail(self) -> str:
+        if self.last is None:
+            return ""
+        unplanned = max(self.unplanned) / (sum(self.unplanned) / len(self.unplanned))
+        return f" | slowest rank {self.last.imbalance:.2f}x the mean ({unplanned:.2f}x unplanned)"
+
+
+def _layer_mix(model, cfg) -> tuple[int, int, int, int, int]:
+    """(linear or delta layers, softmax layers, heads, key dim, value dim) of Linear-Llama3's
+    config, or of a Hugging Face model's (its `layer_types`; full attention counts as softmax)."""
+    if cfg is not None:
+        types = cfg.layer_types()
+        return types.count("L"), types.count("N"), cfg.num_heads, cfg.dim_per_head, cfg.dim_per_head
+    config = model.model.config
+    types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+    softmax = sum("full" in t or t == "attention" for t in types)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return len(types) - softmax, softmax, heads, head_dim, head_dim
+
+
+def sequence_loss(model, sp, dims, batch, choice: DataChoice, part: int = 0, parts: int = 1, balancer=None):
     """This rank's share of the mean token loss of the global batch ([B, T+1] rows, their
     documents or None), from the `part`-th of `parts` equal slices of its rows (micro-batches
-    of gradient accumulation; the mean stays over every token of the global batch)."""
+    of gradient accumulation; the mean stays over every token of the global batch). balancer:
+    --balance's `Balancer` (packed rows, batched)."""
     tokens, documents, skip = batch
     rows = choice.batch_size // dims.dp // parts
     first = dims.dp_rank * (choice.batch_size // dims.dp) + part * rows
@@ -245,10 +307,15 @@ def sequence_loss(model, sp, dims, batch, choice: DataChoice, part: int = 0, par
     total = 0.0
     for members in calls:
         T = choice.seq_len * len(members)
-        cu = concatenated_documents([documents[first + i] for i in members], choice.seq_len).to(dims.device)
+        cu = concatenated_documents([documents[first + i] for i in members], choice.seq_len)
         inputs, row_labels = (t[list(members)].reshape(1, T) for t in (mine[:, :-1], labels))
-        positions = sp.positions(T, dims.device, cu_seqlens=cu)
-        total = total + _nll(model, sp.shard(inputs), sp.shard(row_labels), positions, sp.with_documents(cu), autocast)
+        ctx = sp
+        if balancer is not None and sp.world > 1:
+            ctx, inputs, row_labels, cu = balancer.place(sp, inputs, row_labels, cu)
+        cu = cu.to(dims.device)
+        positions = ctx.positions(T, dims.device, cu_seqlens=cu)
+        total = total + _nll(model, ctx.shard(inputs), ctx.shard(row_labels), positions, ctx.with_documents(cu),
+                             autocast)
     return total / counted
 
 
@@ -259,7 +326,7 @@ def concatenated_documents(offsets: list[torch.Tensor], seq_len: int) -> torch.T
     return torch.cat(shifted + [offsets[0].new_tensor([len(offsets) * seq_len])])
 
 
-def train_step(model, optimizer, sp, dims, data, step: int, config: RunConfig) -> float:
+def train_step(model, optimizer, sp, dims, data, step: int, config: RunConfig, balancer=None) -> float:
     batch = make_batch(data, "train", config.seed, step, config.data)
     optimizer.zero_grad(set_to_none=True)
     loss, parts = 0.0, config.optim.grad_accum
@@ -267,7 +334,7 @@ def train_step(model, optimizer, sp, dims, data, step: int, config: RunConfig) -
     for part in range(parts):  # micro-batches: their gradients add up to the batch's
         if replicated:  # whole gradients are kept anyway: all-reduce them once, after the last micro-batch
             model.set_requires_gradient_sync(part == parts - 1)
-        micro = sequence_loss(model, sp, dims, batch, config.data, part, parts)
+        micro = sequence_loss(model, sp, dims, batch, config.data, part, parts, balancer)
         micro.backward()  # with more than one process, FSDP sums the gradients over dp x sp here
         loss = loss + micro.detach()
     sum_replicated_gradients(model, dims.world_group)  # the fp32 decay parameters FSDP leaves whole
@@ -277,9 +344,9 @@ def train_step(model, optimizer, sp, dims, data, step: int, config: RunConfig) -
 
 
 @torch.no_grad()
-def evaluate(model, sp, dims, data, config: RunConfig) -> float:
-    losses = [sequence_loss(model, sp, dims, make_batch(data, "val", config.seed + 1, i, config.data), config.data)
-              for i in range(config.data.val_batches)]
+def evaluate(model, sp, dims, data, config: RunConfig, balancer=None) -> float:
+    losses = [sequence_loss(model, sp, dims, make_batch(data, "val", config.seed + 1, i, config.data), config.data,
+                            balancer=balancer) for i in range(config.data.val_batches)]
     return sum_over_ranks(torch.stack(losses).mean(), dims).item()
 
 
@@ -372,22 +439,27 @@ def train(config: RunConfig, dims: ParallelDims, stream=sys.stdout) -> dict:
         + (f" | resumed from {resume_from.name}" if resume_from else "")
     )
     losses, val_loss, optim, said = [], None, config.optim, set()
+    balancer = Balancer(model, cfg, sp, network, dims.device) if choice.balance else None
     last = optim.steps if optim.stop_at is None else min(optim.steps, optim.stop_at)
     for step in range(start, last):
         began = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, optim)  # the schedule is a function of the step, restored with it
-        loss = train_step(model, optimizer, sp, dims, data, step, config)
+        loss = train_step(model, optimizer, sp, dims, data, step, config, balancer)
         tokens_per_s = choice.batch_size * choice.seq_len / (time.perf_counter() - began)
         losses.append(loss)
-        metrics.write(step=step, loss=loss, lr=lr_at(step, optim), tokens_per_s=tokens_per_s)
-        progress.update(step, loss, tokens_per_s)
+        placed = {} if balancer is None or balancer.last is None else {
+            "rank_cost_s": list(balancer.last.cost), "imbalance": balancer.last.imbalance,
+            "unplanned_rank_cost_s": list(balancer.unplanned),
+            "slots_per_rank": balancer.last.layout.slots_per_rank}
+        metrics.write(step=step, loss=loss, lr=lr_at(step, optim), tokens_per_s=tokens_per_s, **placed)
+        progress.update(step, loss, tokens_per_s, "" if balancer is None else balancer.detail())
         for shape, (_, why) in sp.decisions.items():  # --sp-linear auto: what it picked, once per layer shape
             if shape not in said:
                 progress.note(f"--sp-linear auto: {why}")
                 said.add(shape)
         if (step + 1) % choice.val_every == 0 or step + 1 == last:
-            val_loss = evaluate(model, sp, dims, data, config)
+            val_loss = evaluate(model, sp, dims, data, config, balancer)
             metrics.write(step=step, val_loss=val_loss)
         if config.run.ckpt_every and ((step + 1) % config.run.ckpt_every == 0 or step + 1 == last):
             checkpoint.save(run_dir, step, model, optimizer, dims, {"config": config.as_dict(), "model": describe(model)})

@@ -33,8 +33,10 @@ from ..ops.documents import documents
 
 ATTENTION = "lasp2"  # the name lasp2's sequence-parallel softmax attention is registered under
 FP32_GATES = ("A_log", "dt_bias", "D")  # a mixer's decay and skip parameters, kept fp32 under mixed precision
-# The keyword argument that carries a packed row's documents (`lasp2.ops.Documents`) into every
-# decoder layer's call, and from there to its mixer and attention (HF layers pass **kwargs on).
+# The keyword argument that carries the call's own sequence-parallel context (a SequenceParallel
+# bound to its packed documents and layout, e.g. a planner's slot table) or just a packed row's
+# documents (`lasp2.ops.Documents`) into every decoder layer's call, and from there to its mixer
+# and attention (HF layers pass **kwargs on).
 DOCUMENTS = "lasp2_documents"
 
 
@@ -59,7 +61,7 @@ class _RowDocuments:
         offsets = kwargs.get("cu_seq_lens_q")
         if given is None and offsets is not None:
             given = documents(offsets, "cu_seq_lens_q")
-        self.current = None if given is None else documents(given, DOCUMENTS)
+        self.current = given if given is None or _is_context(given) else documents(given, DOCUMENTS)
         return args, kwargs
 
     def leave(self, model, args, kwargs, output):
@@ -75,6 +77,19 @@ class _DocumentsPerCall:
         return super().__call__(*args, **kwargs)
 
 
+def _is_context(given) -> bool:
+    return hasattr(given, "softmax_attn")  # a SequenceParallel (duck-typed: no import cycle)
+
+
+def _call_context(module, given):
+    """(the SequenceParallel a call runs over, its packed documents or None): the call's own
+    context when the model was called with one, else the context `parallelize` gave the module
+    and the call's documents (or none)."""
+    if given is not None and _is_context(given):
+        return given, given.cu_seqlens
+    return module._lasp2_sp, given
+
+
 def _check_training_call(name: str, cache, attention_mask) -> None:
     if cache is not None:
         raise ValueError(f"{name}: a sequence-parallel model runs whole sequences without a cache (generation is not "
@@ -84,12 +99,12 @@ def _check_training_call(name: str, cache, attention_mask) -> None:
                          f"instead (position_ids that restart, see shard_batch)")
 
 
-def _gated_delta_core(module, mixed_qkv, beta, a, cu):
+def _gated_delta_core(module, mixed_qkv, beta, a, call):
     """The part every Gated DeltaNet mixer shares, on this rank's shard: the short convolution of
     q|k|v [B, C, 2·Hk·K + Hv·V] across ranks, L2-normalised q and k, the gate
     -exp(A_log)·softplus(a + dt_bias), the delta rule with q scaled by K^-1/2 -> [B, C, Hv, V]
-    (cu: the row's packed documents, or None)."""
-    sp = module._lasp2_sp
+    (call: the call's context or documents, `_call_context`)."""
+    sp, cu = _call_context(module, call)
     b, c, _ = mixed_qkv.shape
     mixed = sp.causal_conv1d(mixed_qkv, module.conv1d.weight.squeeze(1), module.conv1d.bias,
                              activation=module.activation, cu_seqlens=cu)
@@ -152,9 +167,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     rank's tokens -> ([B, C, Hq, Dv], None), causal over the whole (packed) sequence."""
     if dropout:
         raise ValueError("lasp2 attention: attention dropout is not supported under sequence parallelism")
-    sp = module._lasp2_sp
+    sp, cu = _call_context(module, kwargs.get(DOCUMENTS))
     out = sp.softmax_attn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=True,
-                          scale=scaling, cu_seqlens=kwargs.get(DOCUMENTS))
+                          scale=scaling, cu_seqlens=cu)
     return out, None
 
 
@@ -165,7 +180,7 @@ class _SPKimiLinearDeltaAttention:
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
         _check_training_call(type(self).__name__, cache, attention_mask)
-        sp, cu = self._lasp2_sp, kwargs.get(DOCUMENTS)
+        sp, cu = _call_context(self, kwargs.get(DOCUMENTS))
         b, c, _ = hidden_states.shape
         shape = (b, c, -1, self.head_dim)
         mixed = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], dim=-1)
@@ -188,12 +203,12 @@ class _SPMiniMaxLightningAttention:
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         _check_training_call(type(self).__name__, cache, attention_mask)
-        sp = self._lasp2_sp
+        sp, cu = _call_context(self, kwargs.get(DOCUMENTS))
         b, c, _ = hidden_states.shape
         qkv = self.act_fn(self.qkv_proj(hidden_states)).reshape(b, c, self.num_attention_heads, 3 * self.head_dim)
         query, key, value = torch.split(qkv, self.head_dim, dim=3)
         log_decay = -self.slope_rate.reshape(self.num_attention_heads).to(torch.float32)
-        out = sp.linear_attn(query, key, value, log_decay, causal=True, scale=1.0, cu_seqlens=kwargs.get(DOCUMENTS))
+        out = sp.linear_attn(query, key, value, log_decay, causal=True, scale=1.0, cu_seqlens=cu)
         out = self.norm(out.reshape(b, c, self.num_attention_heads * self.head_dim))
         out = torch.sigmoid(self.output_gate(hidden_states)) * out
         return self.out_proj(out), None
@@ -207,7 +222,7 @@ class _SPMamba2Mixer:
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
         _check_training_call(type(self).__name__, cache, attention_mask)
-        sp, cu = self._lasp2_sp, kwargs.get(DOCUMENTS)
+        sp, cu = _call_context(self, kwargs.get(DOCUMENTS))
         b, c, _ = hidden_states.shape
         gate, x_b_c, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads],
                                                             dim=-1)
@@ -336,10 +351,11 @@ class CausalLM(torch.nn.Module):
         return sorted(set(names))
 
     def forward(self, tokens, positions, ctx):
-        packed = getattr(ctx, "cu_seqlens", None)  # the row's Documents (`with_documents`), or None
-        kwargs = {} if packed is None else {DOCUMENTS: packed}
+        """The trainer's call: ctx is this call's SequenceParallel (bound to its packed documents
+        by `with_documents`, to a planner's slot table by `with_layout`), which every mixer and
+        attention of the call then runs over."""
         return self.model(input_ids=tokens, position_ids=positions.expand(tokens.shape[0], -1), use_cache=False,
-                          **kwargs).logits
+                          **{DOCUMENTS: ctx}).logits
 
 
 def causal_lm_from_config(path: str, vocab_size: int, sp) -> CausalLM:

@@ -152,6 +152,14 @@ class SequenceParallel:
         bound.cu_seqlens = documents(cu_seqlens, "SequenceParallel.with_documents")
         return bound
 
+    def with_layout(self, layout) -> "SequenceParallel":
+        """This context with another layout (a name or a slot table, e.g. a planner's for one
+        packed batch); the same group, methods and decisions."""
+        problem = as_layout(layout, self.world, "SequenceParallel.with_layout")  # raises on a wrong table
+        bound = copy.copy(self)
+        bound.layout = problem
+        return bound
+
     def __repr__(self) -> str:
         return (f"SequenceParallel(world={self.world}, rank={self.rank}, linear={self.linear!r}, "
                 f"softmax={self.softmax!r}, layout={self.layout!r})")

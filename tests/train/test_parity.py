@@ -164,6 +164,15 @@ def test_parity_of_packed_documents(dist_workers, tmp_path, documents_corpus, ki
                ["--packing", "documents", "--data", str(documents_corpus)])
 
 
+@pytest.mark.parametrize("kind", ["simple_gla", "gated_deltanet"])
+def test_parity_of_balanced_packed_documents(dist_workers, tmp_path, documents_corpus, kind):
+    """--balance: each call's documents in the planner's order over its slot table, at sp 2 and
+    dp 2 x sp 2 (and with activation checkpointing), against one process (where there is
+    nothing to balance)."""
+    check_case(dist_workers, tmp_path, kind, "LLLN", [("sp2", "zigzag"), ("dp2sp2", "contiguous"), ("sp2-ac", "zigzag")],
+               ["--packing", "documents", "--data", str(documents_corpus), "--balance"])
+
+
 def test_packed_rows_batched_equal_one_at_a_time(dist_workers, tmp_path, documents_corpus):
     """Rows concatenated into one packed sequence (their documents shifted into place) train as
     the rows run one at a time, at sp 2 (the calls differ: one per layer instead of one per row)."""
@@ -188,12 +197,14 @@ def hf_config(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["rows", "packed"])
+@pytest.mark.parametrize("packing", ["rows", "packed", "balanced"])
 def test_parity_of_a_hugging_face_model(dist_workers, tmp_path, hf_config, documents_corpus, packing):
     extra = ["--hf-config", str(hf_config), "--adam-eps", "1e-6", "--lr", "1e-3"]
-    if packing:
+    if packing != "rows":
         extra += ["--packing", "documents", "--data", str(documents_corpus)]
-    # -ac: packed rows run one at a time, and each block's recompute must see its own row's documents
+    if packing == "balanced":
+        extra += ["--balance"]
+    # -ac: each block's recompute must see the call's documents (and, balanced, its slot table)
     check_case(dist_workers, tmp_path, "basic", "LLLN", [("sp2", "zigzag"), ("dp2sp2", "contiguous"), ("sp2-ac", "zigzag")],
                extra)
 
