@@ -7,6 +7,7 @@
     python -m lasp2_bench convergence                # the paper's convergence study, every kind pure and hybrid
     python -m lasp2_bench project --calibrate benchmarks/results/<date>-<machine>/attn.csv
     python -m lasp2_bench launches                   # aten ops (GPU launches) per layer call, as tokens grow
+    python -m lasp2_bench balance                    # packed documents over the ranks: contiguous, zigzag, planner
 
 Each command prints a table and writes CSV, PNG and machine.json under
 benchmarks/results/<date>-<machine>/ (or --out).
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import attn, convergence, launches, model, project, weak
+from . import attn, balance, convergence, launches, model, project, weak
 from .machine import describe, read_csv, results_dir, write_csv
 from .plots import NO_MATPLOTLIB, lines_by_method
 
@@ -125,6 +126,12 @@ def cmd_launches(args) -> None:
     print(f"wrote {out}/launches.csv")
 
 
+def cmd_balance(args) -> None:
+    out = _out_dir(args, torch.device("cpu"))
+    balance.run(args, out, sys.stdout)
+    print(f"wrote {out}/balance.csv, balance.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lasp2-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -145,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     lc = sub.add_parser("launches", help="aten ops per layer call (GPU kernel launches) as the tokens grow",
                         description=launches.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     launches.add_arguments(lc)
-    for s in (a, m, pr, lc):
+    bl = sub.add_parser("balance", help="packed documents over the ranks: contiguous, zigzag and the planner",
+                        description=balance.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    balance.add_arguments(bl)
+    for s in (a, m, pr, lc, bl):
         s.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results/<date>-<machine>)")
     return p
 
@@ -153,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"attn": cmd_attn, "model": cmd_model, "project": cmd_project, "convergence": cmd_convergence,
-                "launches": cmd_launches}
+                "launches": cmd_launches, "balance": cmd_balance}
     commands[args.command](args)
     return 0
 

@@ -4,9 +4,10 @@ A batch of packed documents runs as one sequence cut into W·S equal slots (`lay
 Every document is computed alone, so the documents may run in any order, and any slot may go to
 any rank. A rank's cost per layer call is then
     linear and delta layers:  its tokens (S equal slots: the same on every rank),
-    softmax layers:           the (query, key) pairs its queries see, the sum over each query
-                              token of its position in its document plus one (quadratic in the
-                              length of a document: the long document's ranks did most of it),
+    softmax layers:           the (query, key) products its kernel computes: each slot's queries
+                              against the keys from its first token's document start to the
+                              slot's end (the all-gather method's masked kernel; quadratic in a
+                              document's length: the long document's ranks did most of it),
     communication:            its state-passing messages and gathered keys (`cost`).
 `plan_placement` orders the documents (the longest first, each starting a fresh slot where it can;
 the shorter ones packed best-fit into the room left, so that they stay whole inside one slot) and
@@ -24,9 +25,9 @@ from .layout import Layout, slot_table
 @dataclass(frozen=True)
 class LayerCosts:
     """Seconds per unit of work of one training step (forward + backward, every layer of a kind):
-    per token of the linear and delta layers, per visible (query, key) pair of the softmax
-    layers, and per slot a rank holds (its state-passing messages). From the cost model's
-    FLOP counts at a calibrated rate (`for_model`), or given."""
+    per token of the linear and delta layers, per (query, key) product of the softmax layers,
+    and per slot a rank holds (its state-passing messages). From the cost model's FLOP counts
+    at a calibrated rate (`for_model`), or given."""
 
     per_token: float
     per_pair: float
@@ -58,19 +59,21 @@ class Placement:
 
 
 def slot_costs(lengths_in_order, slot_len: int, costs: LayerCosts) -> list[float]:
-    """Each slot's cost: its tokens, and the (query, key) pairs its queries see in their documents."""
-    total = sum(lengths_in_order)
-    pairs = [0] * (total // slot_len)
-    start = 0
+    """Each slot's cost: its tokens, and its queries against the keys from its first token's
+    document start to the slot's end."""
+    n_slots = sum(lengths_in_order) // slot_len
+    doc_starts, start = [], 0
     for length in lengths_in_order:
-        t = 0
-        while t < length:  # the document's tokens t .. end of this slot see t + 1 .. keys each
-            slot = (start + t) // slot_len
-            end = min(length, (slot + 1) * slot_len - start)
-            pairs[slot] += (end * (end + 1) - t * (t + 1)) // 2
-            t = end
+        doc_starts.append(start)
         start += length
-    return [slot_len * costs.per_token + p * costs.per_pair + costs.per_slot for p in pairs]
+    costs_out, d = [], 0
+    for slot in range(n_slots):
+        first = slot * slot_len
+        while d + 1 < len(doc_starts) and doc_starts[d + 1] <= first:
+            d += 1
+        products = slot_len * (first + slot_len - doc_starts[d])
+        costs_out.append(slot_len * costs.per_token + products * costs.per_pair + costs.per_slot)
+    return costs_out
 
 
 def rank_costs(layout: Layout, slot_cost: list[float]) -> tuple[float, ...]:

@@ -7,7 +7,7 @@ import pytest
 from lasp2.parallel.balance import (LayerCosts, assign_slots, document_order, named_layout_costs, plan_placement,
                                     slot_costs)
 
-PAIRS = LayerCosts(per_token=0.0, per_pair=1.0)  # count visible (query, key) pairs only
+PAIRS = LayerCosts(per_token=0.0, per_pair=1.0)  # count the softmax kernel's (query, key) products only
 
 
 def lognormal_lengths(total: int, seed: int, mu=7.5, sigma=1.4) -> list[int]:
@@ -21,13 +21,14 @@ def lognormal_lengths(total: int, seed: int, mu=7.5, sigma=1.4) -> list[int]:
 
 
 def test_slot_costs_by_hand():
-    # documents of 3 and 5 tokens, slots of 4: slot 0 holds doc 0 (1 + 2 + 3 pairs) and doc 1's first
-    # token (1); slot 1 doc 1's tokens 2..5 (2 + 3 + 4 + 5)
-    assert slot_costs([3, 5], 4, PAIRS) == [7, 14]
+    # documents of 3 and 5 tokens, slots of 4: slot 0's queries against keys 0..3 (4 x 4); slot 1's
+    # first token is in document 1, which starts at 3: keys 3..7 (4 x 5)
+    assert slot_costs([3, 5], 4, PAIRS) == [16, 20]
     assert slot_costs([8], 4, LayerCosts(per_token=1.0, per_pair=0.0, per_slot=0.5)) == [4.5, 4.5]
-    # one document of 8 over 4 zigzag slots of 2: rank 0 holds slots 0 and 3, rank 1 slots 1 and 2
-    assert named_layout_costs([8], "zigzag", 2, PAIRS) == (1 + 2 + 7 + 8, 3 + 4 + 5 + 6)
-    assert named_layout_costs([8], "contiguous", 2, PAIRS) == (1 + 2 + 3 + 4, 5 + 6 + 7 + 8)
+    # one document of 8 over 4 zigzag slots of 2: rank 0 holds slots 0 and 3 (2 x 2 + 2 x 8), rank 1
+    # slots 1 and 2 (2 x 4 + 2 x 6); contiguous: 4 x 4 | 4 x 8
+    assert named_layout_costs([8], "zigzag", 2, PAIRS) == (20, 20)
+    assert named_layout_costs([8], "contiguous", 2, PAIRS) == (16, 32)
 
 
 def test_short_documents_stay_inside_one_slot_when_they_can():
@@ -59,8 +60,7 @@ def test_the_planner_beats_contiguous_and_zigzag_on_heavy_tailed_lengths(world, 
     assert sorted(plan.order) == list(range(len(lengths)))
     assert sorted(s for r in range(world) for s in plan.layout.slots(r)) == list(range(plan.layout.n_slots))
     contiguous, zigzag = (named_layout_costs(lengths, name, world, costs) for name in ("contiguous", "zigzag"))
-    assert sum(plan.cost) == pytest.approx(sum(contiguous), rel=1e-9)  # the same work, spread differently
-    assert max(plan.cost) <= min(max(contiguous), max(zigzag)) and plan.imbalance < 1.05
+    assert max(plan.cost) <= min(max(contiguous), max(zigzag)) and plan.imbalance < 1.1
 
 
 def test_bad_lengths_are_refused_with_the_rule():
