@@ -144,7 +144,12 @@ def sp_run(group, family, layout, documents=None):
     position_ids = None
     if documents is not None:
         position_ids = torch.cat([torch.arange(b - a) for a, b in zip(documents, documents[1:])])[None]
-    out = model(**shard_batch(sp, ids, labels=ids, position_ids=position_ids))
+    return _summed_over_ranks(model, model(**shard_batch(sp, ids, labels=ids, position_ids=position_ids)), group,
+                              positions(T, group, layout))
+
+
+def _summed_over_ranks(model, out, group, positions) -> dict:
+    """Backward of a rank's loss; the loss and every gradient summed over the group."""
     out.loss.backward()
     grads = {}
     for name, p in model.named_parameters():
@@ -153,8 +158,7 @@ def sp_run(group, family, layout, documents=None):
         grads[name] = g
     loss = out.loss.detach().clone()
     torch.distributed.all_reduce(loss, group=group)
-    return {"loss": float(loss), "logits": out.logits.detach(), "grads": grads,
-            "positions": positions(T, group, layout)}
+    return {"loss": float(loss), "logits": out.logits.detach(), "grads": grads, "positions": positions}
 
 
 def check(results, ref):
@@ -197,16 +201,8 @@ def sp_run_rows(group, family, layout, row_documents):
     model = parallelize(build(family), sp)
     ids = batch().view(len(row_documents), -1)
     position_ids = torch.stack([torch.cat([torch.arange(b - a) for a, b in zip(docs, docs[1:])]) for docs in row_documents])
-    out = model(**shard_batch(sp, ids, labels=ids, position_ids=position_ids))
-    out.loss.backward()
-    grads = {}
-    for name, p in model.named_parameters():
-        g = p.grad.clone()
-        torch.distributed.all_reduce(g, group=group)
-        grads[name] = g
-    loss = out.loss.detach().clone()
-    torch.distributed.all_reduce(loss, group=group)
-    return {"loss": float(loss), "logits": out.logits.detach(), "grads": grads, "positions": positions(T, group, layout)}
+    return _summed_over_ranks(model, model(**shard_batch(sp, ids, labels=ids, position_ids=position_ids)), group,
+                              positions(T, group, layout))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
