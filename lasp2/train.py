@@ -31,7 +31,7 @@ from .distributed import ConfigError, ParallelDims, init_parallel, shutdown, sum
 from .model import DELTA_KINDS, LINEAR_KINDS, PRESETS, LinearLlama, count_parameters, pattern_for_ratio, preset
 from .parallel import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel
 from .parallel.balance import LayerCosts, Placement, named_layout_costs, plan_placement
-from .parallel.cost import LOOPBACK, NVLINK_IB, network_from_json
+from .parallel.cost import LOOPBACK, NVLINK_IB, network_from_json, rates_from_json
 from .parallel.registry import AUTO
 from .parallel.layout import LAYOUTS, Layout, as_layout
 from .parallelize import (DATA_PARALLEL, apply_activation_checkpointing, apply_compile, apply_data_parallel,
@@ -235,14 +235,16 @@ class Balancer:
     """--balance: the planner's costs for this model (`lasp2.parallel.balance`), and the
     placement of the last packed call, which the progress line and the metrics report."""
 
-    def __init__(self, model, cfg, sp, network, device: torch.device):
+    def __init__(self, model, cfg, sp, network, device: torch.device, rates: dict):
         linear, softmax, heads, head_dim, value_dim = _layer_mix(model, cfg)
-        rate = 1e14 if device.type == "cuda" else 1e10  # FLOP/s of the kernels; the costs' ratio is what counts
+        # FLOP/s of the kernels: as calibrated (--sp-network with `lasp2_bench attn`'s calibration), else assumed
+        rate = rates.get("rate_chunk", 1e14 if device.type == "cuda" else 1e10)
         state_bytes = heads * head_dim * value_dim * 4
         beta = (network or (NVLINK_IB if device.type == "cuda" else LOOPBACK)).link(sp.world)[1]
         # a slot's summary reaches the other W − 1 ranks, forward and backward, in every state-passing layer
         slot_seconds = linear * 2 * (sp.world - 1) * state_bytes / beta
-        self.costs = LayerCosts.for_model(linear, softmax, heads, head_dim, rate, slot_seconds)
+        self.costs = LayerCosts.for_model(linear, softmax, heads, head_dim, rate, slot_seconds,
+                                          rates.get("rate_sdpa_masked"))
         self.last: Placement | None = None
         self.unplanned: tuple[float, ...] = ()  # the last call's rank costs in its given order and --layout
 
@@ -251,7 +253,7 @@ class Balancer:
         labels, cu_seqlens), the tokens permuted document by document; unchanged when the given
         order and --layout are estimated no slower."""
         lengths = (cu[1:] - cu[:-1]).tolist()
-        plan = plan_placement(lengths, sp.world, self.costs)
+        plan = plan_placement(lengths, sp.world, self.costs, total=int(cu[-1]))
         self.unplanned = named_layout_costs(lengths, sp.layout, sp.world, self.costs)
         if max(self.unplanned) <= max(plan.cost):
             self.last = Placement(tuple(range(len(lengths))), as_layout(sp.layout, sp.world), self.unplanned)
@@ -439,7 +441,8 @@ def train(config: RunConfig, dims: ParallelDims, stream=sys.stdout) -> dict:
         + (f" | resumed from {resume_from.name}" if resume_from else "")
     )
     losses, val_loss, optim, said = [], None, config.optim, set()
-    balancer = Balancer(model, cfg, sp, network, dims.device) if choice.balance else None
+    rates = {} if par.sp_network is None else rates_from_json(Path(par.sp_network).read_text())
+    balancer = Balancer(model, cfg, sp, network, dims.device, rates) if choice.balance else None
     last = optim.steps if optim.stop_at is None else min(optim.steps, optim.stop_at)
     for step in range(start, last):
         began = time.perf_counter()

@@ -35,11 +35,14 @@ class LayerCosts:
 
     @classmethod
     def for_model(cls, linear_layers: int, softmax_layers: int, heads: int, head_dim: int, rate: float,
-                  slot_seconds: float = 0.0) -> "LayerCosts":
-        """FLOPs as `cost.flops` counts them (chunk 64, backward twice the forward) at `rate` FLOP/s."""
+                  slot_seconds: float = 0.0, softmax_rate: float | None = None) -> "LayerCosts":
+        """FLOPs as `cost.flops` counts them (chunk 64, backward twice the forward, the softmax
+        blocks recomputed: 3.5x) at `rate` FLOP/s (the chunk kernel's), the softmax kernel's at
+        `softmax_rate` (None: the same); `lasp2_bench attn` measures both (`rate_chunk`,
+        `rate_sdpa_masked` in attn-calibration.json)."""
         chunk = 64
         per_token = linear_layers * 3.0 * heads * (2 * chunk * 2 * head_dim + 4 * head_dim * head_dim) / rate
-        per_pair = softmax_layers * 3.5 * heads * 2 * 2 * head_dim / rate
+        per_pair = softmax_layers * 3.5 * heads * 2 * 2 * head_dim / (softmax_rate or rate)
         return cls(per_token, per_pair, slot_seconds)
 
 
@@ -126,12 +129,23 @@ def assign_slots(slot_cost: list[float], world: int) -> Layout:
     return slot_table([sorted(row) for row in rows])
 
 
-def plan_placement(lengths, world: int, costs: LayerCosts, slots_per_rank=(1, 2, 4, 8)) -> Placement:
+def plan_placement(lengths, world: int, costs: LayerCosts, slots_per_rank=(1, 2, 4, 8),
+                   total: int | None = None) -> Placement:
     """The placement of documents of these lengths (their sum divisible by world·S for some S
-    given) with the cheapest slowest rank; ValueError naming the rule otherwise."""
+    given; `total`, when given, the batch's tokens they must fill exactly) with the cheapest
+    slowest rank; ValueError naming the rule otherwise."""
     lengths = [int(n) for n in lengths]
     if not lengths or min(lengths) < 1:
-        raise ValueError(f"plan_placement: every document needs at least one token (lengths {lengths[:8]}...)")
+        empty = [i for i, n in enumerate(lengths) if n < 1]
+        raise ValueError(f"plan_placement: every document needs at least one token; document(s) {empty[:8]} have none")
+    if total is not None:
+        longest = max(range(len(lengths)), key=lambda i: lengths[i])
+        if lengths[longest] > total:
+            raise ValueError(f"plan_placement: document {longest} has {lengths[longest]} tokens, more than the batch's "
+                             f"{total}; cut documents to the batch before placing them")
+        if sum(lengths) != total:
+            raise ValueError(f"plan_placement: the documents hold {sum(lengths)} tokens, the batch {total}; they must "
+                             f"fill it exactly")
     total = sum(lengths)
     candidates = [S for S in slots_per_rank if total % (world * S) == 0]
     if not candidates:

@@ -127,6 +127,16 @@ def network_from_json(text: str, world: int) -> Network:
     return Network.from_calibration(data, world)
 
 
+def rates_from_json(text: str) -> dict:
+    """The kernel rates (FLOP/s) a calibration measured on one rank (`rate_chunk`,
+    `rate_sdpa_masked`, ...: the entry of `lasp2_bench attn`'s attn-calibration.json that has
+    them), or {} when it holds none (a plain {"alpha", "beta"})."""
+    data = json.loads(text)
+    entries = data if isinstance(data, list) else [data]
+    measured = [d for d in entries if "rate_chunk" in d]
+    return {k: v for k, v in measured[0].items() if k.startswith("rate_")} if measured else {}
+
+
 # Networks `SequenceParallel(linear="auto")` assumes when given none (state the figures you know
 # with `network=`; `lasp2_bench attn` measures a group's): NVLink within 8-GPU nodes and
 # InfiniBand between them (80% of 300 GB/s and of 25 GB/s per GPU, α 10 and 20 µs, as

@@ -64,7 +64,11 @@ def test_the_planner_beats_contiguous_and_zigzag_on_heavy_tailed_lengths(world, 
 
 
 def test_bad_lengths_are_refused_with_the_rule():
-    with pytest.raises(ValueError, match="at least one token"):
+    with pytest.raises(ValueError, match=r"at least one token; document\(s\) \[1\] have none"):
         plan_placement([4, 0, 4], 2, PAIRS)
+    with pytest.raises(ValueError, match="document 0 has 9 tokens, more than the batch's 8"):
+        plan_placement([9], 2, PAIRS, total=8)
+    with pytest.raises(ValueError, match="the documents hold 6 tokens, the batch 8"):
+        plan_placement([2, 4], 2, PAIRS, total=8)
     with pytest.raises(ValueError, match="do not divide into 2 ranks"):
         plan_placement([3, 4], 2, PAIRS, slots_per_rank=(1, 2))

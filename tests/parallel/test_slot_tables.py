@@ -28,37 +28,36 @@ def _ranks(name):
     return tuple(range(len(TABLES[name])))
 
 
-@pytest.mark.parametrize("table", list(TABLES))
-@pytest.mark.parametrize("form", DECAY_FORMS + ("bidirectional",))
-@pytest.mark.parametrize("method", list(LINEAR_METHODS))
+def _splits_heads(method, table, heads) -> bool:
+    """Ulysses needs the heads divisible by W (refusing otherwise is test_methods')."""
+    return method != "ulysses" or heads % len(TABLES[table]) == 0
+
+
+LINEAR_CASES = [(m, f, t) for m in LINEAR_METHODS for f in DECAY_FORMS + ("bidirectional",) for t in TABLES
+                if (f == "bidirectional" or f in LINEAR_METHODS[m].decays) and _splits_heads(m, t, 4)]
+
+
+@pytest.mark.parametrize("method,form,table", LINEAR_CASES)
 def test_linear_methods_take_any_slot_table(dist_workers, method, form, table):
     kind, causal = ("none", False) if form == "bidirectional" else (form, True)
-    if kind not in LINEAR_METHODS[method].decays or (method == "ulysses" and 4 % len(TABLES[table])):
-        return
     inputs, do, reference = _linear_case(form, torch.float64)
     layout = slot_table(TABLES[table])
     results = dist_workers.run(run_registered, _ranks(table), "linear", method, inputs, do, layout, causal)
     _check(results, reference, 1e-10, kind == "head")
 
 
-@pytest.mark.parametrize("table", list(TABLES))
-@pytest.mark.parametrize("method", list(SOFTMAX_METHODS))
+@pytest.mark.parametrize("method,table", [(m, t) for m in SOFTMAX_METHODS for t in TABLES if _splits_heads(m, t, 4)])
 def test_softmax_methods_take_any_slot_table(dist_workers, method, table):
-    if method == "ulysses" and 4 % len(TABLES[table]):
-        return
     inputs, do, reference = _softmax_reference((4, 2), True, torch.float64)
     results = dist_workers.run(run_registered, _ranks(table), "softmax", method, inputs, do, slot_table(TABLES[table]),
                                True)
     _check(results, reference, 1e-10, False)
 
 
-@pytest.mark.parametrize("table", ["W2-reversed-zigzag", "W3-two-each"])
-@pytest.mark.parametrize("decay", ["none", "token", "channel"])
-@pytest.mark.parametrize("method", list(DELTA_METHODS))
+@pytest.mark.parametrize("method,decay,table", [(m, d, t) for m in DELTA_METHODS for d in ("none", "token", "channel")
+                                                for t in ("W2-reversed-zigzag", "W3-two-each") if _splits_heads(m, t, 2)])
 def test_delta_methods_take_any_slot_table_and_send_their_spec(dist_workers, method, decay, table):
     """48 tokens: slots of 12 or 8; the bytes each rank sends are the spec's for that table."""
-    if method == "ulysses" and 2 % len(TABLES[table]):
-        return
     x, do, ref = delta_case(decay, (2, 4))
     layout = slot_table(TABLES[table])
     problem = Problem(B=2, N=48, W=layout.world, S=layout.slots_per_rank, H=4, Hkv=2, K=5, V=3, decay=decay,
@@ -112,3 +111,19 @@ def test_a_table_for_another_group_size_raises_before_any_collective(dist_worker
     for kind, text, collectives in dist_workers.run(rejected, (0, 1, 2), "linear", "lasp2", inputs, do,
                                                     slot_table([[0, 3], [1, 2]]), True).values():
         assert kind == "ValueError" and "is for 2 ranks, the group has 3" in text and collectives == 0
+
+
+@pytest.mark.parametrize("method", ["lasp2", "lasp1", "allscan", "logscan", "allgather", "ring"])
+def test_linear_methods_send_their_spec_over_a_slot_table(dist_workers, method):
+    """W = 3, two shuffled slots a rank: the bytes each rank hands over are its spec's for that
+    table (the chains and doublings follow the table's slot owners)."""
+    from tests.helpers import make_inputs
+    from tests.parallel.cases import count_registered
+
+    layout = slot_table(TABLES["W3-two-each"])
+    inputs = make_inputs("token", B=2, T=48, H=4, K=6, V=8, dtype=torch.float32)
+    problem = Problem(B=2, N=48, W=3, S=2, H=4, K=6, V=8, decay="token", layout=layout)
+    for rank, got in dist_workers.run(count_registered, (0, 1, 2), "linear", method, inputs, layout).items():
+        spec_fwd, spec_bwd = LINEAR_METHODS[method].calls(problem, rank=rank)
+        sent = [sorted(r for r in rows if r[0] != "recv") for rows in (got["forward"], got["backward"])]
+        assert sent == [sorted(spec_fwd), sorted(spec_bwd)], (rank, sent)
