@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .layout import Layout, slot_table
+from .layout import Layout, as_layout, slot_table
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,9 @@ def rank_costs(layout: Layout, slot_cost: list[float]) -> tuple[float, ...]:
     return tuple(sum(slot_cost[s] for s in layout.slots(rank)) for rank in range(layout.world))
 
 
-def named_layout_costs(lengths, name: str, world: int, costs: LayerCosts) -> tuple[float, ...]:
-    """Each rank's cost with the documents in their given order and a named layout."""
-    layout = Layout(name, world)
+def named_layout_costs(lengths, layout, world: int, costs: LayerCosts) -> tuple[float, ...]:
+    """Each rank's cost with the documents in their given order and a layout (a name or a Layout)."""
+    layout = as_layout(layout, world)
     return rank_costs(layout, slot_costs(lengths, sum(lengths) // layout.n_slots, costs))
 
 
