@@ -155,9 +155,8 @@ class SequenceParallel:
     def with_layout(self, layout) -> "SequenceParallel":
         """This context with another layout (a name or a slot table, e.g. a planner's for one
         packed batch); the same group, methods and decisions."""
-        problem = as_layout(layout, self.world, "SequenceParallel.with_layout")  # raises on a wrong table
         bound = copy.copy(self)
-        bound.layout = problem
+        bound.layout = as_layout(layout, self.world, "SequenceParallel.with_layout")  # raises on a wrong table
         return bound
 
     def __repr__(self) -> str:
