@@ -40,7 +40,7 @@ class _ChainPass:
         """local [S*B, ...] this rank's slots stacked, a [S*B, H, Kg] (or [S*B, H, K, K]) or None;
         order: (owner rank of each slot in sequence order, this rank's slots) (default: the
         exchange's layout)."""
-        owner, mine = order or ([r for r, _ in exchange.layout.slot_owner()], exchange.layout.slots(exchange.rank))
+        owner, mine = order or (exchange.layout.slot_ranks(), exchange.layout.slots(exchange.rank))
         S = len(mine)
         self.exchange, self.owner, self.apply, self.step = exchange, owner, apply, 1 if forward else -1
         self.per_slot = local.view(S, -1, *local.shape[1:])

@@ -68,6 +68,10 @@ class Layout:
                 owner[slot] = (rank, index)
         return owner
 
+    def slot_ranks(self) -> list[int]:
+        """For each global slot, in sequence order, the rank holding it."""
+        return [rank for rank, _ in self.slot_owner()]
+
     def check_global_length(self, seq_len: int, fn: str) -> int:
         """-> slot length; raises unless seq_len divides into n_slots equal slots."""
         if seq_len % self.n_slots:

@@ -111,7 +111,7 @@ class DoublingScan:
 
     def _order(self, reverse: bool):
         """(owner of each slot in scan order, this rank's (index, position in scan order))."""
-        owner = [rank for rank, _ in self.layout.slot_owner()]
+        owner = self.layout.slot_ranks()
         n = len(owner)
         mine = [(index, n - 1 - slot if reverse else slot) for index, slot in enumerate(self.layout.slots(self.rank))]
         return (owner[::-1] if reverse else owner), mine

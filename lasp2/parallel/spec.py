@@ -154,7 +154,7 @@ class Problem:
 
 def _owners(W: int, S: int, layout: Layout | None) -> list[int]:
     """The rank holding each slot in sequence order: `layout`'s, else contiguous (S = 1) or zigzag."""
-    return [rank for rank, _ in (layout or Layout("contiguous" if S == 1 else "zigzag", W)).slot_owner()]
+    return (layout or Layout("contiguous" if S == 1 else "zigzag", W)).slot_ranks()
 
 
 def doubling_sends(W: int, S: int, layout: Layout | None = None) -> list[tuple[int, int]]:
