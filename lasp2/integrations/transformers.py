@@ -92,8 +92,8 @@ def _call_context(module, given):
 
 def _check_training_call(name: str, cache, attention_mask) -> None:
     if cache is not None:
-        raise ValueError(f"{name}: a sequence-parallel model runs whole sequences without a cache (generation is not "
-                         f"supported); got a cache")
+        raise ValueError(f"{name}: a sequence-parallel model runs without transformers' cache; generate with "
+                         f"lasp2.integrations.transformers.generate (its own sharded cache); got a cache")
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError(f"{name}: padding masks are not supported under sequence parallelism; pack documents "
                          f"instead (position_ids that restart, see shard_batch)")
@@ -281,7 +281,49 @@ def parallelize(model, sp):
     model.register_forward_hook(row.leave, with_kwargs=True, always_call=True)
     if any(type(m).__name__ in ATTENTIONS for m in model.modules()):  # pure Mamba2 has none
         model.set_attn_implementation(ATTENTION)
+    model._lasp2_sp = sp
     return model
+
+
+def generate(model, sp, input_ids, max_new_tokens: int, *, do_sample: bool = False, temperature: float = 1.0,
+             top_k: int | None = None, seed: int | None = None, eos_token_id: int | None = None,
+             pad_token_id: int | None = None, attention_mask=None, ragged_tail: bool = False,
+             return_dict: bool = False):
+    """Continue `input_ids` [B, T] (the same on every rank) by `max_new_tokens` tokens with a
+    model `parallelize` prepared: the prompt prefilled across `sp`'s ranks (every linear and
+    delta-rule layer's final state and every short convolution's last inputs come out exactly,
+    the softmax layers' KV cache stays sharded, 1/W per rank), then each token decoded on every
+    rank from those states, each softmax layer merging the ranks' partial attention by
+    log-sum-exp (`lasp2.parallel.decoding`). Greedy unless do_sample (temperature, top_k, seed:
+    the same draw on every rank); eos_token_id: stop once every row produced it (finished rows
+    filled with pad_token_id, default eos). A padded attention_mask, a prompt the layout cannot
+    shard (unless ragged_tail: its last tokens then run as decoding steps) or an unprepared model
+    raise ValueError before any collective.
+
+    Returns [B, T + n] tokens, the same on every rank; return_dict=True: a
+    `lasp2.parallel.decoding.Generation` (tokens, each step's logits, timings, cache bytes).
+    """
+    from ..ops.sampling import token_chooser
+    from ..parallel.decoding import generate_tokens
+
+    fn = "lasp2.integrations.transformers.generate"
+    if getattr(model, "_lasp2_sp", None) is None:
+        raise ValueError(f"{fn}: {type(model).__name__} was not prepared by parallelize(model, sp)")
+    choose = token_chooser(do_sample=do_sample, temperature=temperature, top_k=top_k, seed=seed,
+                           device=input_ids.device)
+
+    def forward(tokens, positions, ctx, logits_at):
+        return model(input_ids=tokens, position_ids=positions.expand(tokens.shape[0], -1), use_cache=False,
+                     logits_to_keep=logits_at, **{DOCUMENTS: ctx}).logits
+
+    was_training = model.training
+    model.eval()
+    try:
+        return generate_tokens(forward, sp, input_ids, max_new_tokens, choose, eos_token_id=eos_token_id,
+                               pad_token_id=pad_token_id, attention_mask=attention_mask, ragged_tail=ragged_tail,
+                               return_dict=return_dict, fn=fn)
+    finally:
+        model.train(was_training)
 
 
 def shard_batch(sp, input_ids, labels=None, position_ids=None) -> dict:

@@ -62,9 +62,11 @@ def _post_order(module: nn.Module, prefix: str = ""):
 class LinearLlama(nn.Module):
     """Embedding, blocks by cfg.layer_types(), final RMSNorm, untied LM head; no biases.
 
-    forward(tokens [B, C], positions [C] or None, ctx or None) -> logits [B, C, vocab]:
-    tokens are this rank's shard, positions their global positions (for RoPE) and ctx the
-    attention context that does any communication. Without them it is an ordinary model.
+    forward(tokens [B, C], positions [C] or None, ctx or None, logits_at=None) -> logits
+    [B, C, vocab]: tokens are this rank's shard, positions their global positions (for RoPE) and
+    ctx the attention context that does any communication. Without them it is an ordinary model.
+    logits_at: the local indices [n] whose logits to compute ([B, n, vocab]; a prompt's prefill
+    needs its last token's only).
 
     Built under `torch.device("meta")` it allocates nothing: shard it (FSDP2), `to_empty` it, then
     fill it from `initial_values()` (lasp2.parallelize.initialize), which gives the weights this
@@ -118,12 +120,14 @@ class LinearLlama(nn.Module):
         dt_bias. (Fixed decays are buffers, which mixed precision leaves alone.)"""
         return [name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in FP32_PARAMETERS]
 
-    def forward(self, tokens, positions=None, ctx=None):
+    def forward(self, tokens, positions=None, ctx=None, logits_at=None):
         ctx = LocalAttention() if ctx is None else ctx
         positions = torch.arange(tokens.shape[1], device=tokens.device) if positions is None else positions
         h = self.embed(tokens)
         for block in self.blocks:  # the units the trainer may checkpoint or shard (lasp2.parallelize)
             h = block(h, positions, ctx)
+        if logits_at is not None:
+            h = h[:, logits_at]
         return self.lm_head(self.norm(h))
 
 

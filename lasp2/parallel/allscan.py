@@ -23,7 +23,7 @@ from .delta import delta_by_state_passing
 from .engine import linear_by_state_passing
 from .lasp1 import Relay
 from .layout import Layout
-from .spec import DELTA, LINEAR, Comm, MethodSpec, Plan, column_blocks
+from .spec import DELTA, LAST_SLOT_BROADCAST, LINEAR, Comm, MethodSpec, Plan, column_blocks
 from .transitions import Transition
 
 # The most column blocks a hop is cut into (P: the largest divisor of V not above it). More
@@ -41,24 +41,28 @@ class PipelinedChain(Relay):
 
 @without_autocast
 def allscan_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
-                        validate=False, layout="contiguous", cu_seqlens=None):
+                        validate=False, layout="contiguous", cu_seqlens=None,
+        output_final_state=False):
     """allscan sequence-parallel linear attention; the signature and results of
     `lasp2_linear_attn`, with the incoming states carried by a pipelined chain of column blocks.
     The communication is `SPEC.plan` (the README's method table)."""
     exchange = functools.partial(PipelinedChain, value_dim=v.shape[-1])
     return linear_by_state_passing(SPEC, exchange, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-                                   chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
+                                   chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens,
+        output_final_state=output_final_state)
 
 
 @without_autocast
 def allscan_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
-                       validate=False, cu_seqlens=None):
+                       validate=False, cu_seqlens=None,
+        output_final_state=False):
     """allscan for the delta rule: the signature and results of `lasp2_delta_rule`, the
     incoming states carried by a pipelined chain of column blocks (the dense maps stay on their
     ranks). The communication is `DELTA_SPEC.plan`."""
     exchange = functools.partial(PipelinedChain, value_dim=v.shape[-1])
     return delta_by_state_passing(DELTA_SPEC, exchange, q, k, v, beta, log_decay, scale=scale, group=group,
-                                  layout=layout, chunk_size=chunk_size, validate=validate, cu_seqlens=cu_seqlens)
+                                  layout=layout, chunk_size=chunk_size, validate=validate, cu_seqlens=cu_seqlens,
+        output_final_state=output_final_state)
 
 
 def _pipelined(values: str, count: str, chain: str, over: str = "slots") -> Comm:
@@ -68,6 +72,7 @@ def _pipelined(values: str, count: str, chain: str, over: str = "slots") -> Comm
 _PREFIX_AND_SUFFIX = (_pipelined("B·H·K·V/P", "W−1", "up", "ranks"), _pipelined("B·H·K·V/P", "W−1", "down", "ranks"))
 SPEC = MethodSpec(
     name="allscan", family=LINEAR, fn=allscan_linear_attn, equal_shards=False, blocks=BLOCKS,
+    final_state=LAST_SLOT_BROADCAST,
     plan=Plan(forward=(_pipelined("B·H·K·V/P", "S·(W−1)", "up"),), backward=(_pipelined("B·H·K·V/P", "S·(W−1)", "down"),),
               steps="2·(S·(W−1) + P − 1)", overlap="the intra-chunk compute for the first hop only (a chain)"),
     bidirectional=Plan(forward=_PREFIX_AND_SUFFIX, backward=_PREFIX_AND_SUFFIX, steps="4·(W − 1 + P − 1)"),
@@ -75,6 +80,7 @@ SPEC = MethodSpec(
 )
 DELTA_SPEC = MethodSpec(
     name="allscan", family=DELTA, fn=allscan_delta_rule, equal_shards=False, blocks=BLOCKS, decays=DELTA_DECAYS,
+    final_state=LAST_SLOT_BROADCAST,
     decay_reason=DELTA_DECAY_REASON,
     plan=Plan(forward=(_pipelined("B·H·K·V/P", "S·(W−1)", "up"),), backward=(_pipelined("B·H·K·V/P", "S·(W−1)", "down"),),
               steps="2·(S·(W−1) + P − 1)", overlap="the outputs from a zero state for the first hop only (a chain)"),

@@ -17,16 +17,29 @@ from .comm import group_rank_size
 from .layout import as_layout, slots_in_order
 
 
-def causal_conv1d(x, weight, bias=None, *, activation="silu", group=None, layout="contiguous", cu_seqlens=None):
+def last_inputs(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The last w−1 inputs of x [B, T, D] -> [B, w−1, D], zeros before the first (the state a
+    convolution of width w continues from)."""
+    keep = x[:, max(0, x.shape[1] - (width - 1)):]
+    return torch.cat([keep.new_zeros(x.shape[0], width - 1 - keep.shape[1], x.shape[2]), keep], dim=1)
+
+
+def causal_conv1d(x, weight, bias=None, *, activation="silu", group=None, layout="contiguous", cu_seqlens=None,
+                  output_final_state=False):
     """Depthwise causal convolution of this rank's shard x [B, C, D] as if over the whole
     sequence (see `lasp2.ops.conv.causal_conv1d`; weight [D, w], bias [D] or None). cu_seqlens:
     the global offsets of packed documents (B = 1, equal shards): no token reads an input of an
-    earlier document, halo included."""
+    earlier document, halo included. output_final_state: also return the last w−1 inputs of the
+    whole sequence [B, w−1, D], the same on every rank (the convolution's state for decoding;
+    taken from the tails every rank gathers anyway, no further communication)."""
     fn = "causal_conv1d"
     w = check_conv_inputs(fn, x, weight, bias, activation)
     rank, world = group_rank_size(group)
+    if output_final_state and cu_seqlens is not None:
+        raise ValueError(f"{fn}: output_final_state=True with cu_seqlens (packed documents) is not supported")
     if world == 1:
-        return local_causal_conv1d(x, weight, bias, activation=activation, cu_seqlens=cu_seqlens)
+        out = local_causal_conv1d(x, weight, bias, activation=activation, cu_seqlens=cu_seqlens)
+        return (out, last_inputs(x, w)) if output_final_state else out
     lay = as_layout(layout, world, "causal_conv1d")
     lay.check_local_length(x.shape[1], fn)
     doc_positions = None
@@ -40,7 +53,8 @@ def causal_conv1d(x, weight, bias=None, *, activation="silu", group=None, layout
         raise ValueError(f"{fn}: each slot holds {slot_len} tokens, fewer than the w-1 = {w - 1} a kernel of width {w} "
                          f"reads before each token; use shorter kernels or longer shards")
     if w == 1:  # no halo to bring
-        return local_causal_conv1d(x, weight, bias, activation=activation)
+        out = local_causal_conv1d(x, weight, bias, activation=activation)
+        return (out, x[:, :0]) if output_final_state else out
     mine = [None] * S if doc_positions is None else doc_positions.view(S, slot_len).unbind(0)
     b, _, d = x.shape
     slots = x.view(b, S, slot_len, d)
@@ -54,4 +68,5 @@ def causal_conv1d(x, weight, bias=None, *, activation="silu", group=None, layout
     outputs = [local_causal_conv1d(slots[:, index], weight, bias, activation=activation, halo=halos[slot],
                                    doc_positions=mine[index])
                for index, slot in enumerate(lay.slots(rank))]
-    return torch.cat(outputs, dim=1)
+    out = torch.cat(outputs, dim=1)
+    return (out, in_order[-1]) if output_final_state else out

@@ -26,11 +26,12 @@ from ..ops.delta_kernels import (add_query_side, carry, delta_chunks, entering_g
                                  outputs, query_side_grads, rebuild_chunks)
 from ..ops.policy import policy_for, under_forward_policy
 from ..ops.precision import without_autocast
+from .engine import check_final_state_call
 from .inputs import check_delta_call
 from .lasp1 import Relay
 from .lasp2 import AllGatherSummaries
 from .layout import from_segments, to_segments
-from .spec import DELTA, Comm, MethodSpec, Plan
+from .spec import DELTA, LAST_SLOT_BROADCAST, Comm, MethodSpec, Plan
 from .transitions import DENSE
 
 
@@ -46,7 +47,7 @@ class _StatePassing(torch.autograd.Function):
     the device policy says, the chunks' costly terms; the backward recomputes the rest."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, log_decay, shape, scale, chunk_size, exchange, resets):
+    def forward(ctx, q, k, v, beta, log_decay, shape, scale, chunk_size, exchange, resets, final):
         S = exchange.slots_per_rank
         ctx.policy = policy_for(q.device)
         x = delta_chunks(shape, *_segments(S, q, k, v, beta, log_decay), chunk_size, *_segments(S, resets))
@@ -58,6 +59,9 @@ class _StatePassing(torch.autograd.Function):
         S_in, transitions = pending.wait()
         incoming, _ = carry(x, S_in, values=False)  # S_in's share of each chunk's entering state
         o = outputs(x, incoming, base=o)
+        if final:  # inference only (checked): nothing is saved; S_out = M S_in + h per slot
+            leaving = end[..., V:] @ S_in + end[..., :V]
+            return from_segments(x.unchunk(scale * o, v.dtype), S), exchange.final_state(leaving)
         ctx.save_for_backward(q, k, v, beta, log_decay, resets, entering + incoming, transitions,
                               *x.kept_for_backward())
         ctx.shape, ctx.scale, ctx.chunk_size, ctx.exchange = shape, scale, chunk_size, exchange
@@ -80,33 +84,40 @@ class _StatePassing(torch.autograd.Function):
         d_leaving = d_leaving + grad_carry(x, None, d_out)[0]
         grads = key_side_grads(x, entering, d_leaving, *grads)
         return (*(None if g is None else from_segments(g, S).to(t.dtype) for g, t in zip(grads, (q, k, v, beta, log_decay))),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
-def state_passing_delta(call, q, k, v, beta, log_decay, exchange):
-    """This rank's output of the delta rule, its slots' incoming states brought by `exchange`."""
+def state_passing_delta(call, q, k, v, beta, log_decay, exchange, final: bool = False):
+    """This rank's output of the delta rule, its slots' incoming states brought by `exchange`;
+    final=True (inference): (output, the state after the whole sequence, on every rank)."""
     S = call.layout.slots_per_rank
     shape = dataclasses.replace(call.shape, batch=S * call.shape.batch, seq_len=call.shape.seq_len // S)
     resets = None if call.packed is None else call.packed.resets
-    return _StatePassing.apply(q, k, v, beta, log_decay, shape, call.scale, call.chunk_size, exchange, resets)
+    exchange.keeps_final = final
+    return _StatePassing.apply(q, k, v, beta, log_decay, shape, call.scale, call.chunk_size, exchange, resets, final)
 
 
 def delta_by_state_passing(spec, make_exchange, q, k, v, beta, log_decay, *, scale, group, layout, chunk_size, validate,
-                           cu_seqlens):
+                           cu_seqlens, output_final_state=False):
     """The body of every state-passing delta-rule method: the inputs checked against `spec`
     before any collective, one device runs `chunk_delta_rule`, else this rank's slots with
-    `make_exchange(group, layout, DENSE)` bringing the states."""
+    `make_exchange(group, layout, DENSE)` bringing the states. output_final_state=True:
+    (output, final state [B, Hv, K, V], the same on every rank)."""
     call = check_delta_call(spec, q, k, v, beta, log_decay, scale=scale, group=group, chunk_size=chunk_size,
                             validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
-        return chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size,
-                                cu_seqlens=call.documents)[0]
-    return state_passing_delta(call, q, k, v, beta, log_decay, make_exchange(group, call.layout, DENSE))
+        out = chunk_delta_rule(q, k, v, beta, log_decay, scale=call.scale, chunk_size=call.chunk_size,
+                               cu_seqlens=call.documents, output_final_state=output_final_state)
+        return out if output_final_state else out[0]
+    check_final_state_call(spec.fn.__name__, output_final_state, (q, k, v, beta, log_decay), True, call.packed)
+    return state_passing_delta(call, q, k, v, beta, log_decay, make_exchange(group, call.layout, DENSE),
+                               output_final_state)
 
 
 @without_autocast
 def lasp2_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
-                     validate=False, cu_seqlens=None):
+                     validate=False, cu_seqlens=None,
+        output_final_state=False):
     """LASP-2 sequence-parallel delta rule over the ranks of `group`.
 
     Args:
@@ -121,26 +132,32 @@ def lasp2_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, l
             host read) of N documents packed in the global row
             (B = 1; the same tensor on every rank, each rank an equal shard): each document is
             computed alone, documents may cross any slot edge; the same collectives and bytes.
+        output_final_state: also return the state after the whole sequence (inference: the
+            prefill of generation; no gradient, no cu_seqlens), from the gathered summaries.
     Returns:
-        o [B, C, Hv, V], this rank's shard of the output, in v's dtype. The communication is
-        `LASP2_SPEC.plan` (the README's method table).
+        o [B, C, Hv, V], this rank's shard of the output, in v's dtype (with output_final_state:
+        (o, final_state [B, Hv, K, V] in fp32, fp64 for fp64 inputs, the same on every rank)). The
+        communication is `LASP2_SPEC.plan` (the README's method table).
     """
     return delta_by_state_passing(LASP2_SPEC, AllGatherSummaries, q, k, v, beta, log_decay, scale=scale, group=group,
-                                  layout=layout, chunk_size=chunk_size, validate=validate, cu_seqlens=cu_seqlens)
+                                  layout=layout, chunk_size=chunk_size, validate=validate, cu_seqlens=cu_seqlens,
+        output_final_state=output_final_state)
 
 
 @without_autocast
 def lasp1_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
-                     validate=False, cu_seqlens=None):
+                     validate=False, cu_seqlens=None,
+        output_final_state=False):
     """LASP-1 for the delta rule, the baseline: the signature and results of `lasp2_delta_rule`,
     with the running state relayed slot to slot (`lasp1.Relay`; the maps stay on their ranks).
     The communication is `LASP1_SPEC.plan`."""
     return delta_by_state_passing(LASP1_SPEC, Relay, q, k, v, beta, log_decay, scale=scale, group=group, layout=layout,
-                                  chunk_size=chunk_size, validate=validate, cu_seqlens=cu_seqlens)
+                                  chunk_size=chunk_size, validate=validate, cu_seqlens=cu_seqlens,
+        output_final_state=output_final_state)
 
 
 LASP2_SPEC = MethodSpec(
-    name="lasp2", family=DELTA, fn=lasp2_delta_rule, equal_shards=False, decays=DELTA_DECAYS,
+    name="lasp2", family=DELTA, fn=lasp2_delta_rule, equal_shards=False, decays=DELTA_DECAYS, final_state=(),
     decay_reason=DELTA_DECAY_REASON,
     plan=Plan(forward=(Comm("all_gather", "S·B·H·K·(V + K)"),), backward=(Comm("all_gather", "S·B·H·K·V"),),
               steps="2", overlap="the outputs from a zero state"),
@@ -148,6 +165,7 @@ LASP2_SPEC = MethodSpec(
 )
 LASP1_SPEC = MethodSpec(
     name="lasp1", family=DELTA, fn=lasp1_delta_rule, equal_shards=False, decays=DELTA_DECAYS,
+    final_state=LAST_SLOT_BROADCAST,
     decay_reason=DELTA_DECAY_REASON,
     plan=Plan(forward=(Comm("send", "B·H·K·V", "S·(W−1)", chain="up"),),
               backward=(Comm("send", "B·H·K·V", "S·(W−1)", chain="down"),), steps="2·S·(W−1)"),

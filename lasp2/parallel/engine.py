@@ -59,6 +59,24 @@ class Exchange(Protocol):
     def start_sum(self, local: torch.Tensor) -> "Pending":
         """Bidirectional: wait() -> the sum of the other ranks' `local`."""
 
+    def final_state(self, leaving: torch.Tensor) -> torch.Tensor:
+        """After a forward's wait(): leaving [S*B, H, K, V] the state after each of this rank's
+        slots -> [B, H, K, V] the state after the whole sequence, the same on every rank (the
+        prefill of generation; `keeps_final` was set before start_forward)."""
+
+
+def broadcast_last_slot(group, layout, leaving: torch.Tensor) -> torch.Tensor:
+    """`Exchange.final_state` for the exchanges that leave each slot's state on its rank: the
+    rank holding the sequence's last slot broadcasts the state after it (one broadcast of
+    B·H·K·V values)."""
+    owner, rank = layout.slot_ranks()[-1], torch.distributed.get_rank(group)
+    mine = layout.slots(rank)
+    per_slot = leaving.view(len(mine), -1, *leaving.shape[1:])
+    final = per_slot[mine.index(layout.n_slots - 1)].contiguous() if rank == owner else torch.empty_like(per_slot[0])
+    torch.distributed.broadcast(final, torch.distributed.get_global_rank(group, owner) if group is not None else owner,
+                                group=group)
+    return final
+
 
 class Pending:
     """A started exchange: wait() waits for the communication (on CUDA: orders the compute
@@ -86,7 +104,7 @@ def carried_and_kept(scan, kept):
 
 class _Causal(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, kind, scale, chunk_size, exchange):
+    def forward(ctx, q, k, v, log_decay, kind, scale, chunk_size, exchange, final):
         S = exchange.slots_per_rank
         seg = segments(q, k, v, log_decay, S)
         x = ChunkedSeq.from_inputs(*seg, kind, chunk_size)
@@ -101,10 +119,12 @@ class _Causal(torch.autograd.Function):
                 break
         S_in, kept = pending.wait()  # M_{1:t-1} combined: the state entering each slot
         h_start, _ = add_incoming(x, h_start, None, S_in)
-        o = tiled_outputs(x, tiles, h_start, scale, intra)  # + O_inter = Q_hat S
+        o = from_segments(tiled_outputs(x, tiles, h_start, scale, intra), S)  # + O_inter = Q_hat S
+        if final:  # inference only (checked): nothing is saved
+            return o, exchange.final_state(exchange.transition.apply(x.total_decay, S_in) + h_end)
         x.save_for_backward(ctx, (q, k, v, log_decay), h_start, kept)
         ctx.scale, ctx.exchange, ctx.policy = scale, exchange, policy
-        return from_segments(o, S)
+        return o
 
     @staticmethod
     @without_autocast
@@ -124,7 +144,7 @@ class _Causal(torch.autograd.Function):
         d_out = pending.wait()  # dM_{t+1:T} combined: the gradient on each slot's outgoing state
         delta_after, _ = add_outgoing_grad(x, delta_after, None, d_out)
         grads = tiled_input_grads(x, tiles, h_start, delta_after, do_hat, query_side)
-        return (*unsegment_grads(grads, S), None, None, None, None)
+        return (*unsegment_grads(grads, S), None, None, None, None, None)
 
 
 class _Bidirectional(torch.autograd.Function):
@@ -150,10 +170,28 @@ class _Bidirectional(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
-def causal_state_passing(q, k, v, log_decay, *, kind: str, scale: float, chunk_size: int, exchange) -> torch.Tensor:
+def causal_state_passing(q, k, v, log_decay, *, kind: str, scale: float, chunk_size: int, exchange,
+                         final: bool = False):
     """This rank's output [B, C, H, V] of causal linear attention, its slots' incoming states
-    brought by `exchange`."""
-    return _Causal.apply(q, k, v, log_decay, kind, scale, chunk_size, exchange)
+    brought by `exchange`; final=True (inference): (output, the state after the whole sequence
+    [B, H, K, V] on every rank)."""
+    exchange.keeps_final = final
+    return _Causal.apply(q, k, v, log_decay, kind, scale, chunk_size, exchange, final)
+
+
+def check_final_state_call(fn: str, output_final_state: bool, inputs, causal: bool, packed) -> None:
+    """output_final_state across ranks is for inference (a prompt's prefill): no gradient, one
+    sequence per row, causal. Raises before any collective."""
+    if not output_final_state:
+        return
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        raise ValueError(f"{fn}: output_final_state=True across ranks is for inference (the prefill of generation); "
+                         f"its gradient is not implemented: call it under torch.no_grad()")
+    if not causal:
+        raise ValueError(f"{fn}: output_final_state=True needs causal=True (a bidirectional layer has no final state)")
+    if packed is not None:
+        raise ValueError(f"{fn}: output_final_state=True with cu_seqlens (packed documents) is not supported across "
+                         f"ranks")
 
 
 def bidirectional_state_passing(q, k, v, *, scale: float, exchange) -> torch.Tensor:
@@ -163,18 +201,21 @@ def bidirectional_state_passing(q, k, v, *, scale: float, exchange) -> torch.Ten
 
 
 def linear_by_state_passing(spec, make_exchange, q, k, v, log_decay, *, scale, causal, group, chunk_size, validate,
-                            layout, cu_seqlens):
+                            layout, cu_seqlens, output_final_state=False):
     """The body of every state-passing linear method (LASP-2, LASP-1, allscan, logscan): the
     inputs checked against `spec` before any collective, one device runs `chunk_linear_attn`,
-    else this rank's slots with `make_exchange(group, layout, transition)` bringing the states."""
+    else this rank's slots with `make_exchange(group, layout, transition)` bringing the states.
+    output_final_state=True: (output, final state [B, H, K, V], the same on every rank)."""
     call = check_linear_call(spec, q, k, v, log_decay, scale=scale, causal=causal, group=group, chunk_size=chunk_size,
                              validate=validate, layout=layout, cu_seqlens=cu_seqlens)
     if call.world == 1:
-        return chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
-                                 cu_seqlens=call.documents)[0]
+        out = chunk_linear_attn(q, k, v, log_decay, scale=call.scale, causal=causal, chunk_size=call.chunk_size,
+                                cu_seqlens=call.documents, output_final_state=output_final_state)
+        return out if output_final_state else out[0]
+    check_final_state_call(spec.fn.__name__, output_final_state, (q, k, v, log_decay), causal, call.packed)
     log_decay, kind = call.linear_decay(log_decay, q.dtype)  # packed documents: resets as decays
     exchange = make_exchange(group, call.layout, transition_for(kind))
     if not causal:  # every token sees every state: the layout does not matter
         return bidirectional_state_passing(q, k, v, scale=call.scale, exchange=exchange)
     return causal_state_passing(q, k, v, log_decay, kind=kind, scale=call.scale, chunk_size=call.chunk_size,
-                                exchange=exchange)
+                                exchange=exchange, final=output_final_state)

@@ -18,9 +18,9 @@ import torch
 
 from ..ops.precision import without_autocast
 from .comm import irecv, isend
-from .engine import Pending, carried_and_kept, linear_by_state_passing
+from .engine import Pending, broadcast_last_slot, carried_and_kept, linear_by_state_passing
 from .layout import Layout
-from .spec import LINEAR, Comm, MethodSpec, Plan
+from .spec import LAST_SLOT_BROADCAST, LINEAR, Comm, MethodSpec, Plan
 from .transitions import IDENTITY, Transition
 
 
@@ -105,10 +105,16 @@ class Relay:
     """The exchange of LASP-1 (`engine.Exchange`): a chain through the slots in sequence order
     (forward) or in reverse (backward); blocks > 1 pipelines it (`allscan`)."""
 
+    keeps_final = False
+
     def __init__(self, group, layout: Layout, transition: Transition, blocks: int = 1):
         self.group, self.layout, self.transition, self.blocks = group, layout, transition, blocks
         self.rank, self.world = torch.distributed.get_rank(group), layout.world
         self.slots_per_rank = layout.slots_per_rank
+
+    def final_state(self, leaving):
+        """The last slot's rank broadcasts the state after it."""
+        return broadcast_last_slot(self.group, self.layout, leaving)
 
     def start_forward(self, h_end, a):
         """wait() -> (S_in, this rank's slots' transitions, which the backward relays through)."""
@@ -134,18 +140,20 @@ class Relay:
 
 @without_autocast
 def lasp1_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
-                      validate=False, layout="contiguous", cu_seqlens=None):
+                      validate=False, layout="contiguous", cu_seqlens=None,
+        output_final_state=False):
     """LASP-1 sequence-parallel linear attention; the signature and results of
     `lasp2_linear_attn`, with the state relayed slot to slot by point-to-point sends instead of
     all-gathered. The communication is `SPEC.plan` (the README's method table)."""
     return linear_by_state_passing(SPEC, Relay, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-                                   chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
+                                   chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens,
+        output_final_state=output_final_state)
 
 
 _PREFIX_AND_SUFFIX = (Comm("send", "B·H·K·V", "W−1", chain="up", over="ranks"),
                       Comm("send", "B·H·K·V", "W−1", chain="down", over="ranks"))
 SPEC = MethodSpec(
-    name="lasp1", family=LINEAR, fn=lasp1_linear_attn, equal_shards=False,
+    name="lasp1", family=LINEAR, fn=lasp1_linear_attn, equal_shards=False, final_state=LAST_SLOT_BROADCAST,
     plan=Plan(forward=(Comm("send", "B·H·K·V", "S·(W−1)", chain="up"),),
               backward=(Comm("send", "B·H·K·V", "S·(W−1)", chain="down"),),
               steps="2·S·(W−1)", overlap="the intra-chunk compute for the first hop only (a chain)"),

@@ -24,10 +24,13 @@ class AllGatherSummaries:
     """The exchange of LASP-2 (`engine.Exchange`): one all-gather of every slot's (M, A) forward, of every slot's
     gradient on its incoming state backward."""
 
+    keeps_final = False  # set for a prefill: every rank then also combines every slot (`final_state`)
+
     def __init__(self, group, layout: Layout, transition: Transition):
         self.group, self.layout, self.transition = group, layout, transition
         self.rank = torch.distributed.get_rank(group)
         self.slots_per_rank = layout.slots_per_rank
+        self._final = None
 
     def _in_order(self, rows: torch.Tensor, shape) -> torch.Tensor:
         """Rows of every rank's [S*B, H, ...] pieces -> [B, H, n_slots, ...] in sequence order."""
@@ -48,9 +51,17 @@ class AllGatherSummaries:
             n = h_end.numel()
             states = self._in_order(rows[:, :n], h_end.shape)
             transitions = None if a is None else self._in_order(rows[:, n:], a.shape)  # every slot's A, in order
-            return self._mine(self.transition.prefix(states, transitions)), transitions
+            entering = self.transition.prefix(states, transitions)
+            if self.keeps_final:  # the state after the last slot, from the same summaries
+                last = None if transitions is None else transitions[:, :, -1]
+                self._final = self.transition.apply(last, entering[:, :, -1]) + states[:, :, -1]
+            return self._mine(entering), transitions
 
         return Pending([work], incoming)
+
+    def final_state(self, leaving):
+        """Every rank has every summary: no further communication."""
+        return self._final
 
     def start_backward(self, d_in, transitions):
         gathered, work = all_gather_async(d_in.reshape(-1), self.group)
@@ -73,7 +84,8 @@ class AllGatherSummaries:
 
 @without_autocast
 def lasp2_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
-                      validate=False, layout="contiguous", cu_seqlens=None):
+                      validate=False, layout="contiguous", cu_seqlens=None,
+        output_final_state=False):
     """LASP-2 sequence-parallel linear attention over the ranks of `group`.
 
     Args:
@@ -98,17 +110,22 @@ def lasp2_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group
             (B = 1; the same tensor on every rank, each rank an equal shard): each document is
             computed alone, documents may cross any slot edge, with the same collectives (no-decay
             and [H] forms then run as per-token decays, whose transitions add S·B·H values).
+        output_final_state: also return the state after the whole sequence (inference: the
+            prefill of generation; no gradient, causal, no cu_seqlens). Every rank combines it
+            from the summaries it gathered anyway: no further communication.
 
     Returns:
-        o [B, C, H, V], this rank's shard of the output, in q's dtype. The communication is
-        `SPEC.plan` (the README's method table).
+        o [B, C, H, V], this rank's shard of the output, in q's dtype (with output_final_state:
+        (o, final_state [B, H, K, V] in fp32, fp64 for fp64 inputs, the same on every rank)). The
+        communication is `SPEC.plan` (the README's method table).
     """
     return linear_by_state_passing(SPEC, AllGatherSummaries, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-                                   chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
+                                   chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens,
+        output_final_state=output_final_state)
 
 
 SPEC = MethodSpec(
-    name="lasp2", family=LINEAR, fn=lasp2_linear_attn, equal_shards=False,
+    name="lasp2", family=LINEAR, fn=lasp2_linear_attn, equal_shards=False, final_state=(),
     plan=Plan(forward=(Comm("all_gather", "S·B·H·(K·V + Kg)"),), backward=(Comm("all_gather", "S·B·H·K·V"),),
               steps="2", overlap="the intra-chunk compute"),
     bidirectional=Plan(forward=(Comm("all_gather", "B·H·K·V"),), backward=(Comm("all_gather", "B·H·K·V"),), steps="2"),

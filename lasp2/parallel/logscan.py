@@ -26,9 +26,9 @@ from ..ops.delta_checks import DELTA_DECAY_REASON, DELTA_DECAYS
 from ..ops.precision import without_autocast
 from .comm import exchange_batch
 from .delta import delta_by_state_passing
-from .engine import Pending, carried_and_kept, linear_by_state_passing
+from .engine import Pending, broadcast_last_slot, carried_and_kept, linear_by_state_passing
 from .layout import Layout
-from .spec import DELTA, LINEAR, Comm, MethodSpec, Plan
+from .spec import DELTA, LAST_SLOT_BROADCAST, LINEAR, Comm, MethodSpec, Plan
 from .transitions import IDENTITY, Transition
 
 
@@ -104,10 +104,16 @@ class DoublingScan:
     """The exchange of logscan (`engine.Exchange`): recursive doubling over the slots, forward
     in sequence order, backward in reverse with the transposed transitions."""
 
+    keeps_final = False
+
     def __init__(self, group, layout: Layout, transition: Transition):
         self.group, self.layout, self.transition = group, layout, transition
         self.rank, self.world = torch.distributed.get_rank(group), layout.world
         self.slots_per_rank = layout.slots_per_rank
+
+    def final_state(self, leaving):
+        """The last slot's rank broadcasts the state after it."""
+        return broadcast_last_slot(self.group, self.layout, leaving)
 
     def _order(self, reverse: bool):
         """(owner of each slot in scan order, this rank's (index, position in scan order))."""
@@ -142,22 +148,26 @@ class DoublingScan:
 
 @without_autocast
 def logscan_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
-                        validate=False, layout="contiguous", cu_seqlens=None):
+                        validate=False, layout="contiguous", cu_seqlens=None,
+        output_final_state=False):
     """logscan sequence-parallel linear attention; the signature and results of
     `lasp2_linear_attn`, with the incoming states formed by recursive doubling over the slots.
     The communication is `SPEC.plan` (the README's method table)."""
     return linear_by_state_passing(SPEC, DoublingScan, q, k, v, log_decay, scale=scale, causal=causal, group=group,
-                                   chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens)
+                                   chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens,
+        output_final_state=output_final_state)
 
 
 @without_autocast
 def logscan_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
-                       validate=False, cu_seqlens=None):
+                       validate=False, cu_seqlens=None,
+        output_final_state=False):
     """logscan for the delta rule: the signature and results of `lasp2_delta_rule`, the
     incoming states formed by recursive doubling over the slots, composing the dense K x K maps.
     The communication is `DELTA_SPEC.plan`."""
     return delta_by_state_passing(DELTA_SPEC, DoublingScan, q, k, v, beta, log_decay, scale=scale, group=group,
-                                  layout=layout, chunk_size=chunk_size, validate=validate, cu_seqlens=cu_seqlens)
+                                  layout=layout, chunk_size=chunk_size, validate=validate, cu_seqlens=cu_seqlens,
+        output_final_state=output_final_state)
 
 
 def _doubling(values: str, chain: str, over: str = "slots") -> Comm:
@@ -167,7 +177,7 @@ def _doubling(values: str, chain: str, over: str = "slots") -> Comm:
 
 _PREFIX_AND_SUFFIX = (_doubling("B·H·K·V", "up", "ranks"), _doubling("B·H·K·V", "down", "ranks"))
 SPEC = MethodSpec(
-    name="logscan", family=LINEAR, fn=logscan_linear_attn, equal_shards=False,
+    name="logscan", family=LINEAR, fn=logscan_linear_attn, equal_shards=False, final_state=LAST_SLOT_BROADCAST,
     plan=Plan(forward=(_doubling("B·H·(K·V + Kg)", "up"),), backward=(_doubling("B·H·(K·V + Kg)", "down"),),
               steps="2·⌈log2(S·W)⌉", overlap="the intra-chunk compute for the first round"),
     bidirectional=Plan(forward=_PREFIX_AND_SUFFIX, backward=_PREFIX_AND_SUFFIX, steps="4·⌈log2(W)⌉"),
@@ -175,6 +185,7 @@ SPEC = MethodSpec(
 )
 DELTA_SPEC = MethodSpec(
     name="logscan", family=DELTA, fn=logscan_delta_rule, equal_shards=False, decays=DELTA_DECAYS,
+    final_state=LAST_SLOT_BROADCAST,
     decay_reason=DELTA_DECAY_REASON,
     plan=Plan(forward=(_doubling("B·H·K·(V + K)", "up"),), backward=(_doubling("B·H·K·(V + K)", "down"),),
               steps="2·⌈log2(S·W)⌉", overlap="the outputs from a zero state for the first round"),

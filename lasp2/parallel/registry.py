@@ -62,6 +62,19 @@ def method_table() -> str:
     return "\n".join([TABLE_HEADER] + [spec.table_row() for spec in specs])
 
 
+def _final_state(family: str, name: str, output_final_state: bool) -> dict:
+    """output_final_state as a keyword only when asked for (a registered method need not take
+    it); ValueError, before any collective, when the method cannot return the final state."""
+    if not output_final_state:
+        return {}
+    methods = LINEAR_METHODS if family == LINEAR else DELTA_METHODS
+    if methods[name].final_state is None:
+        able = ", ".join(n for n, spec in methods.items() if spec.final_state is not None)
+        raise ValueError(f"SequenceParallel: the {family} method {name!r} cannot return the final state "
+                         f"(output_final_state=True, the prefill of generation); methods that can: {able}")
+    return {"output_final_state": True}
+
+
 def _documents(cu_seqlens, bound) -> dict:
     """cu_seqlens (or the context's) as a keyword only when there is one: a registered method
     need not take it."""
@@ -163,14 +176,17 @@ class SequenceParallel:
         return (f"SequenceParallel(world={self.world}, rank={self.rank}, linear={self.linear!r}, "
                 f"softmax={self.softmax!r}, layout={self.layout!r})")
 
-    def linear_attn(self, q, k, v, log_decay=None, causal: bool = True, scale=None, cu_seqlens=None) -> torch.Tensor:
+    def linear_attn(self, q, k, v, log_decay=None, causal: bool = True, scale=None, cu_seqlens=None,
+                    output_final_state: bool = False):
         """[B, C, H, K|K|V] local shard -> [B, C, H, V] (see lasp2_linear_attn; cu_seqlens: the
-        global offsets of packed documents, B = 1)."""
+        global offsets of packed documents, B = 1; output_final_state: (o, the state after the
+        whole sequence [B, H, K, V], the same on every rank), for a prompt's prefill)."""
         name = self._choose(LINEAR, self.linear, q, v, log_decay, q.shape[2], q.shape[2],
                             (cu_seqlens if cu_seqlens is not None else self.cu_seqlens) is not None)
         return LINEAR_METHODS[name].fn(q, k, v, log_decay, scale=scale, causal=causal, group=self.group,
-                                              chunk_size=self.chunk_size, validate=self.validate, layout=self.layout,
-                                              **_documents(cu_seqlens, self.cu_seqlens))
+                                       chunk_size=self.chunk_size, validate=self.validate, layout=self.layout,
+                                       **_documents(cu_seqlens, self.cu_seqlens),
+                                       **_final_state(LINEAR, name, output_final_state))
 
     def softmax_attn(self, q, k, v, causal: bool = True, scale=None, cu_seqlens=None) -> torch.Tensor:
         """[B, C, Hq, D], [B, C, Hkv, D], [B, C, Hkv, Dv] local shard -> [B, C, Hq, Dv]
@@ -178,19 +194,22 @@ class SequenceParallel:
         return SOFTMAX_METHODS[self.softmax].fn(q, k, v, causal=causal, scale=scale, group=self.group,
                                                 layout=self.layout, validate=self.validate, **_documents(cu_seqlens, self.cu_seqlens))
 
-    def delta_rule(self, q, k, v, beta, log_decay=None, scale=None, cu_seqlens=None) -> torch.Tensor:
+    def delta_rule(self, q, k, v, beta, log_decay=None, scale=None, cu_seqlens=None, output_final_state: bool = False):
         """[B, C, Hk, K|K], [B, C, Hv, V], beta [B, C, Hv] local shard -> [B, C, Hv, V] (see
-        lasp2_delta_rule; cu_seqlens: the global offsets of packed documents, B = 1)."""
+        lasp2_delta_rule; cu_seqlens: the global offsets of packed documents, B = 1;
+        output_final_state: (o, the state after the whole sequence [B, Hv, K, V]))."""
         name = self._choose(DELTA, self.delta, q, v, log_decay, v.shape[2], q.shape[2], False)
         return DELTA_METHODS[name].fn(q, k, v, beta, log_decay, scale=scale, group=self.group,
-                                            layout=self.layout, chunk_size=self.chunk_size, validate=self.validate,
-                                            **_documents(cu_seqlens, self.cu_seqlens))
+                                      layout=self.layout, chunk_size=self.chunk_size, validate=self.validate,
+                                      **_documents(cu_seqlens, self.cu_seqlens),
+                                      **_final_state(DELTA, name, output_final_state))
 
-    def causal_conv1d(self, x, weight, bias=None, activation="silu", cu_seqlens=None) -> torch.Tensor:
+    def causal_conv1d(self, x, weight, bias=None, activation="silu", cu_seqlens=None, output_final_state: bool = False):
         """[B, C, D] local shard -> [B, C, D]: the short depthwise convolution over the whole
-        sequence (see lasp2.parallel.conv)."""
+        sequence (see lasp2.parallel.conv; output_final_state: (out, the sequence's last w−1
+        inputs [B, w−1, D]))."""
         return causal_conv1d(x, weight, bias, activation=activation, group=self.group, layout=self.layout,
-                             **_documents(cu_seqlens, self.cu_seqlens))
+                             output_final_state=output_final_state, **_documents(cu_seqlens, self.cu_seqlens))
 
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return shard(x, self.group, self.layout, dim)

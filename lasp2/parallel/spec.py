@@ -22,8 +22,9 @@ from .layout import Layout
 
 LINEAR, SOFTMAX, DELTA = "linear", "softmax", "delta"
 PLURAL = {"all_gather": "all-gathers", "reduce_scatter": "reduce-scatters", "all_to_all": "all-to-alls",
-          "send": "sends"}
-SINGULAR = {"all_gather": "all-gather", "reduce_scatter": "reduce-scatter", "all_to_all": "all-to-all", "send": "send"}
+          "send": "sends", "broadcast": "broadcasts"}
+SINGULAR = {"all_gather": "all-gather", "reduce_scatter": "reduce-scatter", "all_to_all": "all-to-all", "send": "send",
+            "broadcast": "broadcast"}
 
 
 def ceil_log2(n: int) -> int:
@@ -96,6 +97,11 @@ class Comm:
         if self.when is not None:
             text += " (" + ", ".join(f"`{d}`" for d in self.when) + " decay)"
         return text
+
+
+# `MethodSpec.final_state` of the exchanges that leave each slot's state on its rank: the rank of
+# the last slot broadcasts the state after it.
+LAST_SLOT_BROADCAST = (Comm("broadcast", "B·H·K·V"),)
 
 
 @dataclass(frozen=True)
@@ -200,6 +206,8 @@ class MethodSpec:
         "sdpa_bottom_right" (SDPA of a query block against the keys up to its end) or
         "sdpa_causal" (causal SDPA over whole sequences); the cost model times it by that rate.
     blocks: the most column blocks a pipelined chain cuts each hop into (symbol P).
+    final_state: the calls a causal forward adds to return the state after the whole sequence
+        (`output_final_state=True`, the prefill of generation): () none, None: the method cannot.
     """
 
     name: str
@@ -215,6 +223,7 @@ class MethodSpec:
     decay_reason: str = ""  # why the missing decay forms cannot be expressed
     compute: str = "chunk"
     blocks: int = 1
+    final_state: tuple[Comm, ...] | None = None
 
     def symbols(self, problem: Problem) -> dict:
         """The problem's symbols and P: the column blocks each hop of a pipelined chain is cut
