@@ -21,6 +21,11 @@ from .config import DELTA_KINDS, ModelConfig
 GATE_TEMPERATURE = 16.0
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, or fp64 when it is fp64 (norms and gates are not formed in bf16)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -198,7 +203,7 @@ class DeltaRuleAttention(nn.Module):
         if self.kind == "deltanet":
             return None
         b, c, _ = x.shape
-        rate = F.softplus(self.decay_gate(x).float() + self.dt_bias)
+        rate = F.softplus(_at_least_fp32(self.decay_gate(x)) + self.dt_bias)
         if self.kind == "kda":
             return -torch.exp(self.A_log)[:, None] * rate.view(b, c, self.value_heads, self.head_dim)
         return -torch.exp(self.A_log) * rate
@@ -208,9 +213,9 @@ class DeltaRuleAttention(nn.Module):
         hk, hv, d = self.key_heads, self.value_heads, self.head_dim
         qkv = ctx.causal_conv1d(torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1), self.conv, None, "silu")
         q, k, v = qkv.split([hk * d, hk * d, hv * d], dim=-1)
-        q = F.normalize(q.view(b, c, hk, d).float(), dim=-1).to(v.dtype)  # under autocast x stays fp32, v is not
-        k = F.normalize(k.view(b, c, hk, d).float(), dim=-1).to(v.dtype)
-        beta = self.beta_max * torch.sigmoid(self.beta(x).float())
+        q = F.normalize(_at_least_fp32(q.view(b, c, hk, d)), dim=-1).to(v.dtype)  # under autocast x stays fp32, v not
+        k = F.normalize(_at_least_fp32(k.view(b, c, hk, d)), dim=-1).to(v.dtype)
+        beta = self.beta_max * torch.sigmoid(_at_least_fp32(self.beta(x)))
         o = ctx.delta_rule(q, k, v.view(b, c, hv, d), beta, self.log_decay_of(x), scale=d**-0.5)
         gate = torch.sigmoid(self.output_gate(x)) if self.kind == "kda" else F.silu(self.output_gate(x))
         o = self.head_norm(o) * gate.view(b, c, hv, d)

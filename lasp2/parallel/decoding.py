@@ -205,7 +205,7 @@ class PromptState:
 @dataclasses.dataclass
 class Generation:
     """generate(..., return_dict=True): the prompt and new tokens [B, T + n], the logits of
-    every decoded step [B, n, vocab] (fp32), the seconds of the prefill and of each decoded
+    every decoded step [B, n, vocab] (fp32, fp64 for an fp64 model), the seconds of the prefill and of each decoded
     token, and the cache this rank held at the end."""
 
     sequences: torch.Tensor
@@ -255,6 +255,10 @@ def _broadcast(t: torch.Tensor, source: int, group) -> torch.Tensor:
     return t
 
 
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -267,7 +271,7 @@ def generate_tokens(forward, sp, input_ids, max_new_tokens: int, choose, *, eos_
 
     forward(tokens [B, C], position_ids [C], ctx, logits_at [1]) -> logits [B, 1, vocab]: the
     model's call with a context and the local index whose logits it needs. choose(logits
-    [B, vocab] fp32) -> tokens [B]. Every rank passes the same prompt; rank 0's choice is
+    [B, vocab], fp32 or wider) -> tokens [B]. Every rank passes the same prompt; rank 0's choice is
     broadcast each step, so every rank returns the same tokens. With eos_token_id, a row that
     produced it is filled with pad_token_id (default: eos) and decoding stops once every row has.
     ragged_tail: see `check_prompt`. -> tokens [B, T + n], or a `Generation` (return_dict).
@@ -279,12 +283,12 @@ def generate_tokens(forward, sp, input_ids, max_new_tokens: int, choose, *, eos_
 
     def step(tokens: torch.Tensor, position: int) -> torch.Tensor:
         at = torch.zeros(1, dtype=torch.long, device=device)
-        return forward(tokens, torch.full((1,), position, device=device), state.step(), at)[:, -1].float()
+        return _at_least_fp32(forward(tokens, torch.full((1,), position, device=device), state.step(), at)[:, -1])
 
     started = time.perf_counter()
     owner, at = _last_token(sp, sharded, device)
     prompt = input_ids[:, :sharded]
-    logits = forward(sp.shard(prompt), sp.positions(sharded, device=device), state.prefill(), at)[:, -1].float()
+    logits = _at_least_fp32(forward(sp.shard(prompt), sp.positions(sharded, device=device), state.prefill(), at)[:, -1])
     logits = _broadcast(logits.contiguous(), owner, sp.group)
     for position in range(sharded, length):  # the ragged tail, a token at a time
         logits = step(input_ids[:, position:position + 1], position)
