@@ -91,10 +91,13 @@ def load_model(run_dir: Path, sp, device: torch.device):
     if state["config"]["model"].get("hf_config"):
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from .integrations.transformers import parallelize
+        from .integrations.transformers import CausalLM, parallelize
 
-        config = AutoConfig.for_model(**fields)
-        model = parallelize(AutoModelForCausalLM.from_config(config), sp)
+        if "model_type" not in state:
+            raise ValueError(f"--resume {run_dir}: {path.name} does not record its Hugging Face model_type (saved "
+                             f"before generation was supported); resume training once to save it again")
+        config = AutoConfig.for_model(state["model_type"], **fields)
+        model = CausalLM(parallelize(AutoModelForCausalLM.from_config(config), sp))  # as the trainer saved it
     else:
         names = {f.name for f in dataclasses.fields(ModelConfig)}
         model = LinearLlama(ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()
@@ -102,6 +105,7 @@ def load_model(run_dir: Path, sp, device: torch.device):
     weights = {"model": model.state_dict()}
     dcp.load(weights, checkpoint_id=str(path), no_dist=True)  # every rank reads the whole model
     model.load_state_dict(weights["model"])
+    model = model if isinstance(model, LinearLlama) else model.model  # the Hugging Face model itself
     return model.to(device).eval(), state, path
 
 
@@ -144,7 +148,8 @@ def main(argv=None) -> int:
                                   "decode_s_per_token": round(per_token, 5),
                                   "cache_bytes": dataclasses.asdict(out.cache)}), file=sys.stderr)
     except ValueError as exc:
-        print(f"python -m lasp2.generate: {exc}", file=sys.stderr)
+        if dims.is_main:
+            print(f"python -m lasp2.generate: {exc}", file=sys.stderr)
         return 2
     finally:
         shutdown(dims)

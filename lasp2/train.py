@@ -361,6 +361,11 @@ def describe(model) -> dict:
     return json.loads(json.dumps(fields))  # as the checkpoint's JSON holds it (tuples become lists)
 
 
+def model_type(model) -> str:
+    """"linear_llama", or the Hugging Face model's model_type (what rebuilds it from `describe`)."""
+    return "linear_llama" if hasattr(model, "cfg") else model.model.config.model_type
+
+
 def build_model(choice: ModelChoice, cfg, vocab_size: int, sp, device: torch.device):
     """(model, a line describing it, the run's default name): Linear-Llama3 from cfg, built on
     the meta device (nothing allocated: `parallelize.materialize` gives it memory and weights
@@ -465,7 +470,8 @@ def train(config: RunConfig, dims: ParallelDims, stream=sys.stdout) -> dict:
             val_loss = evaluate(model, sp, dims, data, config, balancer)
             metrics.write(step=step, val_loss=val_loss)
         if config.run.ckpt_every and ((step + 1) % config.run.ckpt_every == 0 or step + 1 == last):
-            checkpoint.save(run_dir, step, model, optimizer, dims, {"config": config.as_dict(), "model": describe(model)})
+            checkpoint.save(run_dir, step, model, optimizer, dims, {"config": config.as_dict(), "model": describe(model),
+                                                                    "model_type": model_type(model)})
     if dims.is_main and (run_dir / "metrics.jsonl").is_file():
         plotted = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", about)
         plot = "loss.png" if plotted else "no loss.png (matplotlib is not installed: pip install lasp2[bench])"

@@ -1,9 +1,10 @@
-"""The short causal convolution across ranks: each slot takes the last w−1 inputs of the slot
-before it in sequence order as its halo (the sequence's first slot: zeros).
+"""The short causal convolution across ranks: each slot takes the w−1 inputs before it in
+sequence order as its halo (zeros before the sequence's first token).
 
-One all-gather of every slot's last w−1 inputs forward (S·B·(w−1)·D values per rank), the
-reduce-scatter of their gradients backward; the layout's slot order (zigzag included) decides
-which tail each slot reads. Slots must hold at least w−1 tokens.
+One all-gather of every slot's last min(w−1, slot length) inputs forward (S·B·min(w−1, C/S)·D
+values per rank), the reduce-scatter of their gradients backward; the layout's slot order
+(zigzag included) decides which tails each slot reads. A slot shorter than w−1 tokens sends all
+of them, and the slot after it reads the tails of as many slots as its halo spans.
 """
 from __future__ import annotations
 
@@ -49,24 +50,23 @@ def causal_conv1d(x, weight, bias=None, *, activation="silu", group=None, layout
             x.device)[lay.local_positions(rank, x.shape[1] // lay.slots_per_rank, x.device)])
     S = lay.slots_per_rank
     slot_len = x.shape[1] // S
-    if slot_len < w - 1:
-        raise ValueError(f"{fn}: each slot holds {slot_len} tokens, fewer than the w-1 = {w - 1} a kernel of width {w} "
-                         f"reads before each token; use shorter kernels or longer shards")
     if w == 1:  # no halo to bring
         out = local_causal_conv1d(x, weight, bias, activation=activation)
         return (out, x[:, :0]) if output_final_state else out
     mine = [None] * S if doc_positions is None else doc_positions.view(S, slot_len).unbind(0)
     b, _, d = x.shape
+    kept = min(w - 1, slot_len)  # the inputs of a slot that a later halo may read
     slots = x.view(b, S, slot_len, d)
-    tails = slots[:, :, slot_len - (w - 1):].transpose(0, 1)  # [S, B, w-1, D]
-    rows = gather_rows(tails.contiguous(), group).view(world, S, b, w - 1, d)  # one all-gather
-    in_order = slots_in_order(rows, lay)  # [n_slots, B, w-1, D]
-    # Slot s reads the tail of slot s-1, the first slot zeros. Taken from one tensor built from the
-    # gathered rows on every rank, so that every rank's backward reaches the gather and issues its
-    # reduce-scatter (rank 0 of the contiguous layout reads only zeros, yet must take part).
-    halos = torch.cat([torch.zeros_like(in_order[:1]), in_order[:-1]])
-    outputs = [local_causal_conv1d(slots[:, index], weight, bias, activation=activation, halo=halos[slot],
-                                   doc_positions=mine[index])
+    tails = slots[:, :, slot_len - kept:].transpose(0, 1)  # [S, B, kept, D]
+    rows = gather_rows(tails.contiguous(), group).view(world, S, b, kept, d)  # one all-gather
+    in_order = slots_in_order(rows, lay)  # [n_slots, B, kept, D]
+    # Every slot's tail in sequence order after w-1 zeros: slot s's halo is the w-1 inputs that end
+    # where its own tail starts. Taken from one tensor built from the gathered rows on every rank,
+    # so that every rank's backward reaches the gather and issues its reduce-scatter (rank 0 of
+    # the contiguous layout reads only zeros, yet must take part).
+    seq = torch.cat([x.new_zeros(b, w - 1, d), in_order.transpose(0, 1).reshape(b, -1, d)], dim=1)
+    outputs = [local_causal_conv1d(slots[:, index], weight, bias, activation=activation,
+                                   halo=seq[:, slot * kept:slot * kept + w - 1], doc_positions=mine[index])
                for index, slot in enumerate(lay.slots(rank))]
     out = torch.cat(outputs, dim=1)
-    return (out, in_order[-1]) if output_final_state else out
+    return (out, seq[:, -(w - 1):]) if output_final_state else out

@@ -230,7 +230,10 @@ def check_prompt(fn: str, sp, input_ids, max_new_tokens: int, attention_mask=Non
     lay = as_layout(sp.layout, sp.world, fn)
     length = input_ids.shape[1]
     sharded = length - length % lay.n_slots if ragged_tail else length
-    if length % lay.n_slots and not ragged_tail or sharded == 0:
+    if sharded == 0:
+        raise ValueError(f"{fn}: a prompt of {length} tokens is shorter than the {lay.n_slots} slots of the {lay} layout "
+                         f"over {sp.world} ranks: give at least {lay.n_slots} tokens")
+    if length % lay.n_slots and not ragged_tail:
         raise ValueError(f"{fn}: a prompt of {length} tokens cannot be sharded over {sp.world} ranks in the {lay} "
                          f"layout: its length must be a multiple of {lay.n_slots}"
                          + ("" if ragged_tail else " (ragged_tail=True runs the last tokens as decoding steps)"))

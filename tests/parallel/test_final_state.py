@@ -121,18 +121,20 @@ def conv_prefill(group, layout, x, weight, bias):
     return out, tail, log.count()
 
 
+@pytest.mark.parametrize("length", [24, 12])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_conv_final_state_is_the_last_inputs(dist_workers, world, layout):
+def test_conv_final_state_is_the_last_inputs(dist_workers, world, layout, length):
+    """Slots of 24 down to 2 tokens (w − 1 = 3)."""
     from lasp2.ops.conv import causal_conv1d
 
     gen = torch.Generator().manual_seed(2)
-    x, weight, bias = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((2, 24, 6), (6, 4), (6,)))
+    x, weight, bias = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((2, length, 6), (6, 4), (6,)))
     want = causal_conv1d(x, weight, bias)
     for rank, (out, tail, calls) in dist_workers.run(conv_prefill, tuple(range(world)), layout, x, weight, bias).items():
         assert torch.equal(tail, x[:, -3:]), rank
         assert calls == (1 if world > 1 else 0), rank  # the halo's all-gather only
-        assert rel_err(out, want[:, _positions(rank, world, layout, 24)]) < 1e-12
+        assert rel_err(out, want[:, _positions(rank, world, layout, length)]) < 1e-12
 
 
 def test_conv_final_state_of_a_short_sequence_pads_with_zeros():
