@@ -8,6 +8,7 @@
     python -m lasp2_bench project --calibrate benchmarks/results/<date>-<machine>/attn.csv
     python -m lasp2_bench launches                   # aten ops (GPU launches) per layer call, as tokens grow
     python -m lasp2_bench balance                    # packed documents over the ranks: contiguous, zigzag, planner
+    python -m lasp2_bench generate                   # prefill across ranks, then decoding; transformers' generate
 
 Each command prints a table and writes CSV, PNG and machine.json under
 benchmarks/results/<date>-<machine>/ (or --out).
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import attn, balance, convergence, launches, model, project, weak
+from . import attn, balance, convergence, generate, launches, model, project, weak
 from .machine import describe, read_csv, results_dir, write_csv
 from .plots import NO_MATPLOTLIB, lines_by_method
 
@@ -132,6 +133,15 @@ def cmd_balance(args) -> None:
     print(f"wrote {out}/balance.csv, balance.png")
 
 
+def cmd_generate(args) -> None:
+    out = _out_dir(args, _device(args))
+    rows = generate.run(args)
+    generate.print_table(rows, sys.stdout)
+    write_csv(out / "generate.csv", rows, generate.FIELDS)
+    (out / "machine.json").write_text(json.dumps(describe(_device(args)), indent=1))
+    print(f"wrote {out}/generate.csv")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lasp2-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -155,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     bl = sub.add_parser("balance", help="packed documents over the ranks: contiguous, zigzag and the planner",
                         description=balance.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     balance.add_arguments(bl)
-    for s in (a, m, pr, lc, bl):
+    g = sub.add_parser("generate", help="prefill across ranks, then O(1)-state decoding, beside transformers' generate",
+                       description=generate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate.add_arguments(g)
+    for s in (a, m, pr, lc, bl, g):
         s.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results/<date>-<machine>)")
     return p
 
@@ -163,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"attn": cmd_attn, "model": cmd_model, "project": cmd_project, "convergence": cmd_convergence,
-                "launches": cmd_launches, "balance": cmd_balance}
+                "launches": cmd_launches, "balance": cmd_balance, "generate": cmd_generate}
     commands[args.command](args)
     return 0
 
