@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .checks import compute_dtype
 from .documents import documents
+from .policy import policy_for
 from .precision import without_autocast
 from .tiling import over_query_tiles
 
@@ -100,13 +101,21 @@ def sdpa(q, k, v, *, scale: float, causal: bool = False, mask: torch.Tensor | No
     causal: the Lq queries are the last Lq of the Lk key positions (bottom-right aligned; the
     usual causal mask when Lq == Lk). On CUDA a shorter query block goes to the fused kernels
     through torch's lower-right `CausalBias` (flash attention takes no explicit mask); the CPU
-    kernels take the boolean mask. mask: an explicit [Lq, Lk] bool mask (True: attend) instead
-    of `causal` (packed documents).
+    kernels take the boolean mask, built per block of queries (each sees the keys up to its own
+    end, so the mask stays within the policy's `tile_scores` per head and the keys after a block
+    are not scored). mask: an explicit [Lq, Lk] bool mask (True: attend) instead of `causal`
+    (packed documents).
     """
+    q_len, k_len = q.shape[1], k.shape[1]
+    if mask is None and causal and q_len != k_len and not q.is_cuda:
+        tile = max(1, policy_for(q.device).tile_scores // k_len)
+        if tile < q_len:
+            return torch.cat([sdpa(q[:, a:a + tile], k[:, :k_len - q_len + min(a + tile, q_len)],
+                                   v[:, :k_len - q_len + min(a + tile, q_len)], scale=scale, causal=True)
+                              for a in range(0, q_len, tile)], dim=1)
     dtype = q.dtype if q.is_cuda else compute_dtype(q.dtype)
     qh, kh, vh = (x.to(dtype).transpose(1, 2) for x in (q, k, v))
     gqa = q.shape[2] != k.shape[2]
-    q_len, k_len = q.shape[1], k.shape[1]
     if mask is None and causal and q_len != k_len:
         mask = _bottom_right(q_len, k_len, q.device)
     elif mask is not None:

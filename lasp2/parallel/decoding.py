@@ -28,6 +28,8 @@ from ..ops.decode import conv_step, delta_rule_step, linear_attn_step
 from ..ops.softmax_attn import attention_block
 from .comm import all_gather_dim0, group_rank_size
 from .layout import as_layout
+from .registry import DELTA_METHODS, LINEAR_METHODS
+from .spec import DELTA, LINEAR
 
 
 class _Calls:
@@ -46,7 +48,7 @@ class _Calls:
         return index
 
     @staticmethod
-    def _no_documents(fn: str, cu_seqlens, causal: bool = True) -> None:
+    def _one_causal_sequence(fn: str, cu_seqlens, causal: bool = True) -> None:
         if cu_seqlens is not None:
             raise ValueError(f"{fn}: generation runs one prompt per row; packed documents (cu_seqlens) are not supported")
         if not causal:
@@ -57,25 +59,25 @@ class _Prefill(_Calls):
     """The prompt across the ranks: `sp`'s methods, keeping what decoding continues from."""
 
     def linear_attn(self, q, k, v, log_decay=None, causal=True, scale=None, cu_seqlens=None):
-        self._no_documents("prefill linear_attn", cu_seqlens, causal)
+        self._one_causal_sequence("prefill linear_attn", cu_seqlens, causal)
         o, final = self.sp.linear_attn(q, k, v, log_decay, causal=True, scale=scale, output_final_state=True)
         self.state.recurrent.append(final)
         return o
 
     def delta_rule(self, q, k, v, beta, log_decay=None, scale=None, cu_seqlens=None):
-        self._no_documents("prefill delta_rule", cu_seqlens)
+        self._one_causal_sequence("prefill delta_rule", cu_seqlens)
         o, final = self.sp.delta_rule(q, k, v, beta, log_decay, scale=scale, output_final_state=True)
         self.state.recurrent.append(final)
         return o
 
     def causal_conv1d(self, x, weight, bias=None, activation="silu", cu_seqlens=None):
-        self._no_documents("prefill causal_conv1d", cu_seqlens)
+        self._one_causal_sequence("prefill causal_conv1d", cu_seqlens)
         out, tail = self.sp.causal_conv1d(x, weight, bias, activation=activation, output_final_state=True)
         self.state.conv.append(tail)
         return out
 
     def softmax_attn(self, q, k, v, causal=True, scale=None, cu_seqlens=None):
-        self._no_documents("prefill softmax_attn", cu_seqlens, causal)
+        self._one_causal_sequence("prefill softmax_attn", cu_seqlens, causal)
         self.state.add_shard(k, v)
         return self.sp.softmax_attn(q, k, v, causal=True, scale=scale)
 
@@ -89,31 +91,31 @@ class _Step(_Calls):
         self.owner = owner  # the rank that keeps this token's keys and values
 
     def linear_attn(self, q, k, v, log_decay=None, causal=True, scale=None, cu_seqlens=None):
-        self._no_documents("decoding linear_attn", cu_seqlens, causal)
+        self._one_causal_sequence("decoding linear_attn", cu_seqlens, causal)
         i = self._next("recurrent")
         o, self.state.recurrent[i] = linear_attn_step(q, k, v, log_decay, self.state.recurrent[i], scale=scale)
         return o
 
     def delta_rule(self, q, k, v, beta, log_decay=None, scale=None, cu_seqlens=None):
-        self._no_documents("decoding delta_rule", cu_seqlens)
+        self._one_causal_sequence("decoding delta_rule", cu_seqlens)
         i = self._next("recurrent")
         o, self.state.recurrent[i] = delta_rule_step(q, k, v, beta, log_decay, self.state.recurrent[i], scale=scale)
         return o
 
     def causal_conv1d(self, x, weight, bias=None, activation="silu", cu_seqlens=None):
-        self._no_documents("decoding causal_conv1d", cu_seqlens)
+        self._one_causal_sequence("decoding causal_conv1d", cu_seqlens)
         i = self._next("conv")
         out, self.state.conv[i] = conv_step(x, self.state.conv[i], weight, bias, activation)
         return out
 
     def softmax_attn(self, q, k, v, causal=True, scale=None, cu_seqlens=None):
-        self._no_documents("decoding softmax_attn", cu_seqlens, causal)
+        self._one_causal_sequence("decoding softmax_attn", cu_seqlens, causal)
         i = self._next("softmax")
         if self.rank == self.owner:
             self.state.append(i, k, v)
         keys, values = self.state.cached(i)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        no_positions = torch.zeros(0, dtype=torch.long)  # not causal: every cached key is earlier
+        no_positions = torch.zeros(0, dtype=torch.long, device=q.device)  # every cached key is earlier: no mask
         o, lse = attention_block(q, keys, values, no_positions, no_positions, causal=False, scale=scale)
         return merge_shards(o, lse, self.sp.group).to(q.dtype)
 
@@ -227,6 +229,12 @@ def check_prompt(fn: str, sp, input_ids, max_new_tokens: int, attention_mask=Non
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError(f"{fn}: padded prompts are not supported (attention_mask has zeros): give rows of one length "
                          f"(or one row per call)")
+    for family, name in ((LINEAR, sp.linear), (DELTA, sp.delta)):
+        methods = LINEAR_METHODS if family == LINEAR else DELTA_METHODS
+        if name in methods and methods[name].final_state is None:
+            able = ", ".join(n for n, spec in methods.items() if spec.final_state is not None)
+            raise ValueError(f"{fn}: the prefill needs each {family} layer's final state, which {name!r} cannot "
+                             f"return; use a state-passing method ({able} or auto)")
     lay = as_layout(sp.layout, sp.world, fn)
     length = input_ids.shape[1]
     sharded = length - length % lay.n_slots if ragged_tail else length
@@ -295,7 +303,8 @@ def generate_tokens(forward, sp, input_ids, max_new_tokens: int, choose, *, eos_
     logits = _broadcast(logits.contiguous(), owner, sp.group)
     for position in range(sharded, length):  # the ragged tail, a token at a time
         logits = step(input_ids[:, position:position + 1], position)
-    _synchronize(device)
+    if return_dict:  # timings asked for (otherwise no host sync)
+        _synchronize(device)
     prefill_seconds = time.perf_counter() - started
     sequences, seen, steps = [input_ids], [], []
     done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -310,7 +319,8 @@ def generate_tokens(forward, sp, input_ids, max_new_tokens: int, choose, *, eos_
             token = torch.where(done, torch.full_like(token, fill), token)
             done = done | (token == eos_token_id)
         sequences.append(token[:, None])
-        _synchronize(device)
+        if return_dict:
+            _synchronize(device)
         steps.append(time.perf_counter() - started)
         if eos_token_id is not None and bool(done.all()):
             break

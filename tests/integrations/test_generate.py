@@ -148,7 +148,7 @@ def refused(group, case):
     from lasp2.integrations.transformers import generate, parallelize
     from lasp2.parallel import SequenceParallel, count_collectives
 
-    sp = SequenceParallel(group, layout="zigzag")
+    sp = SequenceParallel(group, layout="zigzag", delta="ulysses" if case == "method" else "lasp2")
     model = build("qwen3_next")
     ids = prompt(rows=1)
     kwargs = {}
@@ -176,6 +176,8 @@ def refused(group, case):
                r"multiple of 4 \(ragged_tail=True runs"),
     ("padding", r"padded prompts are not supported \(attention_mask has zeros\)"),
     ("sampling", r"temperature must be a number > 0, got 0.0"),
+    ("method", r"the prefill needs each delta layer's final state, which 'ulysses' cannot return; use a "
+               r"state-passing method \(lasp2, lasp1, allscan, logscan or auto\)"),
 ])
 def test_bad_input_raises_before_any_collective(dist_workers, case, message):
     import re

@@ -93,3 +93,17 @@ def test_query_tiling_changes_nothing():
         tiled = run()
     for a, b in zip(whole, tiled):
         assert rel_err(b, a) < 1e-13
+
+
+def test_bottom_right_sdpa_in_query_blocks_equals_one_mask():
+    """A query block shorter than its keys (the last 24 of 64 positions), as the all-gather method
+    runs each slot: split into blocks of 5 queries, each against the keys up to its own end."""
+    from lasp2.ops.softmax_attn import causal_mask, sdpa
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, h, 8, generator=gen, dtype=torch.float64) for n, h in ((24, 4), (64, 2), (64, 2)))
+    mask = causal_mask(torch.arange(40, 64), torch.arange(64))
+    want = sdpa(q, k, v, scale=0.3, mask=mask)
+    with policy(dataclasses.replace(CPU, tile_scores=5 * 64)):
+        got = sdpa(q, k, v, scale=0.3, causal=True)
+    assert rel_err(got, want) < 1e-14
