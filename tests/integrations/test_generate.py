@@ -185,3 +185,18 @@ def test_bad_input_raises_before_any_collective(dist_workers, case, message):
     for rank, (error, calls) in dist_workers.run(refused, (0, 1), case).items():
         assert error is not None and re.search(message, error), (rank, error)
         assert calls == 0, rank
+
+
+def test_the_example_generates_transformers_tokens_on_two_ranks():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(root / "examples" / "generate_long_prompt.py")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "transformers' generate on one process: the same 24 tokens" in done.stdout, done.stdout
+    assert done.stdout.count("KiB of KV cache") == 2
+    assert "examples/generate_long_prompt.py" in (root / "README.md").read_text()
