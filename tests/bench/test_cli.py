@@ -62,3 +62,20 @@ def test_merge_rows_and_longest_fitting():
     assert longest_fitting(rows, 1.0) == {("L", "lasp2", "replicate", False, False): (4096, None, 4096 + int(524 / 200 * 2048))}
     rows = merge_rows(rows, [row(8192, "out of memory"), row(16384, "out of memory")])
     assert longest_fitting(rows, 1.0)[("L", "lasp2", "replicate", False, False)][:2] == (4096, 8192)
+
+
+def test_generate_command(tmp_path):
+    """Both models at W = 1 and 2 (a 64-token prompt), transformers' generate beside them: the
+    same tokens everywhere, the KV cache halved at W = 2, the states unchanged."""
+    main(["generate", "--T", "64", "--world", "1", "2", "--new-tokens", "3", "--out", str(tmp_path)])
+    rows = read(tmp_path / "generate.csv")
+    assert sorted((r["model"], r["impl"], r["world"]) for r in rows) == sorted(
+        [("qwen3-next", "lasp2", "1"), ("qwen3-next", "transformers", "1"), ("qwen3-next", "lasp2", "2"),
+         ("linear-llama3", "lasp2", "1"), ("linear-llama3", "lasp2", "2")])
+    assert all(r["status"] == "ok" and r["same_tokens"] == "True" and float(r["prefill_s"]) > 0 for r in rows)
+    by = {(r["model"], r["impl"], r["world"]): r for r in rows}
+    for model in ("qwen3-next", "linear-llama3"):
+        one, two = by[(model, "lasp2", "1")], by[(model, "lasp2", "2")]
+        assert int(one["state_bytes"]) == int(two["state_bytes"]) > 0
+        assert int(two["kv_cache_bytes"]) < int(one["kv_cache_bytes"])
+    assert by[("qwen3-next", "transformers", "1")]["kv_cache_bytes"] == by[("qwen3-next", "lasp2", "1")]["kv_cache_bytes"]
