@@ -1,7 +1,7 @@
 """Generation across ranks (`lasp2.integrations.transformers.generate`): the prompt prefilled over
 W ranks, then decoded from the O(1) states and the sharded KV cache, gives the unmodified model's
 own `generate(do_sample=False)` tokens on one process, every decoded step's logits within 1e-5,
-the same on every rank, for seven families, W = 1, 2, 3, both layouts. Sampling draws the same
+the same on every rank, for every family `parallelize` supports, W = 1, 2, 3, both layouts. Sampling draws the same
 tokens on every rank; eos stops; bad input raises before any collective."""
 import functools
 
@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 from tests.helpers import rel_err  # noqa: E402
 from tests.integrations.test_transformers import build  # noqa: E402
 
-GENERATING = ["qwen3_next", "qwen3_5", "olmo_hybrid", "kimi_linear", "minimax", "mamba2", "bamba"]
+GENERATING = ["qwen3_next", "qwen3_5", "qwen3_5_moe", "olmo_hybrid", "kimi_linear", "minimax", "mamba2", "bamba",
+              "nemotron_h", "granitemoehybrid"]
 T, NEW = 24, 8
 
 
