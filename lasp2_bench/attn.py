@@ -14,7 +14,6 @@ rate, which `project --calibrate` uses.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import statistics
@@ -30,7 +29,7 @@ from lasp2.parallel import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, Probl
 from lasp2.parallel import cost as costs
 from .calibrate import measure_kernels, measure_network
 from .documents import packed_offsets
-from .machine import describe, free_port, matmul_rate, peak_memory_bytes, reset_peak_memory, sync
+from .machine import describe, free_port, matmul_rate, peak_memory_bytes, reset_peak_memory, start_rank, sync
 
 FIELDS = ["family", "method", "world", "T", "layout", "status", "median_ms", "min_ms", "max_ms", "bytes_per_rank",
           "formula_bytes", "calls_per_rank", "steps_formula", "peak_mb", "est_seconds", "threads"]
@@ -158,13 +157,7 @@ def run_config(family, method, T, world, group, device, args, rate, last):
 
 
 def _worker(rank, world, port, configs, args, out_path, use_cuda):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // world))
-    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=900))
+    device = start_rank(rank, world, port, use_cuda, args.threads, timeout_s=900)
     group = dist.group.WORLD
     rate = matmul_rate(device)
     calib = {"family": "calibration", "method": "network", "world": world, "status": "ok", "threads": torch.get_num_threads(),

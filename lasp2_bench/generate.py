@@ -14,7 +14,6 @@ writes generate.csv.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .machine import free_port, peak_memory_bytes, reset_peak_memory, sync
+from .machine import free_port, peak_memory_bytes, reset_peak_memory, start_rank, sync
 
 MODELS = ("qwen3-next", "linear-llama3")
 FIELDS = ["model", "impl", "world", "prompt", "new_tokens", "status", "prefill_s", "decode_ms_per_token",
@@ -105,13 +104,7 @@ def transformers_row(name, ids, new_tokens, device, want) -> dict:
 def _worker(rank, world, port, configs, new_tokens, with_transformers, out_path, use_cuda):
     from lasp2.parallel import SequenceParallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=1800))
+    device = start_rank(rank, world, port, use_cuda)
     sp = SequenceParallel(dist.group.WORLD if world > 1 else None, layout="zigzag")
     rows = []
     for name, T in configs:

@@ -73,6 +73,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_rank(rank: int, world: int, port: int, use_cuda: bool, threads: int | None = None,
+               timeout_s: int = 1800) -> torch.device:
+    """A freshly spawned rank joins its process group (NCCL with one GPU a rank, else gloo) with
+    `threads` threads (default: the cores shared by the ranks); returns its device."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // world))
+    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return device
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -34,6 +34,21 @@ def make_inputs(kind: str, B=2, T=37, H=3, K=6, V=5, dtype=torch.float64, seed=0
     return {name: None if t is None else t.to(dtype) for name, t in out.items()}
 
 
+def run_example(name: str, ranks: int = 2, timeout: float = 300):
+    """examples/<name> under torchrun on `ranks` CPU processes -> the finished process (asserted
+    to have exited 0)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--standalone",
+           str(root / "examples" / name)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"examples/{name}" in (root / "README.md").read_text()
+    return done
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64 (the norm-ratio tolerance)."""
     actual, expected = actual.detach().double(), expected.detach().double()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checks import compute_dtype
 
 
 def _decay(log_decay: torch.Tensor | None, batch: int, heads: int, dtype) -> torch.Tensor | None:
@@ -81,7 +80,3 @@ def conv_step(x, tail, weight, bias=None, activation="silu"):
     out = F.silu(out) if activation == "silu" else out
     return out, window[:, 1:]
 
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype recurrent states are kept in (fp32; fp64 for fp64 inputs)."""
-    return compute_dtype(dtype)

@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tests.helpers import rel_err  # noqa: E402
+from tests.helpers import rel_err, run_example  # noqa: E402
 from tests.integrations.test_transformers import build  # noqa: E402
 
 GENERATING = ["qwen3_next", "qwen3_5", "qwen3_5_moe", "olmo_hybrid", "kimi_linear", "minimax", "mamba2", "bamba",
@@ -189,15 +189,6 @@ def test_bad_input_raises_before_any_collective(dist_workers, case, message):
 
 
 def test_the_example_generates_transformers_tokens_on_two_ranks():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(root / "examples" / "generate_long_prompt.py")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_example("generate_long_prompt.py")
     assert "transformers' generate on one process: the same 24 tokens" in done.stdout, done.stdout
     assert done.stdout.count("KiB of KV cache") == 2
-    assert "examples/generate_long_prompt.py" in (root / "README.md").read_text()

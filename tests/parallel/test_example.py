@@ -1,20 +1,15 @@
 """The README's torchrun examples run and agree with the single device."""
 import re
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.helpers import run_example as run
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_example(name: str, measure: str) -> list[float]:
     """Runs examples/<name> on two ranks; -> the figures after `measure` it printed."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(ROOT / "examples" / name)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"examples/{name}" in (ROOT / "README.md").read_text()
-    return [float(d) for d in re.findall(measure + r" ([0-9.e+-]+)", done.stdout)]
+    return [float(d) for d in re.findall(measure + r" ([0-9.e+-]+)", run(name, timeout=240).stdout)]
 
 
 def test_readme_torchrun_example_runs():
