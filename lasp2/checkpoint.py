@@ -25,7 +25,7 @@ from .distributed import ParallelDims, barrier
 TRAINER_STATE = "trainer.json"
 
 
-def _dcp_kwargs(dims: ParallelDims) -> dict:
+def dcp_kwargs(dims: ParallelDims) -> dict:
     # Within a larger process group (e.g. test ranks) a one-process run must not involve the others.
     return {"process_group": dims.world_group} if dims.world_group is not None else {"no_dist": True}
 
@@ -39,7 +39,7 @@ def save(run_dir: Path, step: int, model, optimizer, dims: ParallelDims, trainer
         tmp.mkdir(parents=True)
     barrier(dims)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), **_dcp_kwargs(dims))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), **dcp_kwargs(dims))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -137,7 +137,7 @@ def load(path: Path, model, optimizer, dims: ParallelDims, seed: int, warn) -> d
     state = saved_state(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     loaded = {"model": model_sd, "optim": optim_sd}
-    dcp.load(loaded, checkpoint_id=str(path), **_dcp_kwargs(dims))
+    dcp.load(loaded, checkpoint_id=str(path), **dcp_kwargs(dims))
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     saved_world = int(state.get("world", 1))
     if saved_world == dims.world:

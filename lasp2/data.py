@@ -6,6 +6,10 @@ Sources (`--data`):
   a text file      or a directory of them (every file below it, sorted by path)
   a .npy file      an integer token array (np.load, memory-mapped)
   a .bin file      raw uint16 tokens (nanoGPT's format, memory-mapped)
+  a .jsonl file    one record a line, each a document: {"text": ...}, or a chat {"messages":
+                   [{"role": ..., "content": ...}, ...]} rendered by the tokenizer's chat template
+                   (its tokenizer_config.json; "<|role|>\ncontent\n" per message without one),
+                   only the assistant messages' tokens labelled (the loss is taken on them alone)
 Text is tokenised as bytes (vocab 256) unless `--tokenizer` names a local `tokenizers` JSON
 file (or a directory holding tokenizer.json). Token files stay on disk: batches read their rows
 from the memory map and nothing reads the whole file (except packing, which finds the document
@@ -20,6 +24,7 @@ end; its `cu_seqlens` mark where documents begin.
 """
 from __future__ import annotations
 
+import json
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +75,8 @@ class TokenData:
     train_starts: np.ndarray | None = None
     val_starts: np.ndarray | None = None
     end_token: int | None = None  # the end-of-document token
+    train_labelled: np.ndarray | None = None  # chat data: 1 where a token is a target of the loss, else 0
+    val_labelled: np.ndarray | None = None
 
 
 def _separator(doc_sep: str) -> bytes:
@@ -105,6 +112,128 @@ def _positions_of(tokens: np.ndarray, token: int, block: int = 1 << 24) -> np.nd
                           or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
 
 
+def _chat_template(tokenizer: str | None):
+    """render(messages, add_generation_prompt) -> str with the tokenizer directory's chat template,
+    or None when it has none (transformers renders it: its Jinja conventions)."""
+    if tokenizer is None or not Path(tokenizer).is_dir():
+        return None
+    config = Path(tokenizer) / "tokenizer_config.json"
+    has = (Path(tokenizer) / "chat_template.jinja").is_file() or (
+        config.is_file() and "chat_template" in json.loads(config.read_text()))
+    if not has:
+        return None
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise DataError(f"--tokenizer {tokenizer}: rendering its chat template needs transformers "
+                        f"(pip install 'lasp2[hf]')") from exc
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    return lambda messages, prompt: tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+
+
+def _eos_id(tokenizer: str | None) -> int | None:
+    """The id of the eos_token a tokenizer directory's tokenizer_config.json names, or None."""
+    if tokenizer is None or not (Path(tokenizer) / "tokenizer_config.json").is_file():
+        return None
+    eos = json.loads((Path(tokenizer) / "tokenizer_config.json").read_text()).get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if not isinstance(eos, str):
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(tokenizer) / "tokenizer.json")).token_to_id(eos)
+
+
+def _plain_chat(messages, prompt: bool) -> str:
+    """The chat format without a template: "<|role|>\ncontent\n" per message."""
+    text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+    return text + ("<|assistant|>\n" if prompt else "")
+
+
+def chat_segments(messages, render) -> list[tuple[str, bool]]:
+    """A chat as (text, labelled) pieces that join to its rendering: each assistant message's
+    own text (what the rendering adds after the prompt for it, end-of-turn marker included)
+    labelled, the rest not."""
+    pieces, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prompt = render(messages[:i], True)
+            if not prompt.startswith(done):
+                raise ValueError("the chat template does not render a conversation as a prefix of its continuation")
+            pieces.append((prompt[len(done):], False))
+            done = prompt
+        text = render(messages[:i + 1], False)
+        if not text.startswith(done):
+            raise ValueError("the chat template does not render a conversation as a prefix of its continuation")
+        pieces.append((text[len(done):], message["role"] == "assistant"))
+        done = text
+    return [(t, labelled) for t, labelled in pieces if t]
+
+
+def _jsonl_documents(path: Path, tokenizer: str | None):
+    """-> (tokens of each record, labelled mask of each or None for plain text, vocab size, eos id
+    or None, what): each line's record encoded; a chat's tokens labelled where they fall in an
+    assistant message."""
+    encode, vocab = _tokenizer(tokenizer)
+    render = _chat_template(tokenizer) or _plain_chat
+    offsets = _offsets_encoder(tokenizer)
+    docs, masks, chats = [], [], 0
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"--data {path}, line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not JSON ({exc.msg})") from None
+        if isinstance(record, dict) and isinstance(record.get("text"), str):
+            docs.append(encode(record["text"].encode()))
+            masks.append(None)
+            continue
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                     for m in messages):
+            raise DataError(f"{where}: a record needs a \"text\" string or \"messages\" [{{\"role\", \"content\"}}, ...]")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: a chat record without an assistant message has nothing to learn")
+        try:
+            segments = chat_segments(messages, render)
+        except ValueError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        tokens, labelled = offsets(segments)
+        docs.append(tokens)
+        masks.append(labelled)
+        chats += 1
+    if not docs:
+        raise DataError(f"--data {path}: no records")
+    return docs, masks, vocab, f"{path} ({len(docs)} records, {chats} chats)"
+
+
+def _offsets_encoder(tokenizer: str | None):
+    """-> encode(segments [(text, labelled)]) -> (token ids, labelled 0/1 per token): the joined
+    text tokenised at once; a token is labelled when its first character lies in a labelled
+    segment (bytes: segment by segment, which is the same)."""
+    if tokenizer is None:
+        def by_bytes(segments):
+            parts = [np.frombuffer(t.encode(), dtype=np.uint8) for t, _ in segments]
+            flags = [np.full(len(p), int(labelled), dtype=np.int8) for p, (_, labelled) in zip(parts, segments)]
+            return np.concatenate(parts).astype(np.int64), np.concatenate(flags)
+        return by_bytes
+    from tokenizers import Tokenizer
+
+    file = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
+    tok = Tokenizer.from_file(str(file))
+
+    def by_offsets(segments):
+        text = "".join(t for t, _ in segments)
+        bounds = np.cumsum([0] + [len(t) for t, _ in segments])
+        flags = np.array([labelled for _, labelled in segments], dtype=np.int8)
+        encoding = tok.encode(text, add_special_tokens=False)
+        starts = np.array([start for start, _ in encoding.offsets], dtype=np.int64)
+        return np.asarray(encoding.ids, dtype=np.int64), flags[np.searchsorted(bounds, starts, "right") - 1]
+    return by_offsets
+
+
 def load_tokens(data: str | None, tokenizer: str | None, val_fraction: float, min_tokens: int,
                 documents: bool = False, doc_sep: str | None = None, vocab_size: int | None = None) -> TokenData:
     """Read the corpus and split off the last `val_fraction` of it for validation; with
@@ -113,8 +242,27 @@ def load_tokens(data: str | None, tokenizer: str | None, val_fraction: float, mi
     the tokenizer's)."""
     if vocab_size is not None and vocab_size < 1:
         raise DataError(f"--vocab-size {vocab_size} must be >= 1")
-    starts = end_token = None
-    if data is not None and Path(data).suffix in (".npy", ".bin"):
+    starts = end_token = labelled = None
+    if data is not None and Path(data).suffix == ".jsonl":
+        if not Path(data).is_file():
+            raise DataError(f"--data {data}: no such file")
+        pieces, masks, vocab, what = _jsonl_documents(Path(data), tokenizer)
+        eos = _eos_id(tokenizer)  # after each record: the tokenizer's end-of-sequence token, else a new id
+        end_token = vocab if eos is None else eos
+        end = np.array([end_token], dtype=np.int64)
+        tokens = np.concatenate([np.concatenate([p.astype(np.int64), end]) for p in pieces])
+        starts = np.concatenate([[0], np.cumsum([len(p) + 1 for p in pieces])[:-1]])
+        if any(m is not None for m in masks):  # text records: every token a target; the end token none
+            labelled = np.concatenate([np.concatenate([np.ones(len(p), np.int8) if m is None else m, [0]])
+                                       for p, m in zip(pieces, masks)]).astype(np.int8)
+        vocab = vocab + (eos is None)
+        if vocab_size is not None:
+            if vocab_size < vocab:
+                raise DataError(f"--vocab-size {vocab_size} is smaller than the {vocab} ids the data's tokens take")
+            vocab = vocab_size
+        if not documents:
+            starts = end_token = None
+    elif data is not None and Path(data).suffix in (".npy", ".bin"):
         if not Path(data).is_file():
             raise DataError(f"--data {data}: no such file")
         tokens = np.load(data, mmap_mode="r") if data.endswith(".npy") else np.memmap(data, dtype=np.uint16, mode="r")
@@ -156,6 +304,8 @@ def load_tokens(data: str | None, tokenizer: str | None, val_fraction: float, mi
                         f"plus a validation split")
     split = len(tokens) - n_val
     out = TokenData(tokens[:split], tokens[split:], vocab, what)  # views: a memory map stays one
+    if labelled is not None:
+        out.train_labelled, out.val_labelled = labelled[:split], labelled[split:]
     if starts is not None:  # the validation part begins wherever the split falls: a start there too
         out.train_starts = starts[starts < split].astype(np.int64)
         out.val_starts = np.concatenate([[0], starts[starts > split] - split]).astype(np.int64)

@@ -88,7 +88,7 @@ def load_model(run_dir: Path, sp, device: torch.device):
         raise ValueError(f"--resume {run_dir}: no loadable checkpoint in {run_dir / 'checkpoints'}")
     state = checkpoint.saved_state(path)
     fields = state["model"]
-    if state["config"]["model"].get("hf_config"):
+    if state["config"]["model"].get("hf_config") or state["config"]["model"].get("hf_model"):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from .integrations.transformers import CausalLM, parallelize

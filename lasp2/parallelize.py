@@ -131,11 +131,16 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
 def materialize(model: torch.nn.Module, device: torch.device, seed: int) -> None:
     """A model built on the meta device (and sharded or not): its memory on `device`, then the
     values its constructor would have drawn after torch.manual_seed(seed) (its
-    `initial_values()`), each drawn whole on the CPU and copied into this rank's shard. A model
-    with real tensors is left as it is."""
+    `initial_values()`), each drawn whole on the CPU and copied into this rank's shard; or, for
+    a model with pretrained weights (`pretrained`, `load_pretrained()`), its shards read from
+    them. A model with real tensors is left as it is."""
     if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         return
     model.to_empty(device=device)
+    if getattr(model, "pretrained", None) is not None:
+        model.load_pretrained()  # the loader replaces parameters: FSDP2 re-registers them on a move
+        model.to(device)
+        return
     targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     torch.manual_seed(seed)
     for name, value in model.initial_values():

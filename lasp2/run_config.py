@@ -17,6 +17,7 @@ class ModelChoice:
     pattern: str = "LLLN"
     hybrid: str | None = None
     hf_config: str | None = None
+    hf_model: str | None = None  # a save_pretrained directory: its config, weights and tokenizer
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class RunChoice:
     ckpt_every: int = 50
     resume: bool = False
     log_every: int = 10
+    export_hf: str | None = None  # a Hugging Face directory written at the end of the run
 
 
 @dataclass(frozen=True)

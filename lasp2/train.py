@@ -54,8 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     shape = m.add_mutually_exclusive_group()
     shape.add_argument("--pattern", default="LLLN", help=f"layer types repeated to the depth, L linear, N softmax {d}")
     shape.add_argument("--hybrid", default=None, help="share of softmax layers instead of --pattern: 0, 1/8, 1/4, 1/2 or 1")
-    m.add_argument("--hf-config", default=None, help="train a Hugging Face model from this local config.json (or its "
-                   "directory) instead of Linear-Llama3; needs pip install 'lasp2[hf]' (default: none)")
+    hf = m.add_mutually_exclusive_group()
+    hf.add_argument("--hf-config", default=None, help="train a freshly initialised Hugging Face model from this local "
+                    "config.json (or its directory) instead of Linear-Llama3; needs pip install 'lasp2[hf]' (default: none)")
+    hf.add_argument("--hf-model", default=None, metavar="DIR",
+                    help="fine-tune a pretrained Hugging Face model: a local directory save_pretrained wrote (config, "
+                         "safetensors); each rank reads only its shards; its tokenizer.json is the run's unless "
+                         "--tokenizer says otherwise (default: none)")
     par = p.add_argument_group("parallelism")
     par.add_argument("--sp", type=int, default=1, help=f"sequence-parallel ranks; dp = processes / sp {d}")
     par.add_argument("--sp-linear", default="lasp2", choices=[*LINEAR_METHODS, AUTO],
@@ -116,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="run directory (default: runs/<preset>-<kind>-<pattern>)")
     run.add_argument("--ckpt-every", type=int, default=50, help=f"steps between checkpoints, 0 for none {d}")
     run.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    run.add_argument("--export-hf", default=None, metavar="DIR",
+                     help="at the end, write the model as a Hugging Face directory (config, safetensors in the source's "
+                          "names and dtypes, tokenizer) that AutoModelForCausalLM.from_pretrained loads; a --hf-config or "
+                          "--hf-model run (default: none)")
     run.add_argument("--log-every", type=int, default=10, help=f"progress lines when not on a terminal {d}")
     run.add_argument("--list-presets", action="store_true", help="print every preset's parameter count and exit")
     return p
@@ -217,11 +226,17 @@ def make_batch(data, part: str, seed: int, step: int, choice: DataChoice):
     the label of every end-of-document token (it would predict the next document's first token),
     the row's last included."""
     tokens, starts = (data.train, data.train_starts) if part == "train" else (data.val, data.val_starts)
+    labelled = data.train_labelled if part == "train" else data.val_labelled
     if choice.packing == "documents":
         rows, documents = packed_batch_for_step(tokens, starts, seed, step, choice.batch_size, choice.seq_len)
         skip = rows[:, :-1] == data.end_token
     else:
         rows, documents, skip = batch_for_step(tokens, seed, step, choice.batch_size, choice.seq_len), None, None
+    if labelled is not None:  # chat data: the same windows of the mask (drawn alike); a label counts if its target is
+        targets = (packed_batch_for_step(labelled, starts, seed, step, choice.batch_size, choice.seq_len)[0]
+                   if choice.packing == "documents" else
+                   batch_for_step(labelled, seed, step, choice.batch_size, choice.seq_len))[:, 1:] == 0
+        skip = targets if skip is None else skip | targets
     return check_ids(rows, data.vocab_size, f"--data {choice.path or '(built-in)'}, {part} batch {step}"), documents, skip
 
 
@@ -296,15 +311,16 @@ def sequence_loss(model, sp, dims, batch, choice: DataChoice, part: int = 0, par
     mine = tokens[first:first + rows].to(dims.device)
     # One CUDA process computes in bf16 by autocast; several by FSDP's mixed-precision policy.
     autocast = dims.device.type == "cuda" and dims.world == 1
+    counted = choice.batch_size * choice.seq_len - (0 if skip is None else int(skip.sum()))  # over the global batch
+    counted = max(counted, 1)  # a batch without a target (a chat cut to its prompt) adds nothing
+    labels = mine[:, 1:] if skip is None else mine[:, 1:].masked_fill(skip[first:first + rows].to(dims.device), -100)
     if documents is None:
-        inputs, labels = sp.shard(mine[:, :-1]), sp.shard(mine[:, 1:])  # shift first, then shard
+        inputs, labels = sp.shard(mine[:, :-1]), sp.shard(labels)  # shift (and mask) first, then shard
         positions = sp.positions(choice.seq_len, dims.device)  # global positions, for RoPE
-        return _nll(model, inputs, labels, positions, sp, autocast) / (choice.batch_size * choice.seq_len)
+        return _nll(model, inputs, labels, positions, sp, autocast) / counted
     # Packed rows (B = 1 per call, documents as cu_seqlens; positions restart at each document):
     # batched, the rank's rows concatenated into one packed sequence, each row's documents
     # shifted to its place; one, a call per row.
-    counted = choice.batch_size * choice.seq_len - int(skip.sum())  # over the global batch
-    labels = mine[:, 1:].masked_fill(skip[first:first + rows].to(dims.device), -100)
     calls = [range(rows)] if choice.packed_rows == "batched" else [[i] for i in range(rows)]
     total = 0.0
     for members in calls:
@@ -358,7 +374,8 @@ def describe(model) -> dict:
     config = model.cfg if hasattr(model, "cfg") else model.model.config
     fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config.to_diff_dict()
     fields = {k: v for k, v in fields.items() if k != "_attn_implementation"}
-    return json.loads(json.dumps(fields))  # as the checkpoint's JSON holds it (tuples become lists)
+    # as the checkpoint's JSON holds it (tuples become lists, a torch dtype its name)
+    return json.loads(json.dumps(fields, default=lambda value: str(value).removeprefix("torch.")))
 
 
 def model_type(model) -> str:
@@ -370,23 +387,38 @@ def build_model(choice: ModelChoice, cfg, vocab_size: int, sp, device: torch.dev
     """(model, a line describing it, the run's default name): Linear-Llama3 from cfg, built on
     the meta device (nothing allocated: `parallelize.materialize` gives it memory and weights
     once FSDP has sharded it), or with --hf-config a Hugging Face model parallelized over sp (its
-    mixers run through lasp2), built on the CPU and moved to `device`. Either has `blocks`, the
-    units that activation checkpointing and FSDP wrap."""
+    mixers run through lasp2), built on the CPU and moved to `device`, or with --hf-model a
+    pretrained one, built on the meta device (materialize reads each rank's shards). Each has
+    `blocks`, the units that activation checkpointing and FSDP wrap."""
     if cfg is not None:
         with torch.device("meta"):
             model = LinearLlama(cfg)
         return model, f"{choice.preset} (pattern {cfg.layer_pattern}, linear {cfg.linear_kind})", \
             f"{choice.preset}-{cfg.linear_kind}-{cfg.layer_pattern}"
+    flag, path = ("--hf-model", choice.hf_model) if choice.hf_model else ("--hf-config", choice.hf_config)
     try:
-        from .integrations.transformers import causal_lm_from_config
+        from .integrations.transformers import causal_lm_from_config, causal_lm_from_pretrained
     except ImportError as exc:
-        raise ConfigError(f"--hf-config {choice.hf_config}: {exc}") from None
+        raise ConfigError(f"{flag} {path}: {exc}") from None
     try:
-        model = causal_lm_from_config(choice.hf_config, vocab_size, sp)
+        model = (causal_lm_from_pretrained(path, vocab_size, sp) if choice.hf_model else
+                 causal_lm_from_config(path, vocab_size, sp).to(device))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--hf-config {choice.hf_config}: {exc}") from None
+        raise ConfigError(f"{flag} {path}: {exc}") from None
     model_type = model.model.config.model_type
-    return model.to(device), f"Hugging Face {model_type} ({choice.hf_config})", f"hf-{model_type}"
+    return model, f"Hugging Face {model_type} ({path}{', pretrained' if choice.hf_model else ''})", f"hf-{model_type}"
+
+
+def model_source(config: RunConfig) -> str | None:
+    """The pretrained directory a run starts from (resolved), recorded with its checkpoints."""
+    return None if config.model.hf_model is None else str(Path(config.model.hf_model).resolve())
+
+
+def run_tokenizer(config: RunConfig) -> str | None:
+    """--tokenizer, else a --hf-model directory's tokenizer.json, else None (bytes)."""
+    if config.data.tokenizer is not None or config.model.hf_model is None:
+        return config.data.tokenizer
+    return config.model.hf_model if (Path(config.model.hf_model) / "tokenizer.json").is_file() else None
 
 
 def apply_parallelism(model, dims: ParallelDims, choice: ParallelChoice) -> str:
@@ -408,9 +440,14 @@ def apply_parallelism(model, dims: ParallelDims, choice: ParallelChoice) -> str:
 def train(config: RunConfig, dims: ParallelDims, stream=sys.stdout) -> dict:
     """Runs the configured training; returns {"losses": [...], "val_loss": ..., "run_dir": ..., "model": ...}."""
     choice = config.data
-    data = load_tokens(choice.path, choice.tokenizer, choice.val_fraction, choice.seq_len + 1,
+    tokenizer = run_tokenizer(config)
+    data = load_tokens(choice.path, tokenizer, choice.val_fraction, choice.seq_len + 1,
                        documents=choice.packing == "documents", doc_sep=choice.doc_sep, vocab_size=choice.vocab_size)
-    cfg = None if config.model.hf_config else model_config(config.model, data.vocab_size)
+    hf = config.model.hf_config or config.model.hf_model
+    cfg = None if hf else model_config(config.model, data.vocab_size)
+    if config.run.export_hf and not hf:
+        raise ConfigError(f"--export-hf {config.run.export_hf} writes a Hugging Face model: it needs --hf-model or "
+                          f"--hf-config (Linear-Llama3 has no Hugging Face format)")
     check_config(config, dims.dp, cfg)
     par = config.parallel
     delta = par.sp_linear if cfg is not None and cfg.linear_kind in DELTA_KINDS else "lasp2"  # either family
@@ -430,6 +467,10 @@ def train(config: RunConfig, dims: ParallelDims, stream=sys.stdout) -> dict:
         raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} can be loaded (see above); "
                           f"not starting over on top of them")
     if resume_from is not None:
+        started_from = checkpoint.saved_state(resume_from).get("hf_model")
+        if started_from != model_source(config):
+            raise ConfigError(f"--resume {resume_from}: the run started from --hf-model {started_from}, this one gives "
+                              f"{model_source(config)}")
         differ = checkpoint.model_differences(checkpoint.saved_state(resume_from).get("model"), describe(model))
         if differ:
             raise ConfigError(f"--resume {resume_from}: the checkpoint's model differs from this run's in "
@@ -471,7 +512,14 @@ def train(config: RunConfig, dims: ParallelDims, stream=sys.stdout) -> dict:
             metrics.write(step=step, val_loss=val_loss)
         if config.run.ckpt_every and ((step + 1) % config.run.ckpt_every == 0 or step + 1 == last):
             checkpoint.save(run_dir, step, model, optimizer, dims, {"config": config.as_dict(), "model": describe(model),
-                                                                    "model_type": model_type(model)})
+                                                                    "model_type": model_type(model),
+                                                                    "hf_model": model_source(config)})
+    if config.run.export_hf:
+        from .integrations.pretrained import save_pretrained
+
+        save_pretrained(model.model, config.run.export_hf, source=config.model.hf_model, tokenizer=tokenizer,
+                        group=dims.world_group, rank=dims.rank)
+        progress.note(f"wrote the model to {config.run.export_hf} (AutoModelForCausalLM.from_pretrained loads it)")
     if dims.is_main and (run_dir / "metrics.jsonl").is_file():
         plotted = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png", about)
         plot = "loss.png" if plotted else "no loss.png (matplotlib is not installed: pip install lasp2[bench])"

@@ -367,11 +367,19 @@ def shard_batch(sp, input_ids, labels=None, position_ids=None) -> dict:
 class CausalLM(torch.nn.Module):
     """A parallelized Hugging Face causal LM behind the trainer's model interface:
     forward(tokens [B, C], positions [C], ctx) -> logits [B, C, vocab] (ctx: the sequence-parallel
-    context, bound to a packed row's documents or not)."""
+    context, bound to a packed row's documents or not). pretrained: the save_pretrained directory
+    its weights come from (`load_pretrained`), or None for a fresh model."""
 
-    def __init__(self, model):
+    def __init__(self, model, pretrained: str | None = None):
         super().__init__()
         self.model = model
+        self.pretrained = pretrained
+
+    def load_pretrained(self) -> None:
+        """This rank's shards of the pretrained weights (the model has memory, sharded or not)."""
+        from .pretrained import load_weights
+
+        load_weights(self.model, self.pretrained)
 
     @property
     def blocks(self) -> torch.nn.ModuleList:
@@ -400,10 +408,30 @@ class CausalLM(torch.nn.Module):
                           **{DOCUMENTS: ctx}).logits
 
 
+def _config_for(path, vocab_size: int):
+    config = AutoConfig.from_pretrained(path)
+    if config.vocab_size < vocab_size:
+        raise ValueError(f"its vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size} token ids")
+    return config
+
+
 def causal_lm_from_config(path: str, vocab_size: int, sp) -> CausalLM:
     """A freshly initialised causal LM from a local config.json (the file or its directory),
     parallelized over `sp`, for the trainer's token ids below `vocab_size`."""
-    config = AutoConfig.from_pretrained(path)
-    if config.vocab_size < vocab_size:
-        raise ValueError(f"its vocab_size {config.vocab_size} is smaller than the data's {vocab_size} token ids")
-    return CausalLM(parallelize(AutoModelForCausalLM.from_config(config), sp))
+    return CausalLM(parallelize(AutoModelForCausalLM.from_config(_config_for(path, vocab_size)), sp))
+
+
+def causal_lm_from_pretrained(directory: str, vocab_size: int, sp) -> CausalLM:
+    """A pretrained causal LM (a save_pretrained directory) built on the meta device, fp32,
+    parallelized over `sp`: nothing is allocated or read until `lasp2.parallelize.materialize`
+    gives it memory (after FSDP has sharded it) and each rank reads its shards. ValueError
+    naming the problem: no config or weights, a vocabulary smaller than the tokenizer's."""
+    from pathlib import Path
+
+    from .pretrained import weight_files
+
+    weight_files(directory)
+    config = _config_for(directory, vocab_size)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return CausalLM(parallelize(model, sp), pretrained=str(Path(directory).resolve()))

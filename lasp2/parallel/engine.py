@@ -47,6 +47,7 @@ class Exchange(Protocol):
     checkpointing can drop it."""
 
     slots_per_rank: int  # slots a rank holds, stacked into its batch
+    keeps_final: bool  # set before a prefill's start_forward: `final_state` is asked for after it
 
     def start_forward(self, h_end: torch.Tensor, a: torch.Tensor | None) -> "Pending":
         """h_end [S*B, H, K, V] each slot's state from zero, a [S*B, H, Kg] (dense: [S*B, H, K, K])

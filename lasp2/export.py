@@ -1,0 +1,84 @@
+"""python -m lasp2.export <run dir> <out dir>: a Hugging Face run's checkpoint as a save_pretrained directory.
+
+The newest loadable checkpoint of a `--hf-model` or `--hf-config` run is read sharded over the
+processes (`torchrun --nproc_per_node N -m lasp2.export ...` spreads it over N ranks; one process
+works too), then written by `lasp2.integrations.pretrained.save_pretrained`: one decoder layer at
+a time gathered to rank 0, in the source checkpoint's parameter names and dtypes, with the
+config and the tokenizer files, so that `AutoModelForCausalLM.from_pretrained(<out dir>)` loads it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lasp2.export", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="the trainer's run directory (its newest loadable checkpoint)")
+    parser.add_argument("out_dir", type=Path, help="the Hugging Face directory to write")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer files to include (default: the run's)")
+    args = parser.parse_args(argv)
+    from .distributed import init_parallel, shutdown
+
+    dims = init_parallel(sp=int(os.environ.get("WORLD_SIZE", "1")))
+    try:
+        export(args.run_dir, args.out_dir, dims, args.tokenizer)
+    except ValueError as exc:
+        if dims.is_main:
+            print(f"python -m lasp2.export: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown(dims)
+    if dims.is_main:
+        print(f"wrote {args.out_dir} (AutoModelForCausalLM.from_pretrained loads it)")
+    return 0
+
+
+def export(run_dir: Path, out_dir: Path, dims, tokenizer: str | None = None) -> None:
+    """The checkpoint's model, sharded over `dims`' ranks, written to `out_dir`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from . import checkpoint
+    from .parallel import SequenceParallel
+    from .parallelize import apply_data_parallel
+
+    path = checkpoint.usable(run_dir, lambda line: print(line, file=sys.stderr))
+    if path is None:
+        raise ValueError(f"{run_dir}: no loadable checkpoint in {run_dir / 'checkpoints'}")
+    state = checkpoint.saved_state(path)
+    chosen = state["config"]["model"]
+    if not (chosen.get("hf_model") or chosen.get("hf_config")):
+        raise ValueError(f"{run_dir}: a Linear-Llama3 run; only --hf-model and --hf-config runs have a Hugging Face "
+                         f"format")
+    if "model_type" not in state:
+        raise ValueError(f"{path}: does not record its Hugging Face model_type (saved by an older trainer); resume the "
+                         f"run once to save it again")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .integrations.pretrained import compute_buffers, save_pretrained
+    from .integrations.transformers import CausalLM, parallelize
+
+    config = AutoConfig.for_model(state["model_type"], **state["model"])
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = CausalLM(parallelize(hf, SequenceParallel(None)))  # named as the trainer saved it
+    if dims.world > 1:
+        apply_data_parallel(model, model.blocks, dims.flat_mesh, "shard", dims.device)
+    model.to_empty(device=dims.device)
+    compute_buffers(hf)
+    weights = get_model_state_dict(model)
+    dcp.load({"model": weights}, checkpoint_id=str(path), **checkpoint.dcp_kwargs(dims))
+    set_model_state_dict(model, weights)
+    source = state.get("hf_model")
+    source = source if source is not None and Path(source).is_dir() else None
+    save_pretrained(hf, out_dir, source=source, tokenizer=tokenizer or state["config"]["data"].get("tokenizer"),
+                    group=dims.world_group, rank=dims.rank)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
