@@ -437,7 +437,7 @@ def apply_parallelism(model, dims: ParallelDims, choice: ParallelChoice) -> str:
     return ", ".join(applied) or "one process"
 
 
-def train(config: RunConfig, dims: ParallelDims, stream=sys.stdout) -> dict:
+def train(config: RunConfig, dims: ParallelDims, stream=None) -> dict:
     """Runs the configured training; returns {"losses": [...], "val_loss": ..., "run_dir": ..., "model": ...}."""
     choice = config.data
     tokenizer = run_tokenizer(config)
@@ -457,16 +457,13 @@ def train(config: RunConfig, dims: ParallelDims, stream=sys.stdout) -> dict:
     torch.manual_seed(config.seed)
     model, about, name = build_model(config.model, cfg, data.vocab_size, sp, dims.device)
     n_params = sum(p.numel() for p in model.parameters())
-    applied = apply_parallelism(model, dims, par)
-    materialize(model, dims.device, config.seed)  # a meta-device model: this rank's shards, the seed's weights
     run_dir = Path(config.run.out or f"runs/{name}")
-    optimizer = make_optimizer(model, config.optim)
-    progress, start = Progress(config.optim.steps, dims.is_main, config.run.log_every, stream), 0
+    progress, start = Progress(config.optim.steps, dims.is_main, config.run.log_every, stream or sys.stdout), 0
     resume_from = checkpoint.usable(run_dir, progress.note) if config.run.resume else None
     if resume_from is None and config.run.resume and checkpoint.latest(run_dir) is not None:
         raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} can be loaded (see above); "
                           f"not starting over on top of them")
-    if resume_from is not None:
+    if resume_from is not None:  # before any weight is read
         started_from = checkpoint.saved_state(resume_from).get("hf_model")
         if started_from != model_source(config):
             raise ConfigError(f"--resume {resume_from}: the run started from --hf-model {started_from}, this one gives "
@@ -475,6 +472,10 @@ def train(config: RunConfig, dims: ParallelDims, stream=sys.stdout) -> dict:
         if differ:
             raise ConfigError(f"--resume {resume_from}: the checkpoint's model differs from this run's in "
                               + ", ".join(differ))
+    applied = apply_parallelism(model, dims, par)
+    materialize(model, dims.device, config.seed)  # a meta-device model: this rank's shards, the seed's or pretrained weights
+    optimizer = make_optimizer(model, config.optim)
+    if resume_from is not None:
         start = checkpoint.load(resume_from, model, optimizer, dims, config.seed, progress.note)["step"] + 1
     elif dims.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,11 @@ def load_weights(model, directory) -> None:
 
     files = weight_files(directory)
     compute_buffers(model)
+    from transformers.utils import logging as hf_logging
+
     opened = [safe_open(file, framework="pt", device="cpu") for file in files]
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one bar per rank would interleave with the trainer's lines
     try:
         lazy = {key: f.get_slice(key) for f in opened for key in f.keys()}
         config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model))
@@ -90,6 +94,8 @@ def load_weights(model, directory) -> None:
     finally:
         for f in opened:
             f.__exit__(None, None, None)
+        if bars:
+            hf_logging.enable_progress_bar()
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     buffers = {name for name, _ in model.named_buffers()}
     missing = sorted(set(info.missing_keys) - tied - buffers)
