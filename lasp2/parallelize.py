@@ -136,11 +136,11 @@ def materialize(model: torch.nn.Module, device: torch.device, seed: int) -> None
     them. A model with real tensors is left as it is."""
     if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         return
-    model.to_empty(device=device)
     if getattr(model, "pretrained", None) is not None:
-        model.load_pretrained()  # the loader replaces parameters: FSDP2 re-registers them on a move
-        model.to(device)
+        model.load_pretrained(device)  # the loaded shards replace the meta parameters
+        model.to(device)  # FSDP2 re-registers the parameters it shards
         return
+    model.to_empty(device=device)
     targets = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     torch.manual_seed(seed)
     for name, value in model.initial_values():

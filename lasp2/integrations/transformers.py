@@ -375,11 +375,12 @@ class CausalLM(torch.nn.Module):
         self.model = model
         self.pretrained = pretrained
 
-    def load_pretrained(self) -> None:
-        """This rank's shards of the pretrained weights (the model has memory, sharded or not)."""
+    def load_pretrained(self, device) -> None:
+        """This rank's shards of the pretrained weights, on `device` (the model on the meta
+        device, sharded by FSDP2 or not: each loaded shard takes its parameter's place)."""
         from .pretrained import load_weights
 
-        load_weights(self.model, self.pretrained)
+        load_weights(self.model, self.pretrained, device)
 
     @property
     def blocks(self) -> torch.nn.ModuleList:
