@@ -128,7 +128,10 @@ def main(argv=None) -> int:
     try:
         sp = SequenceParallel(dims.sp_group, layout=args.layout)
         model, state, path = load_model(args.resume, sp, dims.device)
-        text = _Text(state["config"]["data"].get("tokenizer"))
+        source = state.get("hf_model")  # a --hf-model run without --tokenizer used its directory's
+        tokenizer = state["config"]["data"].get("tokenizer") or (
+            source if source is not None and (Path(source) / "tokenizer.json").is_file() else None)
+        text = _Text(tokenizer)
         ids = torch.tensor([text.encode(args.prompt)], device=dims.device)
         if not isinstance(model, LinearLlama):  # a Hugging Face model
             from .integrations.transformers import generate as hf_generate

@@ -214,3 +214,30 @@ def test_resuming_with_another_model_is_one_line(dist_workers, capsys, tmp_path)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
     assert f"the run started from --hf-model {first.resolve()}, this one gives {second.resolve()}" in err
+
+
+def test_readme_quick_start(tmp_path):
+    """The README's fine-tuning commands, on a small corpus instead of the built-in one."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    assert "examples/make_tiny_pretrained.py tiny-qwen3-next" in readme
+    assert "--hf-model tiny-qwen3-next" in readme and "--export-hf tiny-qwen3-next-ft" in readme
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(p.read_text() for p in sorted((ROOT / "lasp2").glob("*.py"))))
+    made = subprocess.run([sys.executable, str(ROOT / "examples" / "make_tiny_pretrained.py"), "tiny"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-2000:]
+    trained = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "lasp2.train", "--sp", "2", "--hf-model", "tiny", "--steps", "6", "--seq-len", "128",
+                              "--batch-size", "4", "--val-every", "6", "--val-batches", "1", "--data", str(corpus),
+                              "--export-hf", "tiny-ft"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"loss ([0-9.]+) \|", trained.stdout)]
+    assert losses and losses[-1] < losses[0], trained.stdout
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tiny-ft")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-ft")
+    out = model.generate(tok("def main(", return_tensors="pt").input_ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == len(tok("def main(").input_ids) + 4 and tok.decode(out[0]).startswith("def main(")
