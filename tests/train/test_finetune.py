@@ -241,3 +241,37 @@ def test_readme_quick_start(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-ft")
     out = model.generate(tok("def main(", return_tensors="pt").input_ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == len(tok("def main(").input_ids) + 4 and tok.decode(out[0]).startswith("def main(")
+
+
+def test_chat_data_across_ranks_equals_one_process(dist_workers, tmp_path):
+    """Chat records packed into rows, the assistant-only labels sharded with the tokens: sp 2's
+    losses are one process's."""
+    tok = word_tokenizer(tmp_path / "tok")
+    lines = [CHAT, {"text": "hello you how are you"}, {"messages": CHAT["messages"][:3]}] * 6
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    source = pretrained(tmp_path / "model", torch.float32)
+    data = ["--data", str(tmp_path / "chat.jsonl"), "--tokenizer", str(tok), "--packing", "documents",
+            "--val-fraction", "0.2", "--seq-len", "32"]  # the last --seq-len given wins
+    single = run(dist_workers, "single", [*steps(source, tmp_path / "single", "5e-5", count=3), *data])
+    sp2 = run(dist_workers, "sp2", [*steps(source, tmp_path / "sp2", "5e-5", count=3), *data])
+    assert max(abs(a - b) / b for a, b in zip(sp2["losses"], single["losses"])) < 1e-5
+
+
+def test_resuming_with_the_same_model_continues(dist_workers, tmp_path):
+    source = pretrained(tmp_path / "model")
+    run(dist_workers, "single", steps(source, tmp_path, "1e-4", count=2))
+    resumed = run(dist_workers, "single", [*steps(source, tmp_path, "1e-4", count=4), "--resume"])
+    assert len(resumed["losses"]) == 2  # steps 2 and 3 only
+
+
+def test_exporting_a_linear_llama_run_is_one_line(capsys, tmp_path):
+    from lasp2.export import main as export_main
+    from lasp2.train import main
+
+    main(["--steps", "1", "--seq-len", "16", "--batch-size", "1", "--ckpt-every", "1", "--val-every", "1",
+          "--val-batches", "1", "--out", str(tmp_path / "run")])
+    capsys.readouterr()
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"python -m lasp2.export: {tmp_path / 'run'}: a Linear-Llama3 run; only --hf-model and "
+                   f"--hf-config runs have a Hugging Face format"), err
