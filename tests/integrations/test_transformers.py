@@ -327,3 +327,31 @@ def test_packed_rows_under_activation_checkpointing_equal_without(dist_workers, 
         loss, grads = dist_workers.run(packed_rows_step, (0, 1), family, checkpointing)[0]
         assert abs(loss - plain[0]) <= 1e-5 * abs(plain[0]), (checkpointing, loss, plain[0])
         assert rel_err(grads, plain[1]) < 1e-5, checkpointing
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_pretrained_files_load_into_a_meta_model_and_write_back_the_same(tmp_path, family):
+    """`lasp2.integrations.pretrained`: a save_pretrained directory (each family's own checkpoint
+    names: per-expert MoE weights, renamed modules) loads into the model built on the meta device
+    (the same state and logits as the model that saved it), and is written back with the same
+    names, dtypes and values. The reference: transformers' own from_pretrained, in fp32."""
+    from safetensors.torch import load_file
+
+    from lasp2.integrations.pretrained import load_weights, save_pretrained
+
+    original = build(family).to(torch.bfloat16)
+    original.save_pretrained(tmp_path / "source")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(original.config, dtype=torch.float32)
+    load_weights(model, tmp_path / "source")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "source", dtype=torch.float32)
+    want = reference.state_dict()
+    assert sorted(model.state_dict()) == sorted(want)
+    assert all(torch.equal(t, want[n]) for n, t in model.state_dict().items())
+    ids = batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    save_pretrained(model, tmp_path / "out", source=tmp_path / "source")
+    files, written = load_file(tmp_path / "source" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(written) == sorted(files)
+    assert all(written[k].dtype == torch.bfloat16 and torch.equal(written[k], files[k]) for k in files)
