@@ -224,7 +224,8 @@ def make_batch(data, part: str, seed: int, step: int, choice: DataChoice):
     """(rows [B, T+1], each row's cu_seqlens or None, the labels to skip [B, T] or None) from the
     `part` ("train" or "val") of the corpus: a function of (seed, step) alone. Packed rows skip
     the label of every end-of-document token (it would predict the next document's first token),
-    the row's last included."""
+    the row's last included; chat data also every label whose token is not a target (not an
+    assistant message's)."""
     tokens, starts = (data.train, data.train_starts) if part == "train" else (data.val, data.val_starts)
     labelled = data.train_labelled if part == "train" else data.val_labelled
     if choice.packing == "documents":
@@ -405,8 +406,8 @@ def build_model(choice: ModelChoice, cfg, vocab_size: int, sp, device: torch.dev
                  causal_lm_from_config(path, vocab_size, sp).to(device))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{flag} {path}: {exc}") from None
-    model_type = model.model.config.model_type
-    return model, f"Hugging Face {model_type} ({path}{', pretrained' if choice.hf_model else ''})", f"hf-{model_type}"
+    kind = model.model.config.model_type
+    return model, f"Hugging Face {kind} ({path}{', pretrained' if choice.hf_model else ''})", f"hf-{kind}"
 
 
 def model_source(config: RunConfig) -> str | None:
