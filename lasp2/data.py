@@ -123,12 +123,11 @@ def _chat_template(tokenizer: str | None):
     if not has:
         return None
     try:
-        from transformers import AutoTokenizer
+        from .integrations.transformers import chat_renderer
     except ImportError as exc:
         raise DataError(f"--tokenizer {tokenizer}: rendering its chat template needs transformers "
                         f"(pip install 'lasp2[hf]')") from exc
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    return lambda messages, prompt: tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+    return chat_renderer(tokenizer)
 
 
 def _eos_id(tokenizer: str | None) -> int | None:

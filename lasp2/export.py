@@ -13,8 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lasp2.export", description=__doc__.splitlines()[0])
@@ -58,15 +56,11 @@ def export(run_dir: Path, out_dir: Path, dims, tokenizer: str | None = None) -> 
     if "model_type" not in state:
         raise ValueError(f"{path}: does not record its Hugging Face model_type (saved by an older trainer); resume the "
                          f"run once to save it again")
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from .integrations.pretrained import compute_buffers, save_pretrained
-    from .integrations.transformers import CausalLM, parallelize
+    from .integrations.transformers import causal_lm_from_saved
 
-    config = AutoConfig.for_model(state["model_type"], **state["model"])
-    with torch.device("meta"):
-        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model = CausalLM(parallelize(hf, SequenceParallel(None)))  # named as the trainer saved it
+    model = causal_lm_from_saved(state["model_type"], state["model"], SequenceParallel(None), meta=True)
+    hf = model.model
     if dims.world > 1:
         apply_data_parallel(model, model.blocks, dims.flat_mesh, "shard", dims.device)
     model.to_empty(device=dims.device)

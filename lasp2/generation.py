@@ -89,15 +89,12 @@ def load_model(run_dir: Path, sp, device: torch.device):
     state = checkpoint.saved_state(path)
     fields = state["model"]
     if state["config"]["model"].get("hf_config") or state["config"]["model"].get("hf_model"):
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from .integrations.transformers import CausalLM, parallelize
+        from .integrations.transformers import causal_lm_from_saved
 
         if "model_type" not in state:
             raise ValueError(f"--resume {run_dir}: {path.name} does not record its Hugging Face model_type (saved "
                              f"before generation was supported); resume training once to save it again")
-        config = AutoConfig.for_model(state["model_type"], **fields)
-        model = CausalLM(parallelize(AutoModelForCausalLM.from_config(config), sp))  # as the trainer saved it
+        model = causal_lm_from_saved(state["model_type"], fields, sp)
     else:
         names = {f.name for f in dataclasses.fields(ModelConfig)}
         model = LinearLlama(ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()

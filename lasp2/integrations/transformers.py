@@ -422,6 +422,27 @@ def causal_lm_from_config(path: str, vocab_size: int, sp) -> CausalLM:
     return CausalLM(parallelize(AutoModelForCausalLM.from_config(_config_for(path, vocab_size)), sp))
 
 
+def causal_lm_from_saved(model_type: str, fields: dict, sp, meta: bool = False) -> CausalLM:
+    """The causal LM a trainer checkpoint describes (its model_type and config fields, as
+    `lasp2.train.describe` saved them), parallelized over `sp`, named as the trainer saved it:
+    on the meta device in fp32 (meta=True) or freshly initialised on the CPU; its weights then
+    come from the checkpoint."""
+    config = AutoConfig.for_model(model_type, **fields)
+    if not meta:
+        return CausalLM(parallelize(AutoModelForCausalLM.from_config(config), sp))
+    with torch.device("meta"):
+        return CausalLM(parallelize(AutoModelForCausalLM.from_config(config, dtype=torch.float32), sp))
+
+
+def chat_renderer(directory):
+    """render(messages, add_generation_prompt) -> str with a tokenizer directory's chat template
+    (transformers' Jinja conventions)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    return lambda messages, prompt: tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+
+
 def causal_lm_from_pretrained(directory: str, vocab_size: int, sp) -> CausalLM:
     """A pretrained causal LM (a save_pretrained directory) built on the meta device, fp32,
     parallelized over `sp`: nothing is allocated or read until `lasp2.parallelize.materialize`
