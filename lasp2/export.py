@@ -1,6 +1,7 @@
 """python -m lasp2.export <run dir> <out dir>: a Hugging Face run's checkpoint as a save_pretrained directory.
 
-The newest loadable checkpoint of a `--hf-model` or `--hf-config` run is read sharded over the
+The newest loadable checkpoint of a `--hf-model` or `--hf-config` run (or the checkpoint given:
+`<run dir>/checkpoints/step_0000049`) is read sharded over the
 processes (`torchrun --nproc_per_node N -m lasp2.export ...` spreads it over N ranks; one process
 works too), then written by `lasp2.integrations.pretrained.save_pretrained`: one decoder layer at
 a time gathered to rank 0, in the source checkpoint's parameter names and dtypes, with the
@@ -16,7 +17,8 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lasp2.export", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="the trainer's run directory (its newest loadable checkpoint)")
+    parser.add_argument("run_dir", type=Path, help="the trainer's run directory (its newest loadable checkpoint), or "
+                        "one checkpoint directory of it")
     parser.add_argument("out_dir", type=Path, help="the Hugging Face directory to write")
     parser.add_argument("--tokenizer", default=None, help="tokenizer files to include (default: the run's)")
     args = parser.parse_args(argv)
@@ -45,7 +47,12 @@ def export(run_dir: Path, out_dir: Path, dims, tokenizer: str | None = None) -> 
     from .parallel import SequenceParallel
     from .parallelize import apply_data_parallel
 
-    path = checkpoint.usable(run_dir, lambda line: print(line, file=sys.stderr))
+    if (run_dir / checkpoint.TRAINER_STATE).is_file():  # one checkpoint, named
+        path, why = run_dir, checkpoint.problem(run_dir)
+        if why is not None:
+            raise ValueError(f"{run_dir}: cannot be loaded: {why}")
+    else:
+        path = checkpoint.usable(run_dir, lambda line: print(line, file=sys.stderr))
     if path is None:
         raise ValueError(f"{run_dir}: no loadable checkpoint in {run_dir / 'checkpoints'}")
     state = checkpoint.saved_state(path)

@@ -257,11 +257,19 @@ def test_chat_data_across_ranks_equals_one_process(dist_workers, tmp_path):
     assert max(abs(a - b) / b for a, b in zip(sp2["losses"], single["losses"])) < 1e-5
 
 
-def test_resuming_with_the_same_model_continues(dist_workers, tmp_path):
+def test_resuming_with_the_same_model_continues_and_any_checkpoint_exports(dist_workers, tmp_path):
+    from lasp2.distributed import ParallelDims
+    from lasp2.export import export
+
     source = pretrained(tmp_path / "model")
     run(dist_workers, "single", steps(source, tmp_path, "1e-4", count=2))
+    first = files(tmp_path / "export")
     resumed = run(dist_workers, "single", [*steps(source, tmp_path, "1e-4", count=4), "--resume"])
     assert len(resumed["losses"]) == 2  # steps 2 and 3 only
+    export(tmp_path / "run" / "checkpoints" / "step_0000001", tmp_path / "first", ParallelDims())  # the earlier one
+    again = files(tmp_path / "first")
+    assert sorted(again) == sorted(first) and all(torch.equal(again[k], first[k]) for k in first)
+    assert not all(torch.equal(v, first[k]) for k, v in files(tmp_path / "export").items())  # the later one differs
 
 
 def test_exporting_a_linear_llama_run_is_one_line(capsys, tmp_path):
