@@ -131,5 +131,9 @@ def barrier(dims: ParallelDims) -> None:
 
 
 def shutdown(dims: ParallelDims) -> None:
+    """Every rank waits for the others, then leaves the group: a gloo rank that left right after
+    a broadcast it sent could close its connection before a peer had read the data (the peer
+    then aborts)."""
     if dims.world_group is not None and dist.is_initialized():
+        dist.barrier(group=dims.world_group)
         dist.destroy_process_group()
