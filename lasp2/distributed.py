@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +129,22 @@ def sum_over_ranks(value: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
 def barrier(dims: ParallelDims) -> None:
     if dims.world_group is not None:
         dist.barrier(group=dims.world_group)
+
+
+def run_command(prog: str, body) -> int:
+    """A command over every process torchrun started (one process works too): body(dims) with
+    all of them in one sp group; a ValueError (the same on every rank) is one line from rank 0
+    and exit status 2. Returns the status."""
+    dims = init_parallel(sp=int(os.environ.get("WORLD_SIZE", "1")))
+    try:
+        body(dims)
+    except ValueError as exc:
+        if dims.is_main:
+            print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown(dims)
+    return 0
 
 
 def shutdown(dims: ParallelDims) -> None:

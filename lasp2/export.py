@@ -10,7 +10,6 @@ config and the tokenizer files, so that `AutoModelForCausalLM.from_pretrained(<o
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -22,20 +21,14 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir", type=Path, help="the Hugging Face directory to write")
     parser.add_argument("--tokenizer", default=None, help="tokenizer files to include (default: the run's)")
     args = parser.parse_args(argv)
-    from .distributed import init_parallel, shutdown
+    from .distributed import run_command
 
-    dims = init_parallel(sp=int(os.environ.get("WORLD_SIZE", "1")))
-    try:
+    def write(dims):
         export(args.run_dir, args.out_dir, dims, args.tokenizer)
-    except ValueError as exc:
         if dims.is_main:
-            print(f"python -m lasp2.export: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown(dims)
-    if dims.is_main:
-        print(f"wrote {args.out_dir} (AutoModelForCausalLM.from_pretrained loads it)")
-    return 0
+            print(f"wrote {args.out_dir} (AutoModelForCausalLM.from_pretrained loads it)")
+
+    return run_command("python -m lasp2.export", write)
 
 
 def export(run_dir: Path, out_dir: Path, dims, tokenizer: str | None = None) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -119,10 +118,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag"])
     parser.add_argument("--stats", action="store_true", help="also print prefill and decode times and cache bytes")
     args = parser.parse_args(argv)
-    from .distributed import init_parallel, shutdown
+    from .distributed import run_command
 
-    dims = init_parallel(sp=int(os.environ.get("WORLD_SIZE", "1")))  # every rank shares the prompt
-    try:
+    def continue_prompt(dims):  # every rank shares the prompt
         sp = SequenceParallel(dims.sp_group, layout=args.layout)
         model, state, path = load_model(args.resume, sp, dims.device)
         source = state.get("hf_model")  # a --hf-model run without --tokenizer used its directory's
@@ -147,10 +145,5 @@ def main(argv=None) -> int:
                                   "new_tokens": len(out.step_seconds), "prefill_s": round(out.prefill_seconds, 4),
                                   "decode_s_per_token": round(per_token, 5),
                                   "cache_bytes": dataclasses.asdict(out.cache)}), file=sys.stderr)
-    except ValueError as exc:
-        if dims.is_main:
-            print(f"python -m lasp2.generate: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown(dims)
-    return 0
+
+    return run_command("python -m lasp2.generate", continue_prompt)
