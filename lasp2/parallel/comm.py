@@ -114,6 +114,14 @@ def irecv(like: torch.Tensor, group, group_rank: int, tag: int = 0):
     return staged.tensor, Work([work], [staged])
 
 
+def broadcast(tensor: torch.Tensor, group, group_rank: int) -> torch.Tensor:
+    """`tensor` of the rank with index `group_rank` in `group`, on every rank (copied into each
+    rank's `tensor`, which is returned)."""
+    staged = _Staged(tensor, group)
+    dist.broadcast(staged.wire, src=dist.get_global_rank(group, group_rank), group=group)
+    return staged.copy_back()
+
+
 def exchange_batch(sends, receives, group):
     """Starts point-to-point transfers as one batch_isend_irecv (NCCL groups them, so their
     order between a pair of ranks does not matter): sends [(tensor, group_rank, tag)], receives

@@ -26,7 +26,7 @@ import torch
 
 from ..ops.decode import conv_step, delta_rule_step, linear_attn_step
 from ..ops.softmax_attn import attention_block
-from .comm import all_gather_dim0, group_rank_size
+from .comm import all_gather_dim0, broadcast, group_rank_size
 from .layout import as_layout
 from .registry import DELTA_METHODS, LINEAR_METHODS
 from .spec import DELTA, LINEAR
@@ -260,10 +260,7 @@ def _last_token(sp, length: int, device) -> tuple[int, torch.Tensor]:
 
 
 def _broadcast(t: torch.Tensor, source: int, group) -> torch.Tensor:
-    if group_rank_size(group)[1] > 1:
-        torch.distributed.broadcast(t, torch.distributed.get_global_rank(group, source) if group is not None else source,
-                                    group=group)
-    return t
+    return broadcast(t, group, source) if group_rank_size(group)[1] > 1 else t
 
 
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
@@ -300,7 +297,7 @@ def generate_tokens(forward, sp, input_ids, max_new_tokens: int, choose, *, eos_
     owner, at = _last_token(sp, sharded, device)
     prompt = input_ids[:, :sharded]
     logits = _at_least_fp32(forward(sp.shard(prompt), sp.positions(sharded, device=device), state.prefill(), at)[:, -1])
-    logits = _broadcast(logits.contiguous(), owner, sp.group)
+    logits = _broadcast(logits, owner, sp.group)
     for position in range(sharded, length):  # the ragged tail, a token at a time
         logits = step(input_ids[:, position:position + 1], position)
     if return_dict:  # timings asked for (otherwise no host sync)
@@ -314,7 +311,7 @@ def generate_tokens(forward, sp, input_ids, max_new_tokens: int, choose, *, eos_
         if i:  # the previous token through every layer, one token on every rank
             logits = step(sequences[-1], length + i - 1)
         seen.append(logits)
-        token = _broadcast(choose(logits).to(input_ids.dtype).contiguous(), 0, sp.group)
+        token = _broadcast(choose(logits).to(input_ids.dtype), 0, sp.group)
         if eos_token_id is not None:
             token = torch.where(done, torch.full_like(token, fill), token)
             done = done | (token == eos_token_id)

@@ -35,6 +35,7 @@ from ..ops.chunk_kernels import (add_incoming, add_outgoing_grad, grad_state_pas
 from ..ops.chunk_layout import ChunkedSeq
 from ..ops.policy import policy_for, under_forward_policy
 from ..ops.precision import without_autocast
+from .comm import broadcast
 from .inputs import check_linear_call
 from .layout import from_segments, segments, to_segments, unsegment_grads
 from .transitions import transition_for
@@ -73,10 +74,8 @@ def broadcast_last_slot(group, layout, leaving: torch.Tensor) -> torch.Tensor:
     owner, rank = layout.slot_ranks()[-1], torch.distributed.get_rank(group)
     mine = layout.slots(rank)
     per_slot = leaving.view(len(mine), -1, *leaving.shape[1:])
-    final = per_slot[mine.index(layout.n_slots - 1)].contiguous() if rank == owner else torch.empty_like(per_slot[0])
-    torch.distributed.broadcast(final, torch.distributed.get_global_rank(group, owner) if group is not None else owner,
-                                group=group)
-    return final
+    final = per_slot[mine.index(layout.n_slots - 1)] if rank == owner else torch.empty_like(per_slot[0])
+    return broadcast(final, group, owner)
 
 
 class Pending:
