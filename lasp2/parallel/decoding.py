@@ -28,7 +28,7 @@ from ..ops.decode import conv_step, delta_rule_step, linear_attn_step
 from ..ops.softmax_attn import attention_block
 from .comm import all_gather_dim0, broadcast, group_rank_size
 from .layout import as_layout
-from .registry import DELTA_METHODS, LINEAR_METHODS
+from .registry import AUTO, final_state_methods
 from .spec import DELTA, LINEAR
 
 
@@ -38,8 +38,7 @@ class _Calls:
     cu_seqlens = None  # one sequence per row
 
     def __init__(self, state: "PromptState"):
-        self.state, self.sp = state, state.sp
-        self.world, self.rank = state.world, state.rank
+        self.state, self.sp, self.rank = state, state.sp, state.rank
         self._seen = {"recurrent": 0, "conv": 0, "softmax": 0}
 
     def _next(self, kind: str) -> int:
@@ -230,11 +229,10 @@ def check_prompt(fn: str, sp, input_ids, max_new_tokens: int, attention_mask=Non
         raise ValueError(f"{fn}: padded prompts are not supported (attention_mask has zeros): give rows of one length "
                          f"(or one row per call)")
     for family, name in ((LINEAR, sp.linear), (DELTA, sp.delta)):
-        methods = LINEAR_METHODS if family == LINEAR else DELTA_METHODS
-        if name in methods and methods[name].final_state is None:
-            able = ", ".join(n for n, spec in methods.items() if spec.final_state is not None)
+        able = final_state_methods(family)
+        if name != AUTO and name not in able:  # auto picks among them
             raise ValueError(f"{fn}: the prefill needs each {family} layer's final state, which {name!r} cannot "
-                             f"return; use a state-passing method ({able} or auto)")
+                             f"return; use a state-passing method ({', '.join(able)} or auto)")
     lay = as_layout(sp.layout, sp.world, fn)
     length = input_ids.shape[1]
     sharded = length - length % lay.n_slots if ragged_tail else length
@@ -243,8 +241,8 @@ def check_prompt(fn: str, sp, input_ids, max_new_tokens: int, attention_mask=Non
                          f"over {sp.world} ranks: give at least {lay.n_slots} tokens")
     if length % lay.n_slots and not ragged_tail:
         raise ValueError(f"{fn}: a prompt of {length} tokens cannot be sharded over {sp.world} ranks in the {lay} "
-                         f"layout: its length must be a multiple of {lay.n_slots}"
-                         + ("" if ragged_tail else " (ragged_tail=True runs the last tokens as decoding steps)"))
+                         f"layout: its length must be a multiple of {lay.n_slots} (ragged_tail=True runs the last "
+                         f"tokens as decoding steps)")
     return sharded
 
 

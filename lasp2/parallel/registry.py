@@ -62,14 +62,21 @@ def method_table() -> str:
     return "\n".join([TABLE_HEADER] + [spec.table_row() for spec in specs])
 
 
+def final_state_methods(family: str) -> list[str]:
+    """The linear or delta-rule methods that return the state after the sequence
+    (`MethodSpec.final_state`), in registration order."""
+    methods = LINEAR_METHODS if family == LINEAR else DELTA_METHODS
+    return [name for name, spec in methods.items() if spec.final_state is not None]
+
+
 def _final_state(family: str, name: str, output_final_state: bool) -> dict:
     """output_final_state as a keyword only when asked for (a registered method need not take
     it); ValueError, before any collective, when the method cannot return the final state."""
     if not output_final_state:
         return {}
-    methods = LINEAR_METHODS if family == LINEAR else DELTA_METHODS
-    if methods[name].final_state is None:
-        able = ", ".join(n for n, spec in methods.items() if spec.final_state is not None)
+    able = final_state_methods(family)
+    if name not in able:
+        able = ", ".join(able)
         raise ValueError(f"SequenceParallel: the {family} method {name!r} cannot return the final state "
                          f"(output_final_state=True, the prefill of generation); methods that can: {able}")
     return {"output_final_state": True}
