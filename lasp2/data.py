@@ -48,10 +48,10 @@ def _text_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file())
 
 
-def _tokenizer(path: str | None):
-    """-> (encode(bytes) -> np.ndarray, vocab size)."""
+def load_tokenizer(path: str | None):
+    """The `tokenizers` Tokenizer of a tokenizer.json (or its directory); None for bytes."""
     if path is None:
-        return (lambda data: np.frombuffer(data, dtype=np.uint8)), 256
+        return None
     file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise DataError(f"--tokenizer {path}: no tokenizer.json there")
@@ -59,8 +59,27 @@ def _tokenizer(path: str | None):
         from tokenizers import Tokenizer
     except ImportError as exc:
         raise DataError(f"--tokenizer {path}: needs the 'tokenizers' package (pip install tokenizers)") from exc
-    tok = Tokenizer.from_file(str(file))
+    return Tokenizer.from_file(str(file))
+
+
+def _encoder(tok):
+    """-> (encode(bytes) -> np.ndarray, vocab size) of a loaded tokenizer (None: bytes)."""
+    if tok is None:
+        return (lambda data: np.frombuffer(data, dtype=np.uint8)), 256
     return (lambda data: np.asarray(tok.encode(data.decode("utf-8", errors="replace")).ids, dtype=np.int64)), tok.get_vocab_size()
+
+
+def _tokenizer(path: str | None):
+    """-> (encode(bytes) -> np.ndarray, vocab size)."""
+    return _encoder(load_tokenizer(path))
+
+
+def tokenizer_of_run(tokenizer: str | None, model_dir: str | None) -> str | None:
+    """The tokenizer a run uses: --tokenizer, else a --hf-model directory's tokenizer.json, else
+    None (bytes)."""
+    if tokenizer is not None or model_dir is None:
+        return tokenizer
+    return model_dir if (Path(model_dir) / "tokenizer.json").is_file() else None
 
 
 @dataclass
@@ -130,17 +149,14 @@ def _chat_template(tokenizer: str | None):
     return chat_renderer(tokenizer)
 
 
-def _eos_id(tokenizer: str | None) -> int | None:
-    """The id of the eos_token a tokenizer directory's tokenizer_config.json names, or None."""
+def _eos_id(tok, tokenizer: str | None) -> int | None:
+    """The id in `tok` (loaded) of the eos_token a tokenizer directory's tokenizer_config.json
+    names, or None."""
     if tokenizer is None or not (Path(tokenizer) / "tokenizer_config.json").is_file():
         return None
     eos = json.loads((Path(tokenizer) / "tokenizer_config.json").read_text()).get("eos_token")
     eos = eos.get("content") if isinstance(eos, dict) else eos
-    if not isinstance(eos, str):
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(Path(tokenizer) / "tokenizer.json")).token_to_id(eos)
+    return tok.token_to_id(eos) if isinstance(eos, str) else None
 
 
 def _plain_chat(messages, prompt: bool) -> str:
@@ -172,10 +188,11 @@ def chat_segments(messages, render) -> list[tuple[str, bool]]:
 def _jsonl_documents(path: Path, tokenizer: str | None):
     """-> (tokens of each record, labelled mask of each or None for plain text, vocab size, eos id
     or None, what): each line's record encoded; a chat's tokens labelled where they fall in an
-    assistant message."""
-    encode, vocab = _tokenizer(tokenizer)
+    assistant message. The tokenizer is read once."""
+    tok = load_tokenizer(tokenizer)
+    encode, vocab = _encoder(tok)
     render = _chat_template(tokenizer) or _plain_chat
-    offsets = _offsets_encoder(tokenizer)
+    offsets = _offsets_encoder(tok)
     docs, masks, chats = [], [], 0
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -205,23 +222,19 @@ def _jsonl_documents(path: Path, tokenizer: str | None):
         chats += 1
     if not docs:
         raise DataError(f"--data {path}: no records")
-    return docs, masks, vocab, f"{path} ({len(docs)} records, {chats} chats)"
+    return docs, masks, vocab, _eos_id(tok, tokenizer), f"{path} ({len(docs)} records, {chats} chats)"
 
 
-def _offsets_encoder(tokenizer: str | None):
-    """-> encode(segments [(text, labelled)]) -> (token ids, labelled 0/1 per token): the joined
-    text tokenised at once; a token is labelled when its first character lies in a labelled
-    segment (bytes: segment by segment, which is the same)."""
-    if tokenizer is None:
+def _offsets_encoder(tok):
+    """-> encode(segments [(text, labelled)]) -> (token ids, labelled 0/1 per token) with a
+    loaded tokenizer (None: bytes): the joined text tokenised at once; a token is labelled when
+    its first character lies in a labelled segment (bytes: segment by segment, which is the same)."""
+    if tok is None:
         def by_bytes(segments):
             parts = [np.frombuffer(t.encode(), dtype=np.uint8) for t, _ in segments]
             flags = [np.full(len(p), int(labelled), dtype=np.int8) for p, (_, labelled) in zip(parts, segments)]
             return np.concatenate(parts).astype(np.int64), np.concatenate(flags)
         return by_bytes
-    from tokenizers import Tokenizer
-
-    file = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
-    tok = Tokenizer.from_file(str(file))
 
     def by_offsets(segments):
         text = "".join(t for t, _ in segments)
@@ -245,8 +258,8 @@ def load_tokens(data: str | None, tokenizer: str | None, val_fraction: float, mi
     if data is not None and Path(data).suffix == ".jsonl":
         if not Path(data).is_file():
             raise DataError(f"--data {data}: no such file")
-        pieces, masks, vocab, what = _jsonl_documents(Path(data), tokenizer)
-        eos = _eos_id(tokenizer)  # after each record: the tokenizer's end-of-sequence token, else a new id
+        pieces, masks, vocab, eos, what = _jsonl_documents(Path(data), tokenizer)
+        # after each record: the tokenizer's end-of-sequence token, else a new id
         end_token = vocab if eos is None else eos
         end = np.array([end_token], dtype=np.int64)
         tokens = np.concatenate([np.concatenate([p.astype(np.int64), end]) for p in pieces])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .data import load_tokenizer, tokenizer_of_run
 from .model import LinearLlama
 from .ops.sampling import token_chooser
 from .parallel import SequenceParallel
@@ -58,12 +59,7 @@ class _Text:
     """The run's tokenizer: bytes (no --tokenizer) or its tokenizer.json."""
 
     def __init__(self, tokenizer: str | None):
-        self._tok = None
-        if tokenizer is not None:
-            from tokenizers import Tokenizer
-
-            file = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
-            self._tok = Tokenizer.from_file(str(file))
+        self._tok = load_tokenizer(tokenizer)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8")) if self._tok is None else self._tok.encode(text).ids
@@ -123,10 +119,7 @@ def main(argv=None) -> int:
     def continue_prompt(dims):  # every rank shares the prompt
         sp = SequenceParallel(dims.sp_group, layout=args.layout)
         model, state, path = load_model(args.resume, sp, dims.device)
-        source = state.get("hf_model")  # a --hf-model run without --tokenizer used its directory's
-        tokenizer = state["config"]["data"].get("tokenizer") or (
-            source if source is not None and (Path(source) / "tokenizer.json").is_file() else None)
-        text = _Text(tokenizer)
+        text = _Text(tokenizer_of_run(state["config"]["data"].get("tokenizer"), state.get("hf_model")))
         ids = torch.tensor([text.encode(args.prompt)], device=dims.device)
         if not isinstance(model, LinearLlama):  # a Hugging Face model
             from .integrations.transformers import generate as hf_generate

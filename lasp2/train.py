@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .data import DataError, batch_for_step, check_ids, load_tokens, packed_batch_for_step
+from .data import DataError, batch_for_step, check_ids, load_tokens, packed_batch_for_step, tokenizer_of_run
 from .distributed import ConfigError, ParallelDims, init_parallel, shutdown, sum_over_ranks
 from .model import DELTA_KINDS, LINEAR_KINDS, PRESETS, LinearLlama, count_parameters, pattern_for_ratio, preset
 from .parallel import DELTA_METHODS, LINEAR_METHODS, SOFTMAX_METHODS, SequenceParallel
@@ -415,13 +415,6 @@ def model_source(config: RunConfig) -> str | None:
     return None if config.model.hf_model is None else str(Path(config.model.hf_model).resolve())
 
 
-def run_tokenizer(config: RunConfig) -> str | None:
-    """--tokenizer, else a --hf-model directory's tokenizer.json, else None (bytes)."""
-    if config.data.tokenizer is not None or config.model.hf_model is None:
-        return config.data.tokenizer
-    return config.model.hf_model if (Path(config.model.hf_model) / "tokenizer.json").is_file() else None
-
-
 def apply_parallelism(model, dims: ParallelDims, choice: ParallelChoice) -> str:
     """Activation checkpointing, torch.compile per block, then FSDP2 over the flattened dp x sp
     mesh (one process: none), in torchtitan's order; returns a few words saying what was applied."""
@@ -441,7 +434,7 @@ def apply_parallelism(model, dims: ParallelDims, choice: ParallelChoice) -> str:
 def train(config: RunConfig, dims: ParallelDims, stream=None) -> dict:
     """Runs the configured training; returns {"losses": [...], "val_loss": ..., "run_dir": ..., "model": ...}."""
     choice = config.data
-    tokenizer = run_tokenizer(config)
+    tokenizer = tokenizer_of_run(choice.tokenizer, config.model.hf_model)
     data = load_tokens(choice.path, tokenizer, choice.val_fraction, choice.seq_len + 1,
                        documents=choice.packing == "documents", doc_sep=choice.doc_sep, vocab_size=choice.vocab_size)
     hf = config.model.hf_config or config.model.hf_model
