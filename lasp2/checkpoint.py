@@ -121,6 +121,12 @@ def saved_state(path: Path) -> dict:
     return json.loads((Path(path) / TRAINER_STATE).read_text())
 
 
+def is_hugging_face(state: dict) -> bool:
+    """Whether a checkpoint's run trained a Hugging Face model (--hf-model or --hf-config)."""
+    chosen = state["config"]["model"]
+    return bool(chosen.get("hf_model") or chosen.get("hf_config"))
+
+
 def model_differences(saved: dict | None, current: dict) -> list[str]:
     """'field (saved -> now)' for every model field that differs between a checkpoint's model
     description and this run's."""

@@ -49,17 +49,13 @@ def export(run_dir: Path, out_dir: Path, dims, tokenizer: str | None = None) -> 
     if path is None:
         raise ValueError(f"{run_dir}: no loadable checkpoint in {run_dir / 'checkpoints'}")
     state = checkpoint.saved_state(path)
-    chosen = state["config"]["model"]
-    if not (chosen.get("hf_model") or chosen.get("hf_config")):
+    if not checkpoint.is_hugging_face(state):
         raise ValueError(f"{run_dir}: a Linear-Llama3 run; only --hf-model and --hf-config runs have a Hugging Face "
                          f"format")
-    if "model_type" not in state:
-        raise ValueError(f"{path}: does not record its Hugging Face model_type (saved by an older trainer); resume the "
-                         f"run once to save it again")
     from .integrations.pretrained import compute_buffers, save_pretrained
     from .integrations.transformers import causal_lm_from_saved
 
-    model = causal_lm_from_saved(state["model_type"], state["model"], SequenceParallel(None), meta=True)
+    model = causal_lm_from_saved(path, state, SequenceParallel(None), meta=True)
     hf = model.model
     if dims.world > 1:
         apply_data_parallel(model, model.blocks, dims.flat_mesh, "shard", dims.device)

@@ -82,17 +82,13 @@ def load_model(run_dir: Path, sp, device: torch.device):
     if path is None:
         raise ValueError(f"--resume {run_dir}: no loadable checkpoint in {run_dir / 'checkpoints'}")
     state = checkpoint.saved_state(path)
-    fields = state["model"]
-    if state["config"]["model"].get("hf_config") or state["config"]["model"].get("hf_model"):
+    if checkpoint.is_hugging_face(state):
         from .integrations.transformers import causal_lm_from_saved
 
-        if "model_type" not in state:
-            raise ValueError(f"--resume {run_dir}: {path.name} does not record its Hugging Face model_type (saved "
-                             f"before generation was supported); resume training once to save it again")
-        model = causal_lm_from_saved(state["model_type"], fields, sp)
+        model = causal_lm_from_saved(path, state, sp)
     else:
         names = {f.name for f in dataclasses.fields(ModelConfig)}
-        model = LinearLlama(ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()
+        model = LinearLlama(ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model"].items()
                                            if k in names}))
     weights = {"model": model.state_dict()}
     dcp.load(weights, checkpoint_id=str(path), no_dist=True)  # every rank reads the whole model

@@ -422,12 +422,16 @@ def causal_lm_from_config(path: str, vocab_size: int, sp) -> CausalLM:
     return CausalLM(parallelize(AutoModelForCausalLM.from_config(_config_for(path, vocab_size)), sp))
 
 
-def causal_lm_from_saved(model_type: str, fields: dict, sp, meta: bool = False) -> CausalLM:
-    """The causal LM a trainer checkpoint describes (its model_type and config fields, as
-    `lasp2.train.describe` saved them), parallelized over `sp`, named as the trainer saved it:
-    on the meta device in fp32 (meta=True) or freshly initialised on the CPU; its weights then
-    come from the checkpoint."""
-    config = AutoConfig.for_model(model_type, **fields)
+def causal_lm_from_saved(path, state: dict, sp, meta: bool = False) -> CausalLM:
+    """The causal LM the trainer checkpoint at `path` describes (its state, `checkpoint.saved_state`:
+    the model_type and the config fields `lasp2.train.describe` saved), parallelized over `sp`,
+    named as the trainer saved it: on the meta device in fp32 (meta=True) or freshly initialised
+    on the CPU; its weights then come from the checkpoint. ValueError for a checkpoint that does
+    not record its model_type."""
+    if "model_type" not in state:
+        raise ValueError(f"{path}: does not record its Hugging Face model_type (saved by an older trainer); resume the "
+                         f"run once to save it again")
+    config = AutoConfig.for_model(state["model_type"], **state["model"])
     if not meta:
         return CausalLM(parallelize(AutoModelForCausalLM.from_config(config), sp))
     with torch.device("meta"):
