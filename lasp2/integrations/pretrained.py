@@ -133,11 +133,11 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _groups(model) -> list[list[str]]:
-    """The model's state-dict names in groups that hold one decoder layer each (the rest: one
-    group), so that every checkpoint conversion finds all of its pieces in one group."""
+def _groups(names) -> list[list[str]]:
+    """State-dict names in groups that hold one decoder layer each (the rest: one group), so that
+    every checkpoint conversion finds all of its pieces in one group."""
     layers: dict[str, list[str]] = {}
-    for name in model.state_dict():
+    for name in names:
         parts = name.split(".")
         key = ".".join(parts[:parts.index("layers") + 2]) if "layers" in parts else ""
         layers.setdefault(key, []).append(name)
@@ -163,11 +163,9 @@ def save_pretrained(model, out_dir, *, source=None, tokenizer=None, group=None, 
         out_dir.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    buffers = {name for name, _ in model.named_buffers() if name.rpartition(".")[2] in
-               getattr(model.get_submodule(name.rpartition(".")[0]), "_non_persistent_buffers_set", ())}
     shard, shard_bytes, shards, weight_map, total = {}, 0, [], {}, 0
-    for names in _groups(model):
-        gathered = {n: _whole(state[n]) for n in names if n not in tied and n not in buffers}
+    for names in _groups(state):
+        gathered = {n: _whole(state[n]) for n in names if n not in tied}
         if not main:
             continue
         for key, value in revert_weight_conversion(model, {n: t.cpu() for n, t in gathered.items()}).items():
