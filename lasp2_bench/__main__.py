@@ -142,42 +142,36 @@ def cmd_generate(args) -> None:
     print(f"wrote {out}/generate.csv")
 
 
+# name -> (its module: add_arguments and the description, the function that runs it, its help line)
+COMMANDS = {
+    "attn": (attn, cmd_attn, "one attention layer under every method"),
+    "model": (model, cmd_model, "training steps of a preset model under each method"),
+    "project": (project, cmd_project, "the α–β cost model, calibrated here and against the paper"),
+    "convergence": (convergence, cmd_convergence,
+                    "the paper's convergence study at small scale, every kind pure and hybrid"),
+    "launches": (launches, cmd_launches, "aten ops per layer call (GPU kernel launches) as the tokens grow"),
+    "balance": (balance, cmd_balance, "packed documents over the ranks: contiguous, zigzag and the planner"),
+    "generate": (generate, cmd_generate, "prefill across ranks, then O(1)-state decoding, beside transformers' generate"),
+}
+OUT_HELP = {"convergence": "results folder, kept across pieces of the study (default: "
+                           "benchmarks/results/convergence-<preset>)"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lasp2-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("attn", help="one attention layer under every method", description=attn.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    attn.add_arguments(a)
-    m = sub.add_parser("model", help="training steps of a preset model under each method", description=model.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    model.add_arguments(m)
-    pr = sub.add_parser("project", help="the α–β cost model, calibrated here and against the paper",
-                        description=project.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    project.add_arguments(pr)
-    c = sub.add_parser("convergence", help="the paper's convergence study at small scale, every kind pure and hybrid",
-                       description=convergence.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    convergence.add_arguments(c)
-    c.add_argument("--out", type=Path, default=None,
-                   help="results folder, kept across pieces of the study (default: benchmarks/results/convergence-<preset>)")
-    lc = sub.add_parser("launches", help="aten ops per layer call (GPU kernel launches) as the tokens grow",
-                        description=launches.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    launches.add_arguments(lc)
-    bl = sub.add_parser("balance", help="packed documents over the ranks: contiguous, zigzag and the planner",
-                        description=balance.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    balance.add_arguments(bl)
-    g = sub.add_parser("generate", help="prefill across ranks, then O(1)-state decoding, beside transformers' generate",
-                       description=generate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    generate.add_arguments(g)
-    for s in (a, m, pr, lc, bl, g):
-        s.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results/<date>-<machine>)")
+    for name, (module, _, help_line) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_line, description=module.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(command)
+        command.add_argument("--out", type=Path, default=None, help=OUT_HELP.get(
+            name, "results folder (default: benchmarks/results/<date>-<machine>)"))
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"attn": cmd_attn, "model": cmd_model, "project": cmd_project, "convergence": cmd_convergence,
-                "launches": cmd_launches, "balance": cmd_balance, "generate": cmd_generate}
-    commands[args.command](args)
+    COMMANDS[args.command][1](args)
     return 0
 
 
