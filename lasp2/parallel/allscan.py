@@ -42,27 +42,27 @@ class PipelinedChain(Relay):
 @without_autocast
 def allscan_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
                         validate=False, layout="contiguous", cu_seqlens=None,
-        output_final_state=False):
+                        output_final_state=False):
     """allscan sequence-parallel linear attention; the signature and results of
     `lasp2_linear_attn`, with the incoming states carried by a pipelined chain of column blocks.
     The communication is `SPEC.plan` (the README's method table)."""
     exchange = functools.partial(PipelinedChain, value_dim=v.shape[-1])
     return linear_by_state_passing(SPEC, exchange, q, k, v, log_decay, scale=scale, causal=causal, group=group,
                                    chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens,
-        output_final_state=output_final_state)
+                                   output_final_state=output_final_state)
 
 
 @without_autocast
 def allscan_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
                        validate=False, cu_seqlens=None,
-        output_final_state=False):
+                       output_final_state=False):
     """allscan for the delta rule: the signature and results of `lasp2_delta_rule`, the
     incoming states carried by a pipelined chain of column blocks (the dense maps stay on their
     ranks). The communication is `DELTA_SPEC.plan`."""
     exchange = functools.partial(PipelinedChain, value_dim=v.shape[-1])
     return delta_by_state_passing(DELTA_SPEC, exchange, q, k, v, beta, log_decay, scale=scale, group=group,
                                   layout=layout, chunk_size=chunk_size, validate=validate, cu_seqlens=cu_seqlens,
-        output_final_state=output_final_state)
+                                  output_final_state=output_final_state)
 
 
 def _pipelined(values: str, count: str, chain: str, over: str = "slots") -> Comm:

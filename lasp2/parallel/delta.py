@@ -117,7 +117,7 @@ def delta_by_state_passing(spec, make_exchange, q, k, v, beta, log_decay, *, sca
 @without_autocast
 def lasp2_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
                      validate=False, cu_seqlens=None,
-        output_final_state=False):
+                     output_final_state=False):
     """LASP-2 sequence-parallel delta rule over the ranks of `group`.
 
     Args:
@@ -141,19 +141,19 @@ def lasp2_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, l
     """
     return delta_by_state_passing(LASP2_SPEC, AllGatherSummaries, q, k, v, beta, log_decay, scale=scale, group=group,
                                   layout=layout, chunk_size=chunk_size, validate=validate, cu_seqlens=cu_seqlens,
-        output_final_state=output_final_state)
+                                  output_final_state=output_final_state)
 
 
 @without_autocast
 def lasp1_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
                      validate=False, cu_seqlens=None,
-        output_final_state=False):
+                     output_final_state=False):
     """LASP-1 for the delta rule, the baseline: the signature and results of `lasp2_delta_rule`,
     with the running state relayed slot to slot (`lasp1.Relay`; the maps stay on their ranks).
     The communication is `LASP1_SPEC.plan`."""
     return delta_by_state_passing(LASP1_SPEC, Relay, q, k, v, beta, log_decay, scale=scale, group=group, layout=layout,
                                   chunk_size=chunk_size, validate=validate, cu_seqlens=cu_seqlens,
-        output_final_state=output_final_state)
+                                  output_final_state=output_final_state)
 
 
 LASP2_SPEC = MethodSpec(

@@ -141,13 +141,13 @@ class Relay:
 @without_autocast
 def lasp1_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
                       validate=False, layout="contiguous", cu_seqlens=None,
-        output_final_state=False):
+                      output_final_state=False):
     """LASP-1 sequence-parallel linear attention; the signature and results of
     `lasp2_linear_attn`, with the state relayed slot to slot by point-to-point sends instead of
     all-gathered. The communication is `SPEC.plan` (the README's method table)."""
     return linear_by_state_passing(SPEC, Relay, q, k, v, log_decay, scale=scale, causal=causal, group=group,
                                    chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens,
-        output_final_state=output_final_state)
+                                   output_final_state=output_final_state)
 
 
 _PREFIX_AND_SUFFIX = (Comm("send", "B·H·K·V", "W−1", chain="up", over="ranks"),

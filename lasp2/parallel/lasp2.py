@@ -85,7 +85,7 @@ class AllGatherSummaries:
 @without_autocast
 def lasp2_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
                       validate=False, layout="contiguous", cu_seqlens=None,
-        output_final_state=False):
+                      output_final_state=False):
     """LASP-2 sequence-parallel linear attention over the ranks of `group`.
 
     Args:
@@ -121,7 +121,7 @@ def lasp2_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group
     """
     return linear_by_state_passing(SPEC, AllGatherSummaries, q, k, v, log_decay, scale=scale, causal=causal, group=group,
                                    chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens,
-        output_final_state=output_final_state)
+                                   output_final_state=output_final_state)
 
 
 SPEC = MethodSpec(

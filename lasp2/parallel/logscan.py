@@ -149,25 +149,25 @@ class DoublingScan:
 @without_autocast
 def logscan_linear_attn(q, k, v, log_decay=None, *, scale=None, causal=True, group=None, chunk_size=64,
                         validate=False, layout="contiguous", cu_seqlens=None,
-        output_final_state=False):
+                        output_final_state=False):
     """logscan sequence-parallel linear attention; the signature and results of
     `lasp2_linear_attn`, with the incoming states formed by recursive doubling over the slots.
     The communication is `SPEC.plan` (the README's method table)."""
     return linear_by_state_passing(SPEC, DoublingScan, q, k, v, log_decay, scale=scale, causal=causal, group=group,
                                    chunk_size=chunk_size, validate=validate, layout=layout, cu_seqlens=cu_seqlens,
-        output_final_state=output_final_state)
+                                   output_final_state=output_final_state)
 
 
 @without_autocast
 def logscan_delta_rule(q, k, v, beta, log_decay=None, *, scale=None, group=None, layout="contiguous", chunk_size=64,
                        validate=False, cu_seqlens=None,
-        output_final_state=False):
+                       output_final_state=False):
     """logscan for the delta rule: the signature and results of `lasp2_delta_rule`, the
     incoming states formed by recursive doubling over the slots, composing the dense K x K maps.
     The communication is `DELTA_SPEC.plan`."""
     return delta_by_state_passing(DELTA_SPEC, DoublingScan, q, k, v, beta, log_decay, scale=scale, group=group,
                                   layout=layout, chunk_size=chunk_size, validate=validate, cu_seqlens=cu_seqlens,
-        output_final_state=output_final_state)
+                                  output_final_state=output_final_state)
 
 
 def _doubling(values: str, chain: str, over: str = "slots") -> Comm:
