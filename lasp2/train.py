@@ -458,11 +458,12 @@ def train(config: RunConfig, dims: ParallelDims, stream=None) -> dict:
         raise ConfigError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} can be loaded (see above); "
                           f"not starting over on top of them")
     if resume_from is not None:  # before any weight is read
-        started_from = checkpoint.saved_state(resume_from).get("hf_model")
+        saved = checkpoint.saved_state(resume_from)
+        started_from = saved.get("hf_model")
         if started_from != model_source(config):
             raise ConfigError(f"--resume {resume_from}: the run started from --hf-model {started_from}, this one gives "
                               f"{model_source(config)}")
-        differ = checkpoint.model_differences(checkpoint.saved_state(resume_from).get("model"), describe(model))
+        differ = checkpoint.model_differences(saved.get("model"), describe(model))
         if differ:
             raise ConfigError(f"--resume {resume_from}: the checkpoint's model differs from this run's in "
                               + ", ".join(differ))

@@ -122,9 +122,7 @@ def _worker(rank, world, port, configs, new_tokens, with_transformers, out_path,
         if world == 1 and with_transformers and name == "qwen3-next":
             rows.append({**base, **transformers_row(name, ids, new_tokens, device, out.sequences)})
         if rank == 0:
-            r = rows[-1]
-            print(f"  W={world} {name} T={T}: prefill {rows[-1 if r['impl'] == 'lasp2' else -2]['prefill_s']:.2f} s",
-                  flush=True)
+            print(f"  W={world} {name} T={T}: prefill {out.prefill_seconds:.2f} s", flush=True)
     if rank == 0:
         Path(out_path).write_text("\n".join(json.dumps(r) for r in rows))
     dist.destroy_process_group()
