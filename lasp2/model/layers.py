@@ -14,16 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.checks import compute_dtype
 from ..ops.feature_maps import rebased_feature_map, taylor_feature_map
 from .config import DELTA_KINDS, ModelConfig
 
 # GLA's gate temperature: log decay = logsigmoid(gate) / 16 keeps gates near 1 at init.
 GATE_TEMPERATURE = 16.0
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32, or fp64 when it is fp64 (norms and gates are not formed in bf16)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class RMSNorm(nn.Module):
@@ -203,7 +199,8 @@ class DeltaRuleAttention(nn.Module):
         if self.kind == "deltanet":
             return None
         b, c, _ = x.shape
-        rate = F.softplus(_at_least_fp32(self.decay_gate(x)) + self.dt_bias)
+        gate = self.decay_gate(x)
+        rate = F.softplus(gate.to(compute_dtype(gate.dtype)) + self.dt_bias)  # fp32 (fp64 for fp64), never bf16
         if self.kind == "kda":
             return -torch.exp(self.A_log)[:, None] * rate.view(b, c, self.value_heads, self.head_dim)
         return -torch.exp(self.A_log) * rate
@@ -213,9 +210,10 @@ class DeltaRuleAttention(nn.Module):
         hk, hv, d = self.key_heads, self.value_heads, self.head_dim
         qkv = ctx.causal_conv1d(torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1), self.conv, None, "silu")
         q, k, v = qkv.split([hk * d, hk * d, hv * d], dim=-1)
-        q = F.normalize(_at_least_fp32(q.view(b, c, hk, d)), dim=-1).to(v.dtype)  # under autocast x stays fp32, v not
-        k = F.normalize(_at_least_fp32(k.view(b, c, hk, d)), dim=-1).to(v.dtype)
-        beta = self.beta_max * torch.sigmoid(_at_least_fp32(self.beta(x)))
+        q, k, beta = (t.to(compute_dtype(t.dtype)) for t in (q, k, self.beta(x)))  # fp32 (fp64 for fp64), never bf16
+        q = F.normalize(q.view(b, c, hk, d), dim=-1).to(v.dtype)  # under autocast x stays fp32, v is not
+        k = F.normalize(k.view(b, c, hk, d), dim=-1).to(v.dtype)
+        beta = self.beta_max * torch.sigmoid(beta)
         o = ctx.delta_rule(q, k, v.view(b, c, hv, d), beta, self.log_decay_of(x), scale=d**-0.5)
         gate = torch.sigmoid(self.output_gate(x)) if self.kind == "kda" else F.silu(self.output_gate(x))
         o = self.head_norm(o) * gate.view(b, c, hv, d)

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from ..ops.checks import compute_dtype
 from ..ops.decode import conv_step, delta_rule_step, linear_attn_step
 from ..ops.softmax_attn import attention_block
 from .comm import all_gather_dim0, broadcast, group_rank_size
@@ -262,7 +263,7 @@ def _broadcast(t: torch.Tensor, source: int, group) -> torch.Tensor:
 
 
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits.to(compute_dtype(logits.dtype))
 
 
 def _synchronize(device: torch.device) -> None:
